@@ -1,0 +1,168 @@
+"""Incremental detokenization of one request's output, with stop strings.
+
+Decoding (vLLM's prefix/read offsets, the algorithm of `tokenizers.decoders.DecodeStream`):
+
+    token_ids:  ... prompt tail ... | emitted output ........ | held back (incomplete UTF-8)
+                ^ prefix_offset       ^ read_offset
+
+Each new token decodes the short window `token_ids[prefix_offset:]` and emits what it adds to the
+decode of `token_ids[prefix_offset:read_offset]`, unless that text ends in U+FFFD (a character whose
+bytes are still arriving). Decoding a window that starts a few tokens back keeps the space of the
+first output token ("▁Paris" / "ĠParis" after a prompt) and costs O(new text) per token.
+
+NOTE: `DecodeStream` itself is not used: it cannot flush bytes still held back when generation ends
+mid-character (so the final text could differ from a full decode), it raises when a decode of the
+window does not extend the previous one, and it needs a fast (Rust) tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerBase
+
+# How many prompt tokens give the first output token its context (vLLM uses 5).
+_NUM_CONTEXT_TOKENS = 6
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns one request's output token ids into text, token by token.
+
+    `add_token` decodes the new token and checks the stop strings; `get_delta` returns the text not
+    returned yet. Until the request finishes, the last `max(len(stop)) - 1` characters are held back
+    (unless `include_stop_str_in_output`), so text that turns out to start a stop string is never
+    streamed. Without a stop-string hit, the deltas concatenate to exactly the decode of the output
+    (with the leading space that follows the prompt, which a decode of the output alone drops for
+    sentencepiece-style tokenizers).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_token_ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None:
+        self._decode = _make_decode(tokenizer, skip_special_tokens)
+        context = list(prompt_token_ids[-_NUM_CONTEXT_TOKENS:])
+        self._token_ids: list[int] = context
+        self._prefix_offset = 0
+        self._read_offset = len(context)
+        self._prefix_text = self._decode(context)
+
+        self.stop = [s for s in stop if s]
+        self.include_stop_str_in_output = include_stop_str_in_output
+        max_stop_len = max((len(s) for s in self.stop), default=0)
+        self._stop_window = max(max_stop_len - 1, 0)
+        self._hold_back = 0 if include_stop_str_in_output else self._stop_window
+
+        self._chunks: list[str] = []  # all decoded text, stop handling not applied
+        self._num_chars = 0  # total length of `_chunks`
+        self._tail = ""  # the last `_stop_window` decoded characters
+        self._unreturned = ""  # decoded text not yet returned by `get_delta`
+        self._final_len: int | None = None  # the length of the final text once a stop string hit
+        self._num_returned = 0
+        self.matched_stop: str | None = None
+        self.num_output_tokens = 0
+
+    def add_token(self, token_id: int) -> str | None:
+        """Decode one output token; return the stop string it completed, if any.
+
+        After a stop string has been hit, further tokens are ignored.
+        """
+        if self.matched_stop is not None:
+            return None
+        self.num_output_tokens += 1
+        self._token_ids.append(token_id)
+        text = self._decode(self._token_ids[self._prefix_offset :])
+        if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT_CHAR):
+            return None  # nothing new yet, or a character whose bytes are still arriving
+        self._advance(text)
+        return self.matched_stop
+
+    def check_stop(self) -> str | None:
+        """The stop string that ended the text, or None."""
+        return self.matched_stop
+
+    @property
+    def text(self) -> str:
+        """All text decoded so far (without bytes still held back), truncated at a stop string."""
+        if len(self._chunks) > 1:
+            self._chunks = ["".join(self._chunks)]
+        full = self._chunks[0] if self._chunks else ""
+        return full if self._final_len is None else full[: self._final_len]
+
+    def get_delta(self, finished: bool) -> str:
+        """The text not returned before. With `finished`, everything: held-back characters and any
+        incomplete trailing bytes (decoded as U+FFFD, as a full decode would)."""
+        if finished:
+            self._flush()
+        if self._final_len is not None:
+            limit = self._final_len - self._num_returned
+        elif finished:
+            limit = len(self._unreturned)
+        else:
+            limit = len(self._unreturned) - self._hold_back
+        if limit <= 0:
+            return ""
+        delta, self._unreturned = self._unreturned[:limit], self._unreturned[limit:]
+        self._num_returned += len(delta)
+        return delta
+
+    def _flush(self) -> None:
+        """Emit the tokens held back for an incomplete character, with U+FFFD where bytes are missing."""
+        if self.matched_stop is not None or self._read_offset == len(self._token_ids):
+            return
+        text = self._decode(self._token_ids[self._prefix_offset :])
+        if len(text) > len(self._prefix_text):
+            self._advance(text)
+
+    def _advance(self, text: str) -> None:
+        """Take the new text of the window decode `text` and move the offsets past it."""
+        new_text = text[len(self._prefix_text) :]
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._token_ids)
+        self._prefix_text = self._decode(self._token_ids[self._prefix_offset :])
+        # NOTE: drop ids before the window so the list does not grow with the output.
+        if self._prefix_offset > 0:
+            del self._token_ids[: self._prefix_offset]
+            self._read_offset -= self._prefix_offset
+            self._prefix_offset = 0
+        self._append_text(new_text)
+
+    def _append_text(self, new_text: str) -> None:
+        """Record new text and look for a stop string ending in it (searching only the tail window)."""
+        start = self._num_chars - len(self._tail)  # absolute position of `_tail[0]`
+        self._chunks.append(new_text)
+        self._num_chars += len(new_text)
+        self._unreturned += new_text
+        if not self.stop:
+            return
+        window = self._tail + new_text
+        hit: tuple[int, str] | None = None
+        for stop in self.stop:
+            index = window.find(stop)
+            if index != -1 and (hit is None or index < hit[0]):
+                hit = (index, stop)
+        if hit is not None:
+            index, stop = hit
+            self.matched_stop = stop
+            self._final_len = start + index + (len(stop) if self.include_stop_str_in_output else 0)
+            self._unreturned = self._unreturned[: max(self._final_len - self._num_returned, 0)]
+        elif self._stop_window:
+            self._tail = window[-self._stop_window :]
+
+
+def _make_decode(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> Callable[[list[int]], str]:
+    """A function decoding a list of ids like `tokenizer.decode(..., clean_up_tokenization_spaces=False)`."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if isinstance(backend, Tokenizer):
+        # NOTE: the Rust tokenizer directly: the same text as the transformers wrapper, without its
+        # per-call Python overhead (checked against `tokenizer.decode` by the tests).
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(
+        ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+    )

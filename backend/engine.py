@@ -1,0 +1,258 @@
+"""The engine: admits requests, runs scheduled steps on the model, samples, detokenizes, finishes.
+
+``add_request`` / ``abort`` / ``step`` are the whole interface; ``inflight.LLM`` loops ``step`` for offline
+use and the Triton model drives it from its engine thread, streaming the per-step deltas.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..batching import Request, RequestStatus, Scheduler, SchedulerConfig
+from .detokenizer import IncrementalDetokenizer
+from .engine_args import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
+from .inputs import Prompt, PromptProcessor
+from .model_config import ModelConfig
+from .model_runner import ModelRunner, kv_cache_bytes_per_block
+from .outputs import RequestOutput, TokenLogprob
+from .sampler import Sampler, SamplingBatch
+from .sampling_params import SamplingParams
+from .weight_loader import load_model
+
+logger = logging.getLogger("inflight")
+
+_FINISH_STATUS = {
+    "stop": RequestStatus.FINISHED_STOPPED,
+    "length": RequestStatus.FINISHED_LENGTH,
+    "abort": RequestStatus.FINISHED_ABORTED,
+    "error": RequestStatus.FINISHED_ERROR,
+}
+
+
+@dataclass
+class _RequestState:
+    """The engine's side of a request (the scheduler keeps the token bookkeeping in ``request``)."""
+
+    request: Request
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    stop_token_ids: frozenset[int]
+    max_tokens: int
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+
+
+class LLMEngine:
+    """In-flight batching over a paged KV cache for one model on one device."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        from transformers import AutoTokenizer
+
+        self.args = args
+        self.model_config = cfg = ModelConfig.from_pretrained(args.model)
+        self.device = _resolve_device(args.device)
+        self.dtype = _resolve_dtype(args.dtype, self.device, cfg.checkpoint_dtype)
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if self.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_model_len must be at most the checkpoint's max_position_embeddings "
+                             f"({cfg.max_position_embeddings}), got {self.max_model_len}")
+        batched = args.max_num_batched_tokens or (8192 if args.enable_chunked_prefill else self.max_model_len)
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
+        self.prompts = PromptProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len)
+
+        bytes_per_block = kv_cache_bytes_per_block(cfg, args.block_size, self.dtype, cfg.num_kv_heads)
+        if self.device.type == "cpu":
+            # NOTE: on CPU the budget is known before loading, so a configuration that cannot work fails fast.
+            num_blocks = self._num_blocks(args.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES, bytes_per_block)
+        model = load_model(cfg, self.dtype, self.device, self.max_model_len)
+        if self.device.type != "cpu":
+            budget = args.kv_cache_memory_bytes
+            if budget is None:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * args.kv_cache_memory_fraction)
+            num_blocks = self._num_blocks(budget, bytes_per_block)
+        self.runner = ModelRunner(model, self.device, args.block_size, num_blocks, self.dtype)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=batched,
+            max_model_len=self.max_model_len,
+            block_size=args.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            max_queue_size=args.max_queue_size,
+        ))
+        self.sampler = Sampler()
+        torch.manual_seed(args.seed)  # unseeded sampled requests draw from the global generator
+        self.eos_token_ids = frozenset(cfg.eos_token_ids)
+        self._requests: dict[str, _RequestState] = {}
+        self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
+        self._arrivals = 0
+        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d", num_blocks, args.block_size,
+                    num_blocks * bytes_per_block / 2**20, self.max_model_len)
+
+    def _num_blocks(self, budget: int, bytes_per_block: int) -> int:
+        """Blocks (the null block included) that ``budget`` bytes hold; fails if one full request cannot fit."""
+        num_blocks = budget // bytes_per_block
+        usable = max(num_blocks - 1, 0)
+        needed = math.ceil(self.max_model_len / self.args.block_size)
+        if usable < needed:
+            raise ValueError(
+                f"KV cache too small: one request of max_model_len={self.max_model_len} tokens needs {needed} blocks "
+                f"of {self.args.block_size} tokens, but the KV budget of {budget} bytes holds only {usable} usable "
+                f"blocks ({bytes_per_block} bytes each). The largest max_model_len that fits is "
+                f"{usable * self.args.block_size}; lower max_model_len or raise kv_cache_memory_bytes / "
+                f"kv_cache_memory_fraction.")
+        return num_blocks
+
+    # ----------------------------------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Validate and queue a request; returns its prompt length. Raises ValueError for bad input and
+        ``QueueFullError`` when the waiting queue is full."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = params or SamplingParams()
+        prompt_ids = self.prompts.token_ids(prompt)
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals)
+        state = _RequestState(
+            request=request,
+            params=params,
+            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop,
+                                               params.include_stop_str_in_output),
+            stop_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
+            max_tokens=max_tokens,
+            bad_words_token_ids=[self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words],
+        )
+        self.scheduler.add_request(request)  # may raise QueueFullError; nothing is registered then
+        self._arrivals += 1
+        self._requests[request_id] = state
+        return len(prompt_ids)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; its final output comes with the next ``step``."""
+        state = self._requests.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
+        self._pending.append(self._output(state, [], [], "abort", None, finished=True))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._pending)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------------------------------- a step
+    def step(self) -> list[RequestOutput]:
+        """Schedule and run one step; returns a delta for every request that produced a token or finished."""
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return outputs
+        try:
+            model_output = self.runner.execute(scheduled)
+            if not model_output.request_ids:
+                return outputs
+            states = [self._requests[rid] for rid in model_output.request_ids]
+            sampled = self._sample(model_output.logits, states)
+        except Exception as exc:  # noqa: BLE001 - a failed step ends its own requests, not the engine
+            logger.exception("engine step failed")
+            for entry in scheduled.scheduled:
+                state = self._requests.pop(entry.request_id, None)
+                if state is not None:
+                    self.scheduler.finish_requests(entry.request_id, RequestStatus.FINISHED_ERROR)
+                    outputs.append(self._output(state, [], [], "error", None, finished=True,
+                                                error=f"{type(exc).__name__}: {exc}"))
+            return outputs
+        token_ids, logprobs = sampled
+        self.scheduler.update_from_output(scheduled, dict(zip(model_output.request_ids, token_ids)))
+        for state, token_id, logprob in zip(states, token_ids, logprobs):
+            outputs.append(self._process_token(state, token_id, logprob))
+        return outputs
+
+    def _sample(self, logits: torch.Tensor, states: list[_RequestState]) -> tuple[list[int], list[TokenLogprob]]:
+        batch = SamplingBatch.build(
+            [s.params for s in states],
+            [s.request.prompt_token_ids for s in states],
+            [s.request.output_token_ids for s in states],
+            vocab_size=logits.shape[-1],
+            device=logits.device,
+            eos_token_ids=self.eos_token_ids,
+            bad_words_token_ids=[s.bad_words_token_ids for s in states],
+        )
+        out = self.sampler(logits, batch)
+        token_ids = out.sampled_token_ids.tolist()  # the step's one host synchronisation
+        sampled_lp = out.logprobs.tolist()
+        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
+        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
+        logprobs = []
+        for i, state in enumerate(states):
+            n = state.params.logprobs or 0
+            top = tuple(zip(top_ids[i][:n], top_lp[i][:n])) if top_ids is not None and n else ()
+            logprobs.append(TokenLogprob(token_ids[i], sampled_lp[i], top))
+        return token_ids, logprobs
+
+    def _process_token(self, state: _RequestState, token_id: int, logprob: TokenLogprob) -> RequestOutput:
+        request = state.request
+        state.cumulative_logprob += logprob.logprob
+        num_out = request.num_output_tokens
+        stop_string = state.detokenizer.add_token(token_id)
+        finish_reason, stop_reason = None, None
+        # NOTE: the sampler bans EOS and stop ids until min_tokens are out, so a hit here is always allowed.
+        if token_id in state.stop_token_ids:
+            finish_reason, stop_reason = "stop", token_id
+        elif stop_string is not None:
+            finish_reason, stop_reason = "stop", stop_string
+        elif num_out >= state.max_tokens or request.num_tokens >= self.max_model_len:
+            finish_reason = "length"
+        if finish_reason is not None:
+            self._requests.pop(request.request_id, None)
+            self.scheduler.finish_requests(request.request_id, _FINISH_STATUS[finish_reason])
+        return self._output(state, [token_id], [logprob], finish_reason, stop_reason, finish_reason is not None)
+
+    def _output(self, state: _RequestState, token_ids: list[int], logprobs: list[TokenLogprob],
+                finish_reason: str | None, stop_reason: str | int | None, finished: bool,
+                error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=state.request.request_id,
+            new_token_ids=token_ids,
+            new_text=state.detokenizer.get_delta(finished),
+            finished=finished,
+            finish_reason=finish_reason,
+            num_input_tokens=state.request.num_prompt_tokens,
+            num_output_tokens=state.request.num_output_tokens,
+            cumulative_logprob=state.cumulative_logprob,
+            new_logprobs=logprobs if state.params.logprobs is not None else None,
+            stop_reason=stop_reason,
+            error=error,
+        )
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device is 'cuda' but no CUDA GPU is available")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return resolved
+
+
+def _resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: torch.dtype) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cpu":
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16

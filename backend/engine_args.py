@@ -1,0 +1,77 @@
+"""Engine options: one validated dataclass, the same for ``inflight.LLM`` and the Triton model's parameters."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineArgs:
+    """How to load and run a model.
+
+    ``kv_cache_memory_bytes`` fixes the KV cache size; otherwise it is ``kv_cache_memory_fraction`` of the
+    GPU memory free after loading, or 1 GiB on CPU.
+    """
+
+    model: str
+    tokenizer: str | None = None  # defaults to the model folder
+    dtype: str = "auto"  # float32 on CPU; the checkpoint's 16-bit dtype (else bfloat16) on CUDA
+    device: str = "auto"  # "cuda" when available, else "cpu"
+    block_size: int = 16
+    kv_cache_memory_fraction: float = 0.9
+    kv_cache_memory_bytes: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # 8192 with chunked prefill, else max_model_len
+    max_model_len: int | None = None  # defaults to the checkpoint's max_position_embeddings
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_queue_size: int | None = None  # waiting requests beyond this are refused
+    seed: int = 0  # seeds the generator of unseeded sampled requests
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be the path of a Hugging Face checkpoint folder")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _int(self, "block_size", 1, 1024)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        frac = self.kv_cache_memory_fraction
+        if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0 < frac <= 1) or math.isnan(frac):
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")
+        _int(self, "kv_cache_memory_bytes", 1, None, optional=True)
+        _int(self, "max_num_seqs", 1, None)
+        _int(self, "max_num_batched_tokens", 1, None, optional=True)
+        _int(self, "max_model_len", 2, None, optional=True)
+        _int(self, "max_queue_size", 0, None, optional=True)
+        _int(self, "seed", 0, 2**63 - 1)
+        for name in ("enable_prefix_caching", "enable_chunked_prefill"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_options(cls, model: str, options: Mapping[str, Any]) -> EngineArgs:
+        """Build from keyword options, naming any unknown one."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"model"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+        return cls(model=model, **options)
+
+
+def _int(args: EngineArgs, name: str, low: int, high: int | None, optional: bool = False) -> None:
+    value = getattr(args, name)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        limit = f"at least {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be {limit}, got {value}")

@@ -1,0 +1,1 @@
+"""Model building blocks, written tensor-parallel from the start."""

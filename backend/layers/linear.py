@@ -1,0 +1,159 @@
+"""Linear layers: column-, row-parallel and fused (q/k/v, gate/up), with a pluggable weight format.
+
+A layer owns its parameters through a ``LinearMethod`` (plain dense weights today; FP8, INT8 and INT4
+formats implement the same two methods) and knows how to load a checkpoint tensor into its shard.
+
+With ``tp_size`` ranks a column-parallel layer holds ``output_size / tp_size`` rows of the weight and a
+row-parallel one ``input_size / tp_size`` columns, followed by an all-reduce::
+
+    x ─► ColumnParallel (W[rows of rank r]) ─► local activations ─► RowParallel (W[:, cols of r]) ─► all-reduce
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..parallel import SINGLE_RANK, ParallelConfig, divide
+
+
+class LinearMethod(ABC):
+    """How a linear layer stores its weight and multiplies by it."""
+
+    @abstractmethod
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        """Register the layer's weight parameter(s) for a local ``[output_size, input_size]`` matrix."""
+
+    @abstractmethod
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T + bias`` in the layer's format."""
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """A dense ``[output_size, input_size]`` weight in the model dtype."""
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Shared parts: the weight format, an optional bias, the parallel group."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelConfig = SINGLE_RANK,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size  # local (this rank's) sizes
+        self.output_size = output_size
+        self.parallel = parallel
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.linear_method.create_weights(self, input_size, output_size, dtype)
+        self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
+
+    def _copy(self, param: nn.Parameter, loaded: torch.Tensor, what: str) -> None:
+        if param.shape != loaded.shape:
+            raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(param.shape)}")
+        param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(LinearBase):
+    """``y = x W^T + b`` with W's output rows split over the ranks."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype,
+                 parallel: ParallelConfig = SINGLE_RANK, linear_method: LinearMethod | None = None,
+                 gather_output: bool = False) -> None:
+        local_out = divide(output_size, parallel.tp_size, "output size")
+        super().__init__(input_size, local_out, bias, dtype, parallel, linear_method)
+        self.gather_output = gather_output
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """Copy this rank's rows of a full checkpoint tensor into ``param``."""
+        rows = param.shape[0]
+        self._copy(param, loaded.narrow(0, self.parallel.tp_rank * rows, rows), "column-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear_method.apply(self, x, self.bias)
+        return self.parallel.all_gather_last_dim(y) if self.gather_output else y
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one weight (e.g. MLP gate and up), loaded shard by shard."""
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
+                 parallel: ParallelConfig = SINGLE_RANK, linear_method: LinearMethod | None = None) -> None:
+        self.local_output_sizes = [divide(s, parallel.tp_size, "output size") for s in output_sizes]
+        super().__init__(input_size, sum(output_sizes), bias, dtype, parallel, linear_method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """Load output ``shard_id`` (an index into ``output_sizes``) of a full checkpoint tensor."""
+        assert isinstance(shard_id, int), "merged linear weights load one shard at a time"
+        size = self.local_output_sizes[shard_id]
+        offset = sum(self.local_output_sizes[:shard_id])
+        part = loaded.narrow(0, self.parallel.tp_rank * size, size)
+        self._copy(param.narrow(0, offset, size), part, f"merged shard {shard_id}")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """The fused q/k/v projection. KV heads are split over ranks, or replicated when ranks outnumber them."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+                 dtype: torch.dtype, parallel: ParallelConfig = SINGLE_RANK,
+                 linear_method: LinearMethod | None = None) -> None:
+        tp = parallel.tp_size
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp, "number of attention heads")
+        if tp >= num_kv_heads:
+            divide(tp, num_kv_heads, "tensor-parallel size vs KV heads")
+            self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
+        else:
+            self.num_kv_heads, self.kv_replicas = divide(num_kv_heads, tp, "number of KV heads"), 1
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out, bias, dtype, parallel, linear_method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """Load the ``"q"``, ``"k"`` or ``"v"`` projection (full checkpoint tensor) into its place."""
+        rank = self.parallel.tp_rank
+        if shard_id == "q":
+            offset, size, index = 0, self.q_size, rank
+        elif shard_id in ("k", "v"):
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size, index = self.kv_size, rank // self.kv_replicas
+        else:
+            raise ValueError(f"unknown qkv shard {shard_id!r}")
+        self._copy(param.narrow(0, offset, size), loaded.narrow(0, index * size, size), f"qkv shard {shard_id}")
+
+
+class RowParallelLinear(LinearBase):
+    """``y = x W^T + b`` with W's input columns split over the ranks; partial sums are all-reduced."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype,
+                 parallel: ParallelConfig = SINGLE_RANK, linear_method: LinearMethod | None = None) -> None:
+        local_in = divide(input_size, parallel.tp_size, "input size")
+        super().__init__(local_in, output_size, bias, dtype, parallel, linear_method)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        """Copy this rank's columns (or the whole bias) of a full checkpoint tensor into ``param``."""
+        if param.dim() == 2:
+            cols = param.shape[1]
+            loaded = loaded.narrow(1, self.parallel.tp_rank * cols, cols)
+        self._copy(param, loaded, "row-parallel weight")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear_method.apply(self, x, None)
+        y = self.parallel.all_reduce(y)
+        # NOTE: the bias is added once, after the reduction, not once per rank.
+        return y + self.bias if self.bias is not None else y

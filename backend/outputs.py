@@ -1,0 +1,63 @@
+"""What the engine returns: per-step deltas (streamed by the Triton model) and whole completions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The log-probability of one generated token and, if asked, its top alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob), most likely first
+
+
+@dataclass
+class RequestOutput:
+    """One step's news for one request. ``finished`` is set on exactly one output per request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop", "length", "abort" or "error" once finished
+    num_input_tokens: int
+    num_output_tokens: int
+    cumulative_logprob: float | None = None
+    new_logprobs: list[TokenLogprob] | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    error: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request, as ``LLM.generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    cumulative_logprob: float | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def num_input_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def add(self, delta: RequestOutput) -> None:
+        """Fold a step's delta into the completion."""
+        self.text += delta.new_text
+        self.token_ids.extend(delta.new_token_ids)
+        if delta.new_logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.new_logprobs
+        self.cumulative_logprob = delta.cumulative_logprob
+        if delta.finished:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason

@@ -1,0 +1,239 @@
+"""Per-request sampling parameters: validated once at the door, then trusted by the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_LOGPROBS = 20
+MAX_SEED = 2**63 - 1
+# NOTE: temperatures below this are treated as greedy (argmax); dividing logits by ~0 would overflow.
+GREEDY_TEMPERATURE = 1e-5
+
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+# The allowed range of each float field, as named in error messages.
+_FLOAT_LIMITS = {
+    "temperature": ">= 0",
+    "top_p": "in (0, 1]",
+    "min_p": "in [0, 1]",
+    "repetition_penalty": "> 0",
+    "presence_penalty": "in [-2, 2]",
+    "frequency_penalty": "in [-2, 2]",
+}
+_FLOAT_FIELDS = tuple(_FLOAT_LIMITS)
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
+_STR_LIST_FIELDS = ("stop", "bad_words")
+_INT_LIST_FIELDS = ("stop_token_ids",)
+_OPTIONAL_FIELDS = ("max_tokens", "seed", "logprobs")
+
+# Names used by the TensorRT-LLM Triton backend, mapped to ours.
+_ALIASES = {
+    "min_length": "min_tokens",
+    "random_seed": "seed",
+    "stop_words": "stop",
+    "runtime_top_k": "top_k",
+    "runtime_top_p": "top_p",
+}
+# Accepted only with the value 1: this engine samples one sequence per request.
+_SINGLE_SEQUENCE_KEYS = {"n": "n > 1 (several sequences per request)", "beam_width": "beam search"}
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the tokens of one request (vLLM's names and defaults).
+
+    `max_tokens=None` means "up to the model's context length". `top_k` 0 or -1 turns top-k off.
+    `logprobs` is the number of top alternatives returned per token (0: only the sampled token's
+    logprob). `bad_words` are kept as strings; the engine tokenizes them.
+    """
+
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    bad_words: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            setattr(self, name, _as_int(name, value))
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, _as_float(name, getattr(self, name)))
+        for name in _BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a boolean, got {_describe(value)}")
+        for name in _STR_LIST_FIELDS:
+            setattr(self, name, _as_str_list(name, getattr(self, name)))
+        self.stop_token_ids = _as_int_list("stop_token_ids", self.stop_token_ids)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be at least 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be at most max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1 or 0 (off) or at least 1, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        for token_id in self.stop_token_ids:
+            if token_id < 0:
+                raise ValueError(f"stop_token_ids must hold token ids >= 0, got {token_id}")
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when the request takes the argmax (temperature below 1e-5)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def top_k_enabled(self) -> bool:
+        """True when top-k filtering is on (top_k >= 1)."""
+        return self.top_k >= 1
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SamplingParams:
+        """Build from a JSON-like mapping (e.g. Triton's `sampling_parameters`).
+
+        Numbers and booleans may arrive as strings ("12", "0.5", "true"); TensorRT-LLM backend names
+        (`min_length`, `random_seed`, `stop_words`, `runtime_top_k`, `runtime_top_p`) are accepted, and
+        `n` / `beam_width` only with the value 1. A null value means "use the default" except for the
+        fields where None has a meaning (`max_tokens`, `seed`, `logprobs`).
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"sampling parameters must be a mapping, got {_describe(values)}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            if key in _SINGLE_SEQUENCE_KEYS:
+                if value is not None and _parse(key, value, int) != 1:
+                    raise ValueError(f"{key} must be 1: {_SINGLE_SEQUENCE_KEYS[key]} is not supported")
+                continue
+            name = _ALIASES.get(key, key)
+            if name not in known:
+                raise ValueError(f"unknown sampling parameter {key!r}; known: {', '.join(sorted(known))}")
+            if name in kwargs:
+                raise ValueError(f"sampling parameter {name!r} given twice (as {name!r} and an alias)")
+            if value is None and name not in _OPTIONAL_FIELDS:
+                continue
+            kwargs[name] = _convert(name, value)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that `from_dict` turns back into equal params."""
+        return dataclasses.asdict(self)
+
+
+def _describe(value: object) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _as_int(name: str, value: object) -> int:
+    # NOTE: bool is a subclass of int; True as a token count is almost always a client bug.
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {_describe(value)}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise ValueError(f"{name} must be an integer, got {_describe(value)}")
+
+
+def _as_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number {_FLOAT_LIMITS[name]}, got {_describe(value)}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {_FLOAT_LIMITS[name]}, got {value}")
+    return float(value)
+
+
+def _as_str_list(name: str, value: object) -> list[str]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{name} must be a string or a list of strings, got {_describe(value)}")
+    for item in items:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{name} must hold non-empty strings, got {_describe(item)}")
+    return list(items)
+
+
+def _as_int_list(name: str, value: object) -> list[int]:
+    if value is None:
+        return []
+    items = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers, got {_describe(value)}")
+    return [_as_int(name, item) for item in items]
+
+
+def _parse(name: str, value: object, kind: type) -> object:
+    """Turn a JSON string into `kind` (int, float or bool); other values pass through unchanged."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        if kind is bool:
+            lowered = text.lower()
+            if lowered in ("true", "false"):
+                return lowered == "true"
+            raise ValueError
+        if kind is int:
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)  # "12.0" is accepted; "12.5" is then rejected as non-integral.
+        return float(text)
+    except ValueError:
+        expected = {bool: "a boolean", int: "an integer", float: "a number"}[kind]
+        raise ValueError(f"{name} must be {expected}, got {_describe(value)}") from None
+
+
+def _convert(name: str, value: object) -> object:
+    """Convert one JSON value by the field's type; validation happens in `__post_init__`."""
+    if name in _INT_FIELDS:
+        return _parse(name, value, int)
+    if name in _FLOAT_FIELDS:
+        return _parse(name, value, float)
+    if name in _BOOL_FIELDS:
+        return _parse(name, value, bool)
+    if name in _INT_LIST_FIELDS and isinstance(value, (list, tuple)):
+        return [_parse(name, item, int) for item in value]
+    if name in _INT_LIST_FIELDS:
+        return _parse(name, value, int)
+    return value

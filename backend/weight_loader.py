@@ -1,0 +1,66 @@
+"""Build a model on the meta device and fill it from an HF safetensors checkpoint, one tensor at a time."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .model_config import ModelConfig
+from .models import MODEL_REGISTRY
+from .parallel import SINGLE_RANK, ParallelConfig
+
+logger = logging.getLogger("inflight")
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files (from ``model.safetensors.index.json`` when sharded)."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / n for n in names]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path}; only safetensors checkpoints are supported")
+    return files
+
+
+def iterate_weights(path: str | Path, show_progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor, memory-mapped from disk (no copy is made here)."""
+    files = checkpoint_files(path)
+    for i, file in enumerate(files):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if show_progress:
+                logger.info("loading weights: file %d/%d %s (%d tensors)", i + 1, len(files), file.name, len(keys))
+            for key in keys:
+                yield key, f.get_tensor(key)
+
+
+def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
+               parallel: ParallelConfig = SINGLE_RANK) -> nn.Module:
+    """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place."""
+    start = time.monotonic()
+    with torch.device("meta"):
+        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel)
+    model.to_empty(device=device)  # one uninitialised allocation per parameter
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    loaded = model.load_weights(iterate_weights(cfg.path))
+    missing = model.expected_weights() - loaded
+    if missing:
+        raise ValueError(f"checkpoint {cfg.path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
+    model.eval()
+    num_params = sum(p.numel() for p in model.parameters())
+    logger.info("model %s loaded: %.1f M parameters, %s on %s in %.1f s", cfg.architecture, num_params / 1e6,
+                dtype, device, time.monotonic() - start)
+    return model

@@ -1,0 +1,33 @@
+"""Request bookkeeping, KV block pool, prefix cache, KV-cache manager and scheduler. Pure Python."""
+
+from .block_hash import BlockHash, compute_block_hashes, hash_block_tokens
+from .block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
+from .kv_cache_manager import KVCacheManager, PrefixCacheStats
+from .request import Request, RequestStatus
+from .scheduler import (
+    QueueFullError,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+    SchedulerStats,
+)
+
+__all__ = [
+    "BlockHash",
+    "BlockPool",
+    "FreeBlockQueue",
+    "KVCacheBlock",
+    "KVCacheManager",
+    "PrefixCacheStats",
+    "QueueFullError",
+    "Request",
+    "RequestStatus",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SchedulerStats",
+    "compute_block_hashes",
+    "hash_block_tokens",
+]

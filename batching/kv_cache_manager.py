@@ -1,0 +1,174 @@
+"""Per-request block tables on top of the BlockPool, with prefix-cache lookups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .block_pool import BlockPool, KVCacheBlock
+from .request import Request
+
+
+@dataclass
+class PrefixCacheStats:
+    """Running totals of prefix-cache lookups, in tokens."""
+
+    num_queries: int = 0
+    num_queried_tokens: int = 0
+    num_hit_tokens: int = 0
+
+    def record(self, num_queried_tokens: int, num_hit_tokens: int) -> None:
+        """Add one lookup."""
+        self.num_queries += 1
+        self.num_queried_tokens += num_queried_tokens
+        self.num_hit_tokens += num_hit_tokens
+
+    @property
+    def hit_rate(self) -> float:
+        """Hit tokens over queried tokens (0.0 before any lookup)."""
+        if self.num_queried_tokens == 0:
+            return 0.0
+        return self.num_hit_tokens / self.num_queried_tokens
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Owns each request's list of KV-cache blocks (its block table)."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        self._block_size = block_size
+        self.enable_caching = enable_caching
+        self.block_pool = BlockPool(num_blocks, enable_caching)
+        self.stats = PrefixCacheStats()
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # How many leading blocks of each request were already offered to the cache map.
+        self._num_cached_blocks: dict[str, int] = {}
+
+    @property
+    def block_size(self) -> int:
+        """Tokens per block."""
+        return self._block_size
+
+    @property
+    def num_usable_blocks(self) -> int:
+        """Blocks that can be handed out (all but the null block)."""
+        return self.block_pool.num_usable_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with ref_cnt 0 (including free blocks that still hold a cached prefix)."""
+        return self.block_pool.get_num_free_blocks()
+
+    @property
+    def num_used_blocks(self) -> int:
+        """Blocks referenced by at least one request."""
+        return self.num_usable_blocks - self.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the usable blocks in use."""
+        return self.block_pool.get_usage()
+
+    def get_computed_blocks(
+        self, request: Request, record_stats: bool = True
+    ) -> tuple[list[KVCacheBlock], int]:
+        """Find the longest cached prefix of `request`.
+
+        Only blocks lying entirely within the first `num_tokens - 1` tokens count: the last token
+        must be computed to produce logits. Nothing is touched; pass the blocks to `allocate_slots`.
+
+        Args:
+            request: a request with no computed tokens.
+            record_stats: add this lookup to `stats` (the scheduler records only successful admissions).
+
+        Returns:
+            (the cached blocks in order, the number of tokens they cover).
+        """
+        if not self.enable_caching:
+            return [], 0
+        max_num_hit_blocks = (request.num_tokens - 1) // self._block_size
+        computed_blocks = []
+        for block_hash in request.block_hashes[:max_num_hit_blocks]:
+            block = self.block_pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            computed_blocks.append(block)
+        num_computed_tokens = len(computed_blocks) * self._block_size
+        if record_stats:
+            self.stats.record(request.num_tokens, num_computed_tokens)
+        return computed_blocks, num_computed_tokens
+
+    def allocate_slots(
+        self,
+        request: Request,
+        num_new_tokens: int,
+        new_computed_blocks: list[KVCacheBlock] | None = None,
+    ) -> list[KVCacheBlock] | None:
+        """Make `request` own blocks for its computed tokens, the prefix hit and `num_new_tokens` more.
+
+        Args:
+            request: the request; `request.num_computed_tokens` is not changed here.
+            num_new_tokens: tokens to be computed this step.
+            new_computed_blocks: prefix-hit blocks from `get_computed_blocks` (first schedule only).
+
+        Returns:
+            The newly allocated blocks (possibly an empty list), or None when the pool is short;
+            then nothing was allocated or touched. Test the result with `is None`.
+        """
+        new_computed_blocks = new_computed_blocks or []
+        req_blocks = self.req_to_blocks.get(request.request_id, [])
+        assert not (new_computed_blocks and req_blocks), "prefix hits are only added to an empty table"
+        num_computed_tokens = request.num_computed_tokens + len(new_computed_blocks) * self._block_size
+        num_total_tokens = num_computed_tokens + num_new_tokens
+        num_required_blocks = _cdiv(num_total_tokens, self._block_size)
+        num_new_blocks = max(0, num_required_blocks - len(req_blocks) - len(new_computed_blocks))
+        # NOTE: touching a cached block with ref_cnt 0 pulls it out of the free queue, so it
+        # costs a free block just like a new one.
+        num_evictable_computed_blocks = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
+        if num_new_blocks + num_evictable_computed_blocks > self.block_pool.get_num_free_blocks():
+            return None
+
+        # Touch first, so that get_new_blocks cannot evict the hit blocks.
+        self.block_pool.touch(new_computed_blocks)
+        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        req_blocks.extend(new_computed_blocks)
+        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+        req_blocks.extend(new_blocks)
+
+        if self.enable_caching:
+            # A block is cached as soon as it will be full after this step; its hash exists only
+            # if all of its tokens are known (a block the step fills always qualifies).
+            num_full_blocks = min(num_total_tokens // self._block_size, len(request.block_hashes))
+            num_cached_blocks = self._num_cached_blocks.get(request.request_id, 0)
+            if num_full_blocks > num_cached_blocks:
+                self.block_pool.cache_full_blocks(
+                    req_blocks, request.block_hashes, num_cached_blocks, num_full_blocks
+                )
+                self._num_cached_blocks[request.request_id] = num_full_blocks
+        return new_blocks
+
+    def free(self, request: Request) -> None:
+        """Release all blocks of `request` (tail first) and forget it. Unknown requests are ignored."""
+        blocks = self.req_to_blocks.pop(request.request_id, None)
+        self._num_cached_blocks.pop(request.request_id, None)
+        if blocks is None:
+            return
+        # NOTE: reverse order puts the request's last blocks at the front of the eviction order:
+        # later blocks of a prefix are less likely to be shared than earlier ones.
+        self.block_pool.free_blocks(reversed(blocks))
+
+    def get_blocks(self, request_id: str) -> list[KVCacheBlock]:
+        """The block table of a request (empty if it has none). Do not mutate."""
+        return self.req_to_blocks.get(request_id, [])
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """The block ids of a request's block table (a new list; empty if it has none)."""
+        return [block.block_id for block in self.req_to_blocks.get(request_id, [])]
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; only works when no request holds blocks. Returns success."""
+        return self.block_pool.reset_prefix_cache()

@@ -1,0 +1,261 @@
+"""Token-budget scheduler with chunked prefill, prefix caching and recompute preemption.
+
+Each step hands out `max_num_batched_tokens`: running requests first (arrival order), then waiting
+ones (FIFO; preempted requests are at the front). A request gets its uncomputed tokens capped by the
+budget, so a decode is a request with one uncomputed token and a long prompt spreads over steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+from .scheduler_types import (
+    QueueFullError,
+    ScheduledRequest,
+    SchedulerConfig,
+    SchedulerOutput,
+    SchedulerStats,
+)
+
+__all__ = [
+    "QueueFullError",
+    "ScheduledRequest",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "SchedulerStats",
+]
+
+
+class Scheduler:
+    """Decides, step by step, which tokens of which requests to compute."""
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks=config.num_blocks,
+            block_size=config.block_size,
+            enable_caching=config.enable_prefix_caching,
+        )
+        self.requests: dict[str, Request] = {}  # unfinished requests only
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions_total = 0
+        self._finished_request_ids: list[str] = []
+
+    # ---- requests in and out -------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request at the back of the waiting queue.
+
+        Raises:
+            QueueFullError: the waiting queue holds `max_queue_size` requests.
+            ValueError: the request is not new, its id is in use, its block size differs, or its
+                prompt is longer than `max_model_len`.
+        """
+        max_queue_size = self.config.max_queue_size
+        if max_queue_size is not None and len(self.waiting) >= max_queue_size:
+            raise QueueFullError(f"waiting queue is full (max_queue_size={max_queue_size})")
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.status != RequestStatus.WAITING or request.num_computed_tokens != 0:
+            raise ValueError(f"request {request.request_id!r} was already scheduled")
+        if request.block_size != self.config.block_size:
+            raise ValueError(
+                f"request {request.request_id!r}: block_size {request.block_size} != "
+                f"scheduler block_size {self.config.block_size}"
+            )
+        if request.num_tokens > self.config.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: prompt_token_ids has {request.num_tokens} tokens, "
+                f"more than max_model_len ({self.config.max_model_len})"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish (stop, abort, ...) waiting or running requests and free their blocks.
+
+        Unknown or already finished ids are ignored. The ids are reported in the next
+        SchedulerOutput's `finished_request_ids`.
+        """
+        if not status.is_finished:
+            raise ValueError(f"status must be a FINISHED_* status, got {status.name}")
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            self.kv_cache_manager.free(request)
+            request.status = status
+            self._finished_request_ids.append(request_id)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self.requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.running or self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        """Requests in the running set."""
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests in the waiting queue (new and preempted)."""
+        return len(self.waiting)
+
+    # ---- scheduling ----------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step and advance each scheduled request's `num_computed_tokens`."""
+        config = self.config
+        budget = config.max_num_batched_tokens
+        # (request, start_position, num_new_tokens, is_new), in running order.
+        chosen: list[tuple[Request, int, int, bool]] = []
+        preempted_request_ids: list[str] = []
+
+        # 1. Running requests, oldest first.
+        req_index = 0
+        while req_index < len(self.running) and budget > 0:
+            request = self.running[req_index]
+            num_uncomputed = min(request.num_tokens, config.max_model_len) - request.num_computed_tokens
+            # NOTE: nothing to compute means its last token is being sampled by the step in flight.
+            if num_uncomputed <= 0 or (not config.enable_chunked_prefill and num_uncomputed > budget):
+                req_index += 1
+                continue
+            num_new_tokens = min(num_uncomputed, budget)
+            while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+                # NOTE: the newest request is always behind `request` in the running list, so it
+                # has not been scheduled this step; preempting it drops no planned work.
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_request_ids.append(victim.request_id)
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                break  # `request` preempted itself: nothing left to take blocks from
+            chosen.append((request, request.num_computed_tokens, num_new_tokens, False))
+            budget -= num_new_tokens
+            req_index += 1
+
+        # 2. Waiting requests, FIFO. NOTE: none in a step that preempted: the pool is short, and
+        # admitting would just preempt again next step.
+        while (
+            not preempted_request_ids
+            and self.waiting
+            and budget > 0
+            and len(self.running) < config.max_num_seqs
+        ):
+            request = self.waiting[0]
+            assert request.num_computed_tokens == 0
+            computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(
+                request, record_stats=False
+            )
+            num_new_tokens = min(request.num_tokens, config.max_model_len) - num_hit_tokens
+            if not config.enable_chunked_prefill and num_new_tokens > budget:
+                break
+            num_new_tokens = min(num_new_tokens, budget)
+            if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+                break
+            # NOTE: stats count admissions only, so a request that waits for blocks over several
+            # steps is not counted once per attempt.
+            self.kv_cache_manager.stats.record(request.num_tokens, num_hit_tokens)
+            self.waiting.popleft()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens is None:
+                request.num_cached_tokens = num_hit_tokens
+            chosen.append((request, num_hit_tokens, num_new_tokens, True))
+            budget -= num_new_tokens
+
+        scheduled = []
+        for request, start, num_new_tokens, is_new in chosen:
+            end = start + num_new_tokens
+            request.num_computed_tokens = end
+            scheduled.append(
+                ScheduledRequest(
+                    request_id=request.request_id,
+                    token_ids=request.all_token_ids[start:end],
+                    start_position=start,
+                    block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
+                    needs_sample=end == request.num_tokens,
+                    is_new=is_new,
+                )
+            )
+        finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
+        return SchedulerOutput(
+            scheduled=scheduled,
+            num_batched_tokens=config.max_num_batched_tokens - budget,
+            preempted_request_ids=preempted_request_ids,
+            finished_request_ids=finished_request_ids,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks and put it at the front of the waiting queue."""
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[str]:
+        """Append the sampled tokens of a step's `needs_sample` requests.
+
+        Requests that finished meanwhile are skipped. A request that reaches `max_model_len` tokens
+        is finished here with FINISHED_LENGTH (it could not be computed further).
+
+        Returns:
+            The ids finished here with FINISHED_LENGTH (the caller must report them as finished).
+
+        Raises:
+            ValueError: a live `needs_sample` request has no entry in `sampled_token_ids`.
+        """
+        length_capped_ids = []
+        for scheduled in output.scheduled:
+            if not scheduled.needs_sample:
+                continue
+            request = self.requests.get(scheduled.request_id)
+            if request is None:
+                continue  # finished or aborted while the step ran
+            if scheduled.request_id not in sampled_token_ids:
+                raise ValueError(f"no sampled token for request {scheduled.request_id!r}")
+            request.append_output_token(sampled_token_ids[scheduled.request_id])
+            if request.num_tokens >= self.config.max_model_len:
+                length_capped_ids.append(scheduled.request_id)
+        self.finish_requests(length_capped_ids, RequestStatus.FINISHED_LENGTH)
+        return length_capped_ids
+
+    # ---- stats ---------------------------------------------------------------------------------
+
+    def get_stats(self) -> SchedulerStats:
+        """A snapshot of queue sizes, KV-cache usage, prefix-cache hit rate and preemptions."""
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            num_kv_blocks_used=kv.num_used_blocks,
+            num_kv_blocks_free=kv.num_free_blocks,
+            num_kv_blocks_total=kv.num_usable_blocks,
+            kv_cache_usage=kv.usage,
+            prefix_cache_hit_rate=kv.stats.hit_rate,
+            num_preemptions_total=self.num_preemptions_total,
+        )
+
+    @property
+    def stats(self) -> SchedulerStats:
+        """Same as `get_stats()`."""
+        return self.get_stats()

@@ -1,0 +1,124 @@
+"""The scheduler's configuration and its outputs (re-exported by `scheduler`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class QueueFullError(Exception):
+    """The waiting queue already holds `max_queue_size` requests."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of the scheduler and the size of the KV cache it manages.
+
+    Attributes:
+        max_num_seqs: most requests in the running set.
+        max_num_batched_tokens: token budget of one step.
+        max_model_len: most tokens (prompt + output) a request may reach.
+        block_size: tokens per KV-cache block.
+        num_blocks: KV-cache blocks, including the reserved null block 0.
+        enable_prefix_caching: reuse cached full blocks across requests.
+        enable_chunked_prefill: split prompts that do not fit in the budget over several steps.
+        max_queue_size: most requests in the waiting queue (None: unbounded).
+    """
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_queue_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.num_blocks < 2:
+            raise ValueError(f"num_blocks must be at least 2 (block 0 is reserved), got {self.num_blocks}")
+        if self.max_queue_size is not None and self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be at least 1 or None, got {self.max_queue_size}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is disabled"
+            )
+        # NOTE: a request that cannot fit in the whole pool on its own would be preempted forever.
+        max_num_cached_tokens = (self.num_blocks - 1) * self.block_size
+        if max_num_cached_tokens < self.max_model_len:
+            raise ValueError(
+                f"num_blocks ({self.num_blocks}) too small: {self.num_blocks - 1} usable blocks of "
+                f"{self.block_size} tokens hold {max_num_cached_tokens} tokens < max_model_len "
+                f"({self.max_model_len})"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    """What the model runner computes for one request in one step.
+
+    Attributes:
+        request_id: the request.
+        token_ids: the tokens to compute this step (their KV is written, positions start_position...).
+        start_position: the request's num_computed_tokens before this step.
+        block_ids: the request's whole block table.
+        needs_sample: this chunk reaches the request's last known token: sample one token.
+        is_new: first schedule since arrival or preemption (the runner must drop any old state).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    start_position: int
+    block_ids: list[int]
+    needs_sample: bool
+    is_new: bool
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed for this request this step."""
+        return len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan: the only thing the model runner receives from the scheduler.
+
+    Attributes:
+        scheduled: the requests to compute, running ones first, in running order.
+        num_batched_tokens: sum of the scheduled token counts.
+        preempted_request_ids: requests preempted by this schedule() call.
+        finished_request_ids: requests finished or aborted since the previous schedule() call.
+    """
+
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    preempted_request_ids: list[str]
+    finished_request_ids: list[str]
+
+    @property
+    def is_empty(self) -> bool:
+        """Nothing to compute and nothing to clean up (no preempted or finished ids either)."""
+        return not (self.scheduled or self.preempted_request_ids or self.finished_request_ids)
+
+    @property
+    def num_scheduled_requests(self) -> int:
+        """Requests to compute this step (0 is possible while ids still need cleaning up)."""
+        return len(self.scheduled)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of the scheduler for metrics."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_used: int
+    num_kv_blocks_free: int
+    num_kv_blocks_total: int
+    kv_cache_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions_total: int

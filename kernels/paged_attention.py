@@ -1,0 +1,76 @@
+"""Attention over a paged KV cache.
+
+Memory layout, per layer::
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    slot = block_id * block_size + offset_in_block
+
+A sequence's keys live in the blocks its block table names, in order; block 0 is the null block that
+padded table entries point at. One step's tokens are first written into the cache by slot, then every
+query attends over its sequence's cache, so tokens of one step that share cached blocks see each other.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def write_kv_cache_reference(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; rows with a negative slot are padding and skipped
+) -> None:
+    """Store each token's K/V at its slot (in place)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    num_blocks, block_size = k_cache.shape[:2]
+    k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
+    v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
+    k_flat.index_copy_(0, slots, key[keep].to(k_cache.dtype))
+    v_flat.index_copy_(0, slots, value[keep].to(v_cache.dtype))
+
+
+def paged_attention_reference(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: list[int],  # per sequence: tokens in the cache after this step (context + new)
+    query_start_loc: list[int],  # [num_seqs + 1]: the sequence's queries are query[start[i]:start[i+1]]
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached keys and values.
+
+    The queries of sequence i are its last ``q_len`` positions ``seq_len - q_len .. seq_len - 1``; each
+    attends to the keys at positions up to its own (and, with a sliding window ``w``, above
+    ``position - w``). GQA: query head h reads KV head ``h // (num_heads // num_kv_heads)``.
+    Computed in fp32; the result has the query's dtype.
+    """
+    num_heads, head_dim = query.shape[1:]
+    block_size, num_kv_heads = k_cache.shape[1:3]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(query)
+    for i, seq_len in enumerate(seq_lens):
+        q_start, q_end = query_start_loc[i], query_start_loc[i + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_seq_blocks = -(-seq_len // block_size)
+        blocks = block_tables[i, :num_seq_blocks].long()
+        k = k_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        v = v_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        q = query[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)
+        scores = torch.einsum("qkgd,tkd->kgqt", q, k) * scale  # [kv_heads, group, q_len, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
+        k_pos = torch.arange(seq_len).unsqueeze(0)
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= k_pos > q_pos - sliding_window
+        scores.masked_fill_(~allowed, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.einsum("kgqt,tkd->qkgd", probs, v)
+        out[q_start:q_end] = o.reshape(q_len, num_heads, head_dim).to(query.dtype)
+    return out
