@@ -47,13 +47,14 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ) -> None:
         self._decode = _make_decode(tokenizer, skip_special_tokens)
-        context = list(prompt_token_ids[-_NUM_CONTEXT_TOKENS:])
+        context = list(prompt_token_ids[max(len(prompt_token_ids) - _NUM_CONTEXT_TOKENS, 0) :])
         self._token_ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
         self._prefix_text = self._decode(context)
 
-        self.stop = [s for s in stop if s]
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        self.stop = [s for s in stops if s]
         self.include_stop_str_in_output = include_stop_str_in_output
         max_stop_len = max((len(s) for s in self.stop), default=0)
         self._stop_window = max(max_stop_len - 1, 0)

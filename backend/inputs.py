@@ -28,8 +28,10 @@ class PromptProcessor:
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
             ids = self._check_ids(prompt)
         else:
-            raise ValueError(f"prompt must be a string, a list of chat messages or a list of token ids, "
-                             f"got {type(prompt).__name__}")
+            raise ValueError(
+                f"prompt must be a string, a list of chat messages or a list of token ids, "
+                f"got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError("prompt is empty: it must hold at least one token")
         self.check_length(len(ids))
@@ -37,15 +39,19 @@ class PromptProcessor:
 
     def check_length(self, num_tokens: int) -> None:
         if num_tokens >= self.max_model_len:
-            raise ValueError(f"prompt has {num_tokens} tokens, but max_model_len is {self.max_model_len}: a prompt "
-                             f"may have at most {self.max_model_len - 1} tokens (one must be left to generate)")
+            raise ValueError(
+                f"prompt has {num_tokens} tokens, but max_model_len is {self.max_model_len}: a prompt "
+                f"may have at most {self.max_model_len - 1} tokens (one must be left to generate)"
+            )
 
     def _encode_text(self, text: str, add_special_tokens: bool) -> list[int]:
         if not text:
             raise ValueError("prompt is empty: it must hold at least one token")
         if len(text) > MAX_CHARS_PER_TOKEN * self.max_model_len:
-            raise ValueError(f"prompt has {len(text)} characters, far more than max_model_len "
-                             f"({self.max_model_len} tokens) can hold")
+            raise ValueError(
+                f"prompt has {len(text)} characters, far more than max_model_len "
+                f"({self.max_model_len} tokens) can hold"
+            )
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def _encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -64,7 +70,8 @@ class PromptProcessor:
             if isinstance(token, bool) or not isinstance(token, int):
                 raise ValueError(f"prompt token ids must be integers; element {i} is {token!r}")
             if not 0 <= token < self.vocab_size:
-                raise ValueError(f"prompt token id {token} (element {i}) is outside the vocabulary [0, "
-                                 f"{self.vocab_size})")
+                raise ValueError(
+                    f"prompt token id {token} (element {i}) is outside the vocabulary [0, {self.vocab_size})"
+                )
             out.append(int(token))
         return out

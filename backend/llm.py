@@ -47,11 +47,13 @@ class LLM:
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
-                raise ValueError(f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts")
+                raise ValueError(
+                    f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts"
+                )
         token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]
         completions: dict[str, CompletionOutput] = {}
         order: list[str] = []
-        for ids, params in zip(token_lists, params_list):
+        for ids, params in zip(token_lists, params_list, strict=True):
             request_id = f"llm-{self._next_id}"
             self._next_id += 1
             self.engine.add_request(request_id, ids, params)

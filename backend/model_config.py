@@ -47,13 +47,17 @@ class ModelConfig:
 
         path = Path(path)
         if not (path / "config.json").is_file():
-            raise ValueError(f"model path {str(path)!r} is not a Hugging Face checkpoint folder (no config.json)")
+            raise ValueError(
+                f"model path {str(path)!r} is not a Hugging Face checkpoint folder (no config.json)"
+            )
         hf = AutoConfig.from_pretrained(path)
         archs = list(getattr(hf, "architectures", None) or [])
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
-            raise ValueError(f"unsupported architecture {archs or hf.model_type!r} in {path}/config.json; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {archs or hf.model_type!r} in {path}/config.json; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
         num_heads = hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // num_heads
         is_qwen = arch.startswith("Qwen")

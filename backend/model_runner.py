@@ -27,7 +27,9 @@ class ModelOutput:
     logits: torch.Tensor  # [len(request_ids), vocab] fp32
 
 
-def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int) -> int:
+def kv_cache_bytes_per_block(
+    cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int
+) -> int:
     """Bytes one block takes across all layers (K and V)."""
     itemsize = torch.empty(0, dtype=kv_dtype).element_size()
     return cfg.num_layers * 2 * block_size * num_kv_heads * cfg.head_dim * itemsize
@@ -36,8 +38,9 @@ def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.
 class ModelRunner:
     """Owns the model and its KV cache; turns a ``SchedulerOutput`` into logits."""
 
-    def __init__(self, model: nn.Module, device: torch.device, block_size: int, num_blocks: int,
-                 kv_dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, block_size: int, num_blocks: int, kv_dtype: torch.dtype
+    ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -45,12 +48,22 @@ class ModelRunner:
         layers = model.attention_layers()
         first = layers[0]
         # [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_cache = torch.zeros(len(layers), 2, num_blocks, block_size, first.num_kv_heads, first.head_dim,
-                                    dtype=kv_dtype, device=device)
+        self.kv_cache = torch.zeros(
+            len(layers),
+            2,
+            num_blocks,
+            block_size,
+            first.num_kv_heads,
+            first.head_dim,
+            dtype=kv_dtype,
+            device=device,
+        )
         for i, layer in enumerate(layers):
             layer.bind_kv_cache(self.kv_cache[i, 0], self.kv_cache[i, 1])
 
-    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[str]]:
+    def prepare(
+        self, out: SchedulerOutput
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[str]]:
         """Flatten a step into ``input_ids``, ``positions``, metadata and the rows whose logits are needed."""
         bs = self.block_size
         num_tokens = out.num_batched_tokens
@@ -68,10 +81,10 @@ class ModelRunner:
             n = len(req.token_ids)
             table = np.asarray(req.block_ids, dtype=np.int64)
             pos = np.arange(req.start_position, req.start_position + n, dtype=np.int64)
-            input_ids[offset:offset + n] = req.token_ids
-            positions[offset:offset + n] = pos
-            slot_mapping[offset:offset + n] = table[pos // bs] * bs + pos % bs
-            block_tables[i, :len(table)] = table
+            input_ids[offset : offset + n] = req.token_ids
+            positions[offset : offset + n] = pos
+            slot_mapping[offset : offset + n] = table[pos // bs] * bs + pos % bs
+            block_tables[i, : len(table)] = table
             offset += n
             seq_lens.append(req.start_position + n)
             query_start_loc.append(offset)
@@ -84,7 +97,7 @@ class ModelRunner:
             block_tables=torch.from_numpy(block_tables).to(self.device),
             seq_lens=seq_lens,
             query_start_loc=query_start_loc,
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:])),
+            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:], strict=False)),
             max_seq_len=max(seq_lens),
         )
         ids = torch.from_numpy(input_ids).to(self.device)

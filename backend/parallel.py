@@ -42,7 +42,9 @@ class ParallelConfig:
 def divide(numerator: int, denominator: int, what: str) -> int:
     """``numerator / denominator``, refusing a remainder (e.g. heads that do not split over ranks)."""
     if numerator % denominator:
-        raise ValueError(f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})")
+        raise ValueError(
+            f"{what} ({numerator}) must be divisible by the tensor-parallel size ({denominator})"
+        )
     return numerator // denominator
 
 

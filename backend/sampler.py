@@ -47,8 +47,7 @@ class SamplingBatch:
     presence_penalty: torch.Tensor | None  # [num_seqs, 1] float32; None with frequency when all 0
     frequency_penalty: torch.Tensor | None  # [num_seqs, 1] float32
     output_counts: torch.Tensor | None  # [num_seqs, vocab_size] float32: count in output
-    banned_rows: torch.Tensor | None  # [num_bans] int64 row of each banned (row, token) pair
-    banned_token_ids: torch.Tensor | None  # [num_bans] int64
+    banned_flat_ids: torch.Tensor | None  # [num_bans] int64: row * vocab_size + banned token id
     seeds: list[int | None]  # per row: the seed of this step's generator, None = global RNG
     max_num_logprobs: int | None  # top alternatives to return (the largest asked); None = no one asked
 
@@ -68,6 +67,7 @@ class SamplingBatch:
         `eos_token_ids` is one set for all requests or one set per request. `bad_words_token_ids` gives,
         per request, its bad words as token-id sequences: the last token of a sequence is banned when
         the output ends with the rest of it (a one-token word is always banned).
+        NOTE: call it before launching the step's forward: its host-to-device copies then wait on nothing.
         """
         num_seqs = len(params)
         assert len(prompt_token_ids) == num_seqs and len(output_token_ids) == num_seqs
@@ -98,8 +98,7 @@ class SamplingBatch:
         if any(presence) or any(frequency):
             output_counts = _token_counts(output_token_ids, vocab_size, device)
 
-        ban_rows: list[int] = []
-        ban_ids: list[int] = []
+        ban_flat_ids: list[int] = []
         for row, (p, output) in enumerate(zip(params, output_token_ids, strict=True)):
             banned: set[int] = set()
             if len(output) < p.min_tokens:
@@ -109,8 +108,7 @@ class SamplingBatch:
             if bad_words_token_ids is not None:
                 banned.update(_bad_word_bans(bad_words_token_ids[row], output))
             banned = {t for t in banned if 0 <= t < vocab_size}
-            ban_rows.extend([row] * len(banned))
-            ban_ids.extend(sorted(banned))
+            ban_flat_ids.extend(row * vocab_size + t for t in sorted(banned))
 
         seeds = [
             None if p.seed is None or p.is_greedy else _step_seed(p.seed, len(output))
@@ -132,8 +130,9 @@ class SamplingBatch:
             presence_penalty=floats(presence, column=True) if output_counts is not None else None,
             frequency_penalty=floats(frequency, column=True) if output_counts is not None else None,
             output_counts=output_counts,
-            banned_rows=torch.tensor(ban_rows, dtype=torch.int64, device=device) if ban_rows else None,
-            banned_token_ids=torch.tensor(ban_ids, dtype=torch.int64, device=device) if ban_ids else None,
+            banned_flat_ids=(
+                torch.tensor(ban_flat_ids, dtype=torch.int64, device=device) if ban_flat_ids else None
+            ),
             seeds=seeds,
             max_num_logprobs=max(asked) if asked else None,
         )
@@ -155,12 +154,14 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample from `logits` ([num_seqs, vocab_size], any float dtype); the input is not modified."""
         raw = logits
-        # NOTE: an explicit copy: `.to(float32)` returns the caller's tensor when it is float32 already.
-        logits = raw.to(torch.float32, copy=True)
+        # NOTE: always a new contiguous float32 copy (`.to(float32)` returns the caller's tensor when it
+        # is float32 already; the in-place steps below must not touch it).
+        logits = torch.empty(raw.shape, dtype=torch.float32, device=raw.device).copy_(raw)
         log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [num_seqs, 1]
         logits = apply_penalties(logits, batch)
-        if batch.banned_rows is not None:
-            logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
+        if batch.banned_flat_ids is not None:
+            # NOTE: index_fill_ on the flat view; `logits[rows, cols] = -inf` syncs with the host on CUDA.
+            logits.view(-1).index_fill_(0, batch.banned_flat_ids, float("-inf"))
 
         greedy_ids = logits.argmax(dim=-1) if not batch.all_random else None
         if batch.all_greedy:
@@ -259,7 +260,7 @@ def _token_mask(token_ids: list[list[int]], vocab_size: int, device: torch.devic
     """[num_seqs, vocab_size] bool: True where the row's token list holds the token."""
     mask = torch.zeros(len(token_ids), vocab_size, dtype=torch.bool, device=device)
     rows, cols = _flatten(token_ids, device)
-    mask[rows, cols] = True
+    mask.view(-1).index_fill_(0, rows * vocab_size + cols, True)
     return mask
 
 

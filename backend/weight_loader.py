@@ -40,13 +40,20 @@ def iterate_weights(path: str | Path, show_progress: bool = True) -> Iterator[tu
         with safe_open(str(file), framework="pt", device="cpu") as f:
             keys = list(f.keys())
             if show_progress:
-                logger.info("loading weights: file %d/%d %s (%d tensors)", i + 1, len(files), file.name, len(keys))
+                logger.info(
+                    "loading weights: file %d/%d %s (%d tensors)", i + 1, len(files), file.name, len(keys)
+                )
             for key in keys:
                 yield key, f.get_tensor(key)
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_position: int,
-               parallel: ParallelConfig = SINGLE_RANK) -> nn.Module:
+def load_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_position: int,
+    parallel: ParallelConfig = SINGLE_RANK,
+) -> nn.Module:
     """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place."""
     start = time.monotonic()
     with torch.device("meta"):
@@ -61,6 +68,12 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_p
         raise ValueError(f"checkpoint {cfg.path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
-    logger.info("model %s loaded: %.1f M parameters, %s on %s in %.1f s", cfg.architecture, num_params / 1e6,
-                dtype, device, time.monotonic() - start)
+    logger.info(
+        "model %s loaded: %.1f M parameters, %s on %s in %.1f s",
+        cfg.architecture,
+        num_params / 1e6,
+        dtype,
+        device,
+        time.monotonic() - start,
+    )
     return model

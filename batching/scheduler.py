@@ -52,7 +52,8 @@ class Scheduler:
         """Queue a new request at the back of the waiting queue.
 
         Raises:
-            QueueFullError: the waiting queue holds `max_queue_size` requests.
+            QueueFullError: the waiting queue holds `max_queue_size` requests (or more: preempted
+                requests return to the queue regardless of the limit).
             ValueError: the request is not new, its id is in use, its block size differs, or its
                 prompt is longer than `max_model_len`.
         """

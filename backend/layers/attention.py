@@ -25,8 +25,14 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """Multi-head / grouped-query attention over the paged cache of one layer."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -39,10 +45,20 @@ class Attention(nn.Module):
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """``q [T, H, D]``, ``k``/``v [T, KVH, D]`` -> ``[T, H * D]``."""
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = ops.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.query_start_loc, self.scale, self.sliding_window)
+        out = ops.paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            self.scale,
+            self.sliding_window,
+        )
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)

@@ -20,23 +20,28 @@ from ..parallel import SINGLE_RANK, ParallelConfig
 class VocabParallelEmbedding(nn.Module):
     """Token embedding table split over ranks by vocabulary range."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
-                 parallel: ParallelConfig = SINGLE_RANK) -> None:
+    def __init__(
+        self, vocab_size: int, hidden_size: int, dtype: torch.dtype, parallel: ParallelConfig = SINGLE_RANK
+    ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.parallel = parallel
         self.rows_per_rank = -(-vocab_size // parallel.tp_size)
         self.vocab_start = parallel.tp_rank * self.rows_per_rank
         self.vocab_end = min(self.vocab_start + self.rows_per_rank, vocab_size)
-        self.weight = nn.Parameter(torch.empty(self.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(self.rows_per_rank, hidden_size, dtype=dtype), requires_grad=False
+        )
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         """Copy this rank's vocabulary rows of the full ``[vocab, hidden]`` table."""
         if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
-            raise ValueError(f"embedding: checkpoint shape {tuple(loaded.shape)} != "
-                             f"expected ({self.vocab_size}, {param.shape[1]})")
+            raise ValueError(
+                f"embedding: checkpoint shape {tuple(loaded.shape)} != "
+                f"expected ({self.vocab_size}, {param.shape[1]})"
+            )
         rows = self.vocab_end - self.vocab_start
-        param.data[:rows].copy_(loaded[self.vocab_start:self.vocab_end])
+        param.data[:rows].copy_(loaded[self.vocab_start : self.vocab_end])
         param.data[rows:].zero_()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [num_tokens] int64

@@ -6,7 +6,8 @@ formats implement the same two methods) and knows how to load a checkpoint tenso
 With ``tp_size`` ranks a column-parallel layer holds ``output_size / tp_size`` rows of the weight and a
 row-parallel one ``input_size / tp_size`` columns, followed by an all-reduce::
 
-    x ─► ColumnParallel (W[rows of rank r]) ─► local activations ─► RowParallel (W[:, cols of r]) ─► all-reduce
+    x ─► ColumnParallel (W[rows of rank r]) ─► local activations ─► RowParallel (W[:, cols of r])
+      ─► all-reduce
 """
 
 from __future__ import annotations
@@ -64,16 +65,25 @@ class LinearBase(nn.Module):
 
     def _copy(self, param: nn.Parameter, loaded: torch.Tensor, what: str) -> None:
         if param.shape != loaded.shape:
-            raise ValueError(f"{what}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(param.shape)}")
+            raise ValueError(
+                f"{what}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(param.shape)}"
+            )
         param.data.copy_(loaded)
 
 
 class ColumnParallelLinear(LinearBase):
     """``y = x W^T + b`` with W's output rows split over the ranks."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype,
-                 parallel: ParallelConfig = SINGLE_RANK, linear_method: LinearMethod | None = None,
-                 gather_output: bool = False) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelConfig = SINGLE_RANK,
+        linear_method: LinearMethod | None = None,
+        gather_output: bool = False,
+    ) -> None:
         local_out = divide(output_size, parallel.tp_size, "output size")
         super().__init__(input_size, local_out, bias, dtype, parallel, linear_method)
         self.gather_output = gather_output
@@ -91,8 +101,15 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one weight (e.g. MLP gate and up), loaded shard by shard."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, dtype: torch.dtype,
-                 parallel: ParallelConfig = SINGLE_RANK, linear_method: LinearMethod | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelConfig = SINGLE_RANK,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
         self.local_output_sizes = [divide(s, parallel.tp_size, "output size") for s in output_sizes]
         super().__init__(input_size, sum(output_sizes), bias, dtype, parallel, linear_method)
 
@@ -108,9 +125,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 class QKVParallelLinear(ColumnParallelLinear):
     """The fused q/k/v projection. KV heads are split over ranks, or replicated when ranks outnumber them."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 dtype: torch.dtype, parallel: ParallelConfig = SINGLE_RANK,
-                 linear_method: LinearMethod | None = None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelConfig = SINGLE_RANK,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
         tp = parallel.tp_size
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp, "number of attention heads")
@@ -134,14 +159,23 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, index = self.kv_size, rank // self.kv_replicas
         else:
             raise ValueError(f"unknown qkv shard {shard_id!r}")
-        self._copy(param.narrow(0, offset, size), loaded.narrow(0, index * size, size), f"qkv shard {shard_id}")
+        self._copy(
+            param.narrow(0, offset, size), loaded.narrow(0, index * size, size), f"qkv shard {shard_id}"
+        )
 
 
 class RowParallelLinear(LinearBase):
     """``y = x W^T + b`` with W's input columns split over the ranks; partial sums are all-reduced."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, dtype: torch.dtype,
-                 parallel: ParallelConfig = SINGLE_RANK, linear_method: LinearMethod | None = None) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        dtype: torch.dtype,
+        parallel: ParallelConfig = SINGLE_RANK,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
         local_in = divide(input_size, parallel.tp_size, "input size")
         super().__init__(local_in, output_size, bias, dtype, parallel, linear_method)
 

@@ -56,8 +56,10 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
         if rotary_dim != head_dim:
-            raise ValueError(f"partial rotary embeddings are not supported yet (rotary_dim {rotary_dim} "
-                             f"!= head_dim {head_dim})")
+            raise ValueError(
+                f"partial rotary embeddings are not supported yet (rotary_dim {rotary_dim} "
+                f"!= head_dim {head_dim})"
+            )
         self.rotary_dim = rotary_dim
         self.max_position = max_position
         self.params = params

@@ -30,22 +30,35 @@ _FUSED_SHARDS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, dtype: torch.dtype, max_position: int,
-                 parallel: ParallelConfig) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_index: int,
+        dtype: torch.dtype,
+        max_position: int,
+        parallel: ParallelConfig,
+    ) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          cfg.qkv_bias, dtype, parallel)
+        self.qkv_proj = QKVParallelLinear(
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, dtype, parallel
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, dtype,
-                                        parallel)
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, dtype, parallel
+        )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.head_dim, max_position, cfg.rope)
-        self.attn = Attention(self.num_heads, self.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5,
-                              cfg.sliding_windows[layer_index])
+        self.attn = Attention(
+            self.num_heads,
+            self.num_kv_heads,
+            cfg.head_dim,
+            cfg.head_dim**-0.5,
+            cfg.sliding_windows[layer_index],
+        )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         num_tokens = hidden.shape[0]
@@ -63,7 +76,9 @@ class LlamaMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, parallel: ParallelConfig) -> None:
         super().__init__()
         size = cfg.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [size, size], cfg.mlp_bias, dtype, parallel)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            cfg.hidden_size, [size, size], cfg.mlp_bias, dtype, parallel
+        )
         self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, dtype, parallel)
         self.act = SiluAndMul()
 
@@ -72,16 +87,27 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, dtype: torch.dtype, max_position: int,
-                 parallel: ParallelConfig) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        layer_index: int,
+        dtype: torch.dtype,
+        max_position: int,
+        parallel: ParallelConfig,
+    ) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_index, dtype, max_position, parallel)
         self.mlp = LlamaMLP(cfg, dtype, parallel)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
-                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
@@ -92,7 +118,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig
+    ) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel)
         self.layers = nn.ModuleList(
@@ -100,7 +128,9 @@ class LlamaModel(nn.Module):
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         residual = None
         for layer in self.layers:
@@ -112,16 +142,22 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only causal LM over a paged KV cache."""
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int,
-                 parallel: ParallelConfig = SINGLE_RANK) -> None:
+    def __init__(
+        self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig = SINGLE_RANK
+    ) -> None:
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg, dtype, max_position, parallel)
         # NOTE: with tied embeddings the head reads the embedding table; no second copy exists.
-        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype,
-                                                                            parallel)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, parallel)
+        )
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """``input_ids``/``positions [T]`` -> final hidden states ``[T, hidden]``."""
         return self.model(input_ids, positions, meta)
 
@@ -136,7 +172,7 @@ class LlamaForCausalLM(nn.Module):
         return [layer.self_attn.attn for layer in self.model.layers]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Load HF checkpoint tensors; returns the names of the parameters filled (shards as ``name:shard``)."""
+        """Load HF checkpoint tensors; returns the parameters filled (fused shards as ``name:shard``)."""
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
@@ -149,7 +185,9 @@ class LlamaForCausalLM(nn.Module):
                     break
             param = params.get(name)
             if param is None:
-                raise ValueError(f"unexpected weight {name!r} in the checkpoint for {self.config.architecture}")
+                raise ValueError(
+                    f"unexpected weight {name!r} in the checkpoint for {self.config.architecture}"
+                )
             owner = self.get_submodule(name.rsplit(".", 1)[0])
             loader = getattr(owner, "weight_loader", None)
             if loader is not None:

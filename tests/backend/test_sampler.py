@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from inflight.backend.sampler import Sampler, SamplingBatch, apply_penalties, filtered_probs
 from inflight.backend.sampling_params import SamplingParams
 
@@ -86,6 +87,7 @@ def test_top_p_renormalizes_and_keeps_the_top_token() -> None:
     probs = filtered_probs(logits.clone(), _batch([SamplingParams(top_p=0.79)], 4))[0]
     assert torch.allclose(probs, torch.tensor([0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]), atol=1e-6)
     assert _kept(SamplingParams(top_p=1e-6)) == [0]
+    assert _kept(SamplingParams(top_p=1e-9)) == [0]  # 1 - 1e-9 rounds to 1.0 in float32
 
 
 def test_top_p_applies_to_the_top_k_distribution() -> None:
@@ -266,3 +268,12 @@ def test_build_collects_per_request_tensors() -> None:
     assert batch.max_num_logprobs == 2
     assert batch.seeds[0] is None and batch.seeds[2] is None
     assert batch.seeds[1] is not None and 0 <= batch.seeds[1] < 2**63
+
+
+def test_non_contiguous_logits() -> None:
+    logits = torch.randn(40, 3).t()  # [3, 40], not contiguous
+    params = [SamplingParams(temperature=0, stop_token_ids=[0], min_tokens=1)] * 3
+    out = Sampler()(logits, _batch(params, 40, eos_token_ids={1}))
+    masked = logits.clone()
+    masked[:, :2] = float("-inf")
+    assert torch.equal(out.sampled_token_ids, masked.argmax(dim=-1))

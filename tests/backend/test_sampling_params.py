@@ -3,6 +3,7 @@
 import math
 
 import pytest
+
 from inflight.backend.sampling_params import MAX_LOGPROBS, SamplingParams
 
 

@@ -1,6 +1,8 @@
 """Chained block hashes and the Request's incremental bookkeeping."""
 
 import hashlib
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +90,12 @@ def test_status_is_finished() -> None:
     assert not req.is_finished
     req.status = RequestStatus.FINISHED_ABORTED
     assert req.is_finished
+
+
+def test_batching_is_pure_python() -> None:
+    code = (
+        "import sys, inflight.batching, inflight.batching.scheduler; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

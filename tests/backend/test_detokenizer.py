@@ -1,0 +1,256 @@
+"""IncrementalDetokenizer: streamed deltas against full decodes, with a byte-level BPE (SmolLM2) and a
+sentencepiece-style byte-fallback BPE; stop strings split across tokens; hold-back while streaming."""
+
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from inflight.backend.detokenizer import IncrementalDetokenizer
+
+PROMPT = "The capital of France is"
+TEXTS = [
+    " Paris. It is a lovely city, with many old streets.",
+    " Paris 😀 and 日本語, 世界! héllo wörld 🇫🇷 ok",
+    "\n\n  spaces   and\ttabs  😀😀 end",
+]
+CORPUS = [
+    "The capital of France is Paris.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, hello there! It is a lovely city.",
+    "日本 is Japan; streaming text one token at a time.",
+] * 4
+
+
+@pytest.fixture(scope="module")
+def byte_fallback_tokenizer() -> PreTrainedTokenizerBase:
+    """A Llama-2-style tokenizer trained here: "▁" for spaces, <0xNN> byte-fallback tokens, a decoder
+    that strips the leading space of a decode."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    # NOTE: the trainer has no byte-fallback option: add the 256 byte tokens to the trained vocab.
+    spec = json.loads(tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
+
+
+@pytest.fixture(params=["smollm2", "byte_fallback"])
+def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
+    name = "smollm2_tokenizer" if request.param == "smollm2" else "byte_fallback_tokenizer"
+    return request.getfixturevalue(name)
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _output_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """The ids a model would generate for `text` after the prompt (the text's own leading space kept)."""
+    prompt_ids = _ids(tokenizer, PROMPT)
+    full_ids = _ids(tokenizer, PROMPT + text)
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    return full_ids[len(prompt_ids) :]
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool = True) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+
+
+def _stream(detokenizer: IncrementalDetokenizer, output_ids: list[int]) -> list[str]:
+    """Feed tokens one by one as the engine does; the last delta is the finishing one."""
+    deltas = []
+    for token_id in output_ids:
+        stop = detokenizer.add_token(token_id)
+        deltas.append(detokenizer.get_delta(finished=stop is not None))
+        if stop is not None:
+            return deltas
+    deltas.append(detokenizer.get_delta(finished=True))
+    return deltas
+
+
+def test_byte_fallback_tokenizer_really_splits_characters(
+    byte_fallback_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    tokens = byte_fallback_tokenizer.convert_ids_to_tokens(_ids(byte_fallback_tokenizer, "x 😀 世"))
+    assert "▁" in tokens and "<0xF0>" in tokens and "<0xE4>" in tokens  # 😀 and 世 are byte sequences
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_deltas_concatenate_to_the_full_decode(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    prompt_ids = _ids(tokenizer, PROMPT)
+    output_ids = _output_ids(tokenizer, text)
+    deltas = _stream(IncrementalDetokenizer(tokenizer, prompt_ids), output_ids)
+    assert not any("\ufffd" in delta for delta in deltas)
+    assert "".join(deltas) == text
+    # The decode of prompt + output, past the prompt: for a byte-level BPE also the decode of the output
+    # alone; a sentencepiece-style decoder drops the leading space of a decode that starts the text.
+    full = _decode(tokenizer, prompt_ids + output_ids)
+    assert full.startswith(_decode(tokenizer, prompt_ids)) and "".join(deltas) == full[len(PROMPT) :]
+    if tokenizer.convert_ids_to_tokens(output_ids[0])[0] == "Ġ":
+        assert "".join(deltas) == _decode(tokenizer, output_ids)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_without_prompt_deltas_equal_decode_of_output(tokenizer: PreTrainedTokenizerBase, text: str) -> None:
+    output_ids = _ids(tokenizer, text)
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    deltas = _stream(detokenizer, output_ids)
+    assert "".join(deltas) == _decode(tokenizer, output_ids) == detokenizer.text
+    assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_first_token_keeps_its_space(tokenizer: PreTrainedTokenizerBase) -> None:
+    output_ids = _output_ids(tokenizer, " Paris")
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT))
+    detokenizer.add_token(output_ids[0])
+    assert detokenizer.get_delta(finished=False).startswith(" P")
+
+
+def test_multi_token_characters_are_held_until_complete(tokenizer: PreTrainedTokenizerBase) -> None:
+    output_ids = _output_ids(tokenizer, " 😀")
+    assert len(output_ids) >= 2  # the emoji's four bytes span several tokens in both tokenizers
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT))
+    deltas = []
+    for token_id in output_ids:
+        detokenizer.add_token(token_id)
+        deltas.append(detokenizer.get_delta(finished=False))
+    assert "".join(deltas) == " 😀" and "😀" in deltas[-1]
+
+
+def test_generation_ending_mid_character_flushes_like_a_full_decode(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    output_ids = _ids(tokenizer, "ok 😀")[:-1]  # the emoji's last byte never comes
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    streamed = [detokenizer.add_token(t) or detokenizer.get_delta(finished=False) for t in output_ids]
+    assert not any("\ufffd" in delta for delta in streamed)
+    final = detokenizer.get_delta(finished=True)
+    assert "\ufffd" in final
+    assert "".join(streamed) + final == _decode(tokenizer, output_ids) == detokenizer.text
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_special_tokens(tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool) -> None:
+    output_ids = _ids(tokenizer, "Hello world") + [tokenizer.eos_token_id] + _ids(tokenizer, "again")
+    detokenizer = IncrementalDetokenizer(tokenizer, [], skip_special_tokens=skip_special_tokens)
+    text = "".join(_stream(detokenizer, output_ids))
+    assert text == _decode(tokenizer, output_ids, skip_special_tokens)
+    assert (tokenizer.eos_token in text) is not skip_special_tokens
+
+
+class _SlowTokenizer:
+    """Only `decode`: takes the detokenizer's generic path (no Rust backend tokenizer)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+
+    def decode(self, ids: list[int], **kwargs: object) -> str:
+        return self._tokenizer.decode(ids, **kwargs)
+
+
+def test_generic_decode_path_gives_the_same_deltas(tokenizer: PreTrainedTokenizerBase) -> None:
+    prompt_ids, output_ids = _ids(tokenizer, PROMPT), _output_ids(tokenizer, TEXTS[1])
+    fast = _stream(IncrementalDetokenizer(tokenizer, prompt_ids), output_ids)
+    slow = _stream(IncrementalDetokenizer(_SlowTokenizer(tokenizer), prompt_ids), output_ids)  # type: ignore[arg-type]
+    assert fast == slow
+
+
+def test_state_stays_small_over_a_long_output(tokenizer: PreTrainedTokenizerBase) -> None:
+    """O(new text) per token: the decoded window does not grow with the output."""
+    output_ids = _output_ids(tokenizer, TEXTS[1] * 40)
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=["never appears"])
+    for token_id in output_ids:
+        detokenizer.add_token(token_id)
+        detokenizer.get_delta(finished=False)
+        assert len(detokenizer._token_ids) <= 16 and len(detokenizer._tail) <= len("never appears") - 1
+    assert detokenizer.text == TEXTS[1] * 40
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_string_split_across_tokens(tokenizer: PreTrainedTokenizerBase, include: bool) -> None:
+    text = " Paris. It is a lovely city, with many old streets."
+    stop = "lovely city"
+    output_ids = _output_ids(tokenizer, text)
+    pieces = [_decode(tokenizer, output_ids[: i + 1]) for i in range(len(output_ids))]
+    completing = next(i for i, piece in enumerate(pieces) if stop in piece)
+    assert all(stop not in _decode(tokenizer, [t]) for t in output_ids)  # no single token holds it
+
+    detokenizer = IncrementalDetokenizer(
+        tokenizer, _ids(tokenizer, PROMPT), stop=["zzz", stop], include_stop_str_in_output=include
+    )
+    matched = [detokenizer.add_token(t) for t in output_ids[: completing + 1]]
+    assert matched == [None] * completing + [stop]
+    expected = " Paris. It is a " + (stop if include else "")
+    assert detokenizer.text == expected and detokenizer.check_stop() == stop
+    assert detokenizer.get_delta(finished=True) == expected
+    assert detokenizer.add_token(output_ids[-1]) is None and detokenizer.text == expected  # ignored
+
+
+@pytest.mark.parametrize("stop", ["日本", "😀"])
+def test_stop_string_of_multi_byte_characters(tokenizer: PreTrainedTokenizerBase, stop: str) -> None:
+    output_ids = _output_ids(tokenizer, f" a b {stop} c")
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=[stop])
+    assert "".join(_stream(detokenizer, output_ids)) == " a b " == detokenizer.text
+    assert detokenizer.check_stop() == stop
+
+
+def test_stop_string_at_the_very_start(tokenizer: PreTrainedTokenizerBase) -> None:
+    output_ids = _output_ids(tokenizer, "\n\nUser: hi")
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=["\n\nUser:"])
+    deltas = _stream(detokenizer, output_ids)
+    assert set(deltas) == {""} and detokenizer.text == "" and detokenizer.check_stop() == "\n\nUser:"
+
+
+def test_earliest_stop_string_wins(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Both stop strings end with the same token; the one that starts first cuts the text."""
+    output_ids = _output_ids(tokenizer, " Paris. It is a lovely city")
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=["lovely", "a lovely"])
+    assert "".join(_stream(detokenizer, output_ids)) == " Paris. It is "
+    assert detokenizer.check_stop() == "a lovely"
+
+
+def test_hold_back_while_streaming(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Never stream the last len(longest stop) - 1 characters: "lovely ci" must not leak early."""
+    text = " Paris. It is a lovely cit, lovely city"
+    stops = ["lovely city", "END"]
+    output_ids = _output_ids(tokenizer, text)
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=stops)
+    streamed = ""
+    for i, token_id in enumerate(output_ids):
+        if detokenizer.add_token(token_id) is not None:
+            break
+        streamed += detokenizer.get_delta(finished=False)
+        decoded = _decode(tokenizer, _ids(tokenizer, PROMPT) + output_ids[: i + 1])[len(PROMPT) :]
+        assert streamed == decoded[: max(len(decoded) - (len("lovely city") - 1), 0)]
+    assert streamed + detokenizer.get_delta(finished=True) == " Paris. It is a lovely cit, "
+
+
+def test_no_hold_back_when_the_stop_string_is_included(tokenizer: PreTrainedTokenizerBase) -> None:
+    output_ids = _output_ids(tokenizer, " Paris. It is")
+    detokenizer = IncrementalDetokenizer(
+        tokenizer, _ids(tokenizer, PROMPT), stop=["lovely city"], include_stop_str_in_output=True
+    )
+    streamed = "".join(detokenizer.add_token(t) or detokenizer.get_delta(finished=False) for t in output_ids)
+    assert streamed == " Paris. It is"
+
+
+def test_no_stop_strings_no_hold_back(tokenizer: PreTrainedTokenizerBase) -> None:
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT))
+    for token_id in _output_ids(tokenizer, " Paris"):
+        detokenizer.add_token(token_id)
+    assert detokenizer.get_delta(finished=False) == " Paris" and detokenizer.get_delta(finished=True) == ""

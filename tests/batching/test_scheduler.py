@@ -1,0 +1,280 @@
+"""Scheduler: token budget, chunked prefill, prefix hits, max_num_seqs, queue limit, aborts, length cap."""
+
+import dataclasses
+
+import pytest
+
+from inflight.batching import (
+    QueueFullError,
+    Request,
+    RequestStatus,
+    ScheduledRequest,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerStats,
+)
+
+BASE = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=32, block_size=4, num_blocks=10)
+
+
+def make_scheduler(**overrides: object) -> Scheduler:
+    return Scheduler(SchedulerConfig(**{**BASE, **overrides}))
+
+
+def make_request(request_id: str, token_ids: list[int] | range) -> Request:
+    return Request(request_id, list(token_ids), block_size=4)
+
+
+def test_lifecycle_prefill_then_decodes() -> None:
+    sched = make_scheduler()
+    a = make_request("a", range(10, 16))
+    sched.add_request(a)
+    out = sched.schedule()
+    assert out.scheduled == [ScheduledRequest("a", [10, 11, 12, 13, 14, 15], 0, [1, 2], True, True)]
+    assert (out.num_batched_tokens, out.preempted_request_ids, out.finished_request_ids) == (6, [], [])
+    assert a.status == RequestStatus.RUNNING and a.num_computed_tokens == 6 and a.num_cached_tokens == 0
+
+    # Step N+1 planned while step N runs: the decode token is not known yet, nothing to compute.
+    ahead = sched.schedule()
+    assert ahead.scheduled == [] and ahead.num_batched_tokens == 0 and ahead.is_empty
+    assert sched.update_from_output(out, {"a": 99}) == []
+    assert a.output_token_ids == [99]
+
+    out = sched.schedule()
+    assert out.scheduled == [ScheduledRequest("a", [99], 6, [1, 2], True, False)]
+    sched.update_from_output(out, {"a": 98})
+    out = sched.schedule()
+    assert out.scheduled == [ScheduledRequest("a", [98], 7, [1, 2], True, False)]
+    sched.update_from_output(out, {"a": 97})
+    out = sched.schedule()  # position 8 starts block 3
+    assert out.scheduled == [ScheduledRequest("a", [97], 8, [1, 2, 3], True, False)]
+    assert a.all_token_ids == [10, 11, 12, 13, 14, 15, 99, 98, 97]
+
+
+def test_chunked_prefill_splits_a_long_prompt_by_the_budget() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8)
+    sched.add_request(make_request("a", range(20)))
+    out1 = sched.schedule()
+    assert out1.scheduled == [ScheduledRequest("a", list(range(8)), 0, [1, 2], False, True)]
+    sched.update_from_output(out1, {})  # no sample needed for a partial chunk
+    out2 = sched.schedule()
+    assert out2.scheduled == [ScheduledRequest("a", list(range(8, 16)), 8, [1, 2, 3, 4], False, False)]
+    out3 = sched.schedule()
+    assert out3.scheduled == [ScheduledRequest("a", list(range(16, 20)), 16, [1, 2, 3, 4, 5], True, False)]
+    assert out3.num_batched_tokens == 4
+
+
+def test_chunked_prefill_budget_goes_to_running_first_then_waiting() -> None:
+    sched = make_scheduler(max_num_batched_tokens=8)
+    sched.add_request(make_request("a", range(100, 110)))
+    sched.add_request(make_request("b", range(200, 206)))
+    out1 = sched.schedule()
+    assert out1.scheduled == [ScheduledRequest("a", list(range(100, 108)), 0, [1, 2], False, True)]
+    assert sched.num_waiting == 1 and sched.num_running == 1
+    out2 = sched.schedule()
+    assert out2.scheduled == [
+        ScheduledRequest("a", [108, 109], 8, [1, 2, 3], True, False),
+        ScheduledRequest("b", list(range(200, 206)), 0, [4, 5], True, True),
+    ]
+    assert out2.num_batched_tokens == 8
+
+
+def test_new_request_gets_the_budget_remainder_as_a_chunk() -> None:
+    sched = make_scheduler(max_num_batched_tokens=10)
+    for rid, start in (("a", 0), ("b", 10)):
+        sched.add_request(make_request(rid, range(start, start + 3)))
+    out1 = sched.schedule()
+    assert [(s.request_id, len(s.token_ids)) for s in out1.scheduled] == [("a", 3), ("b", 3)]
+    sched.update_from_output(out1, {"a": 50, "b": 51})
+    sched.add_request(make_request("c", range(100, 120)))
+    out2 = sched.schedule()
+    assert out2.scheduled == [
+        ScheduledRequest("a", [50], 3, [1], True, False),
+        ScheduledRequest("b", [51], 3, [2], True, False),
+        ScheduledRequest("c", list(range(100, 108)), 0, [3, 4], False, True),
+    ]
+    assert out2.num_batched_tokens == 10
+
+
+def test_budget_exhausted_by_running_requests_admits_nobody() -> None:
+    sched = make_scheduler(max_num_batched_tokens=2)
+    for rid in "abc":
+        sched.add_request(make_request(rid, [ord(rid)]))
+    out = sched.schedule()
+    assert [s.request_id for s in out.scheduled] == ["a", "b"] and sched.num_waiting == 1
+    sched.update_from_output(out, {"a": 1, "b": 2})
+    out = sched.schedule()
+    assert [s.request_id for s in out.scheduled] == ["a", "b"] and out.num_batched_tokens == 2
+    assert sched.get_request("c").status == RequestStatus.WAITING
+
+
+def test_without_chunked_prefill_prompts_are_whole_and_fifo() -> None:
+    sched = make_scheduler(
+        max_model_len=16, max_num_batched_tokens=16, enable_chunked_prefill=False, num_blocks=10
+    )
+    sched.add_request(make_request("a", range(10)))
+    sched.add_request(make_request("b", range(20, 30)))
+    sched.add_request(make_request("c", [7, 8]))  # would fit, but waits behind b (FIFO)
+    out1 = sched.schedule()
+    assert [(s.request_id, s.start_position, len(s.token_ids)) for s in out1.scheduled] == [("a", 0, 10)]
+    sched.update_from_output(out1, {"a": 5})
+    out2 = sched.schedule()
+    assert out2.scheduled == [
+        ScheduledRequest("a", [5], 10, [1, 2, 3], True, False),
+        ScheduledRequest("b", list(range(20, 30)), 0, [4, 5, 6], True, True),
+        ScheduledRequest("c", [7, 8], 0, [7], True, True),
+    ]
+    assert out2.num_batched_tokens == 13
+
+
+def test_max_num_seqs_limits_the_running_set() -> None:
+    sched = make_scheduler(max_num_seqs=2)
+    for rid, start in (("a", 0), ("b", 10), ("c", 20)):
+        sched.add_request(make_request(rid, range(start, start + 3)))
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1], [2]]
+    assert (sched.num_running, sched.num_waiting) == (2, 1)
+    sched.finish_requests("a", RequestStatus.FINISHED_STOPPED)
+    out2 = sched.schedule()  # b's token is still in flight; c takes a's seat
+    assert out2.scheduled == [ScheduledRequest("c", [20, 21, 22], 0, [3], True, True)]
+    assert out2.finished_request_ids == ["a"]
+    assert sched.schedule().finished_request_ids == []
+
+
+def test_queue_full_error() -> None:
+    sched = make_scheduler(max_queue_size=2)
+    sched.add_request(make_request("a", [1]))
+    sched.add_request(make_request("b", [2]))
+    with pytest.raises(QueueFullError, match="max_queue_size=2"):
+        sched.add_request(make_request("c", [3]))
+    assert sched.get_request("c") is None and sched.num_waiting == 2
+    sched.schedule()  # both admitted: the queue is empty again
+    sched.add_request(make_request("c", [3]))
+    assert sched.num_waiting == 1
+
+
+def test_prefix_hits_through_the_scheduler_and_stats() -> None:
+    sched = make_scheduler()
+    a = make_request("a", range(8))
+    sched.add_request(a)
+    out1 = sched.schedule()
+    assert out1.scheduled[0].block_ids == [1, 2]
+    sched.update_from_output(out1, {"a": 50})
+    b = make_request("b", range(8))  # exactly 2 full blocks: hits only the first
+    c = make_request("c", [*range(8), 9])  # 9 tokens: hits both
+    sched.add_request(b)
+    sched.add_request(c)
+    out2 = sched.schedule()
+    assert out2.scheduled == [
+        ScheduledRequest("a", [50], 8, [1, 2, 3], True, False),
+        ScheduledRequest("b", [4, 5, 6, 7], 4, [1, 4], True, True),
+        ScheduledRequest("c", [9], 8, [1, 2, 5], True, True),
+    ]
+    assert (b.num_cached_tokens, c.num_cached_tokens) == (4, 8)
+    pool = sched.kv_cache_manager.block_pool
+    assert [pool.blocks[i].ref_cnt for i in range(1, 6)] == [3, 2, 1, 1, 1]
+    assert pool.blocks[4].block_hash is None  # b's copy of block 2 duplicates a's cached block 2
+    assert sched.get_stats() == SchedulerStats(
+        num_running=3,
+        num_waiting=0,
+        num_kv_blocks_used=5,
+        num_kv_blocks_free=4,
+        num_kv_blocks_total=9,
+        kv_cache_usage=5 / 9,
+        prefix_cache_hit_rate=(0 + 4 + 8) / (8 + 8 + 9),
+        num_preemptions_total=0,
+    )
+    assert sched.stats == sched.get_stats()
+
+
+def test_prefix_hit_on_blocks_computed_in_the_same_step() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", range(12)))
+    sched.add_request(make_request("b", range(12)))
+    out = sched.schedule()
+    assert out.scheduled == [
+        ScheduledRequest("a", list(range(12)), 0, [1, 2, 3], True, True),
+        ScheduledRequest("b", [8, 9, 10, 11], 8, [1, 2, 4], True, True),
+    ]
+    assert out.num_batched_tokens == 16
+
+
+def test_abort_waiting_and_running_requests() -> None:
+    sched = make_scheduler(max_num_seqs=1)
+    a, b = make_request("a", [1, 2, 3]), make_request("b", [4, 5])
+    sched.add_request(a)
+    sched.add_request(b)
+    out1 = sched.schedule()
+    assert [s.request_id for s in out1.scheduled] == ["a"]
+    sched.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    assert b.status == RequestStatus.FINISHED_ABORTED and sched.get_request("b") is None
+    assert sched.num_waiting == 0
+    sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)  # while its step is in flight
+    assert a.status == RequestStatus.FINISHED_ABORTED
+    assert sched.kv_cache_manager.num_free_blocks == 9 and sched.kv_cache_manager.get_block_ids("a") == []
+    assert not sched.has_unfinished_requests() and sched.num_running == 0
+    sched.update_from_output(out1, {"a": 7})  # late result of an aborted request: ignored
+    assert a.output_token_ids == []
+    out2 = sched.schedule()
+    assert out2.scheduled == [] and out2.finished_request_ids == ["b", "a"] and not out2.is_empty
+    sched.finish_requests(["a", "zzz"], RequestStatus.FINISHED_ABORTED)  # already finished / unknown
+    assert sched.schedule().finished_request_ids == []
+    with pytest.raises(ValueError, match="FINISHED"):
+        sched.finish_requests("a", RequestStatus.RUNNING)
+
+
+def test_requests_stop_at_max_model_len() -> None:
+    sched = make_scheduler(max_model_len=8, num_blocks=3)
+    a = make_request("a", range(6))
+    sched.add_request(a)
+    assert sched.update_from_output(sched.schedule(), {"a": 1}) == []
+    assert sched.update_from_output(sched.schedule(), {"a": 2}) == ["a"]
+    assert a.status == RequestStatus.FINISHED_LENGTH and a.num_tokens == 8
+    assert sched.kv_cache_manager.num_free_blocks == 2
+    out = sched.schedule()
+    assert out.scheduled == [] and out.finished_request_ids == ["a"]
+    # A prompt of exactly max_model_len is computed and yields one token.
+    sched.add_request(make_request("x", range(8)))
+    assert sched.update_from_output(sched.schedule(), {"x": 3}) == ["x"]
+    with pytest.raises(ValueError, match="max_model_len"):
+        sched.add_request(make_request("y", range(9)))
+
+
+def test_add_request_validation_and_missing_sample() -> None:
+    sched = make_scheduler()
+    sched.add_request(make_request("a", [1, 2]))
+    with pytest.raises(ValueError, match="already in use"):
+        sched.add_request(make_request("a", [3]))
+    with pytest.raises(ValueError, match="block_size"):
+        sched.add_request(Request("b", [1], block_size=8))
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="no sampled token"):
+        sched.update_from_output(out, {})
+    other = Scheduler(SchedulerConfig(**BASE))
+    with pytest.raises(ValueError, match="already scheduled"):
+        other.add_request(sched.get_request("a"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (dict(max_num_seqs=0), "max_num_seqs"),
+        (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+        (dict(max_model_len=0), "max_model_len"),
+        (dict(block_size=0), "block_size"),
+        (dict(num_blocks=1), "num_blocks"),
+        (dict(max_queue_size=0), "max_queue_size"),
+        (dict(enable_chunked_prefill=False, max_num_batched_tokens=31), "max_num_batched_tokens"),
+        (dict(num_blocks=8), "num_blocks"),  # 7 usable blocks * 4 = 28 tokens < max_model_len 32
+    ],
+)
+def test_config_validation_names_the_field(overrides: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        SchedulerConfig(**{**BASE, **overrides})
+
+
+def test_config_edges_are_accepted_and_frozen() -> None:
+    config = SchedulerConfig(**{**BASE, "num_blocks": 9, "enable_chunked_prefill": False})
+    assert config.max_num_batched_tokens == 64 and config.max_queue_size is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.max_num_seqs = 3  # type: ignore[misc]

@@ -1,0 +1,182 @@
+"""Preemption: newest first, back to the front of the queue, recompute of prompt + outputs."""
+
+from inflight.batching import Request, RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
+
+
+def make_scheduler(enable_prefix_caching: bool = False, max_num_seqs: int = 8) -> Scheduler:
+    """4 usable blocks of 4 tokens: room for exactly 16 tokens."""
+    return Scheduler(
+        SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=64,
+            max_model_len=16,
+            block_size=4,
+            num_blocks=5,
+            enable_prefix_caching=enable_prefix_caching,
+        )
+    )
+
+
+def free_ids(sched: Scheduler) -> list[int]:
+    return [b.block_id for b in sched.kv_cache_manager.block_pool.free_block_queue.get_all_free_blocks()]
+
+
+def test_newest_running_request_is_preempted_and_recomputed_first() -> None:
+    sched = make_scheduler()
+    a, b, c = (
+        Request(rid, list(range(base, base + 4)), 4) for rid, base in (("a", 10), ("b", 20), ("c", 30))
+    )
+    for req in (a, b, c):
+        sched.add_request(req)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1], [2], [3]]
+    assert free_ids(sched) == [4]
+    sched.update_from_output(out1, {"a": 14, "b": 24, "c": 34})
+
+    # a takes the last free block; b needs one too, so c (the newest) is preempted.
+    out2 = sched.schedule()
+    assert out2.scheduled == [
+        ScheduledRequest("a", [14], 4, [1, 4], True, False),
+        ScheduledRequest("b", [24], 4, [2, 3], True, False),
+    ]
+    assert out2.preempted_request_ids == ["c"]
+    assert c.status == RequestStatus.PREEMPTED and c.num_computed_tokens == 0
+    assert c.num_preemptions == 1 and sched.num_preemptions_total == 1
+    assert sched.kv_cache_manager.get_block_ids("c") == []
+    assert list(sched.waiting) == [c] and sched.running == [a, b]
+    sched.update_from_output(out2, {"a": 15, "b": 25})
+
+    out3 = sched.schedule()  # c needs 2 blocks for its 5 tokens; none are free
+    assert [s.request_id for s in out3.scheduled] == ["a", "b"] and out3.preempted_request_ids == []
+    assert c.status == RequestStatus.PREEMPTED
+    sched.finish_requests("a", RequestStatus.FINISHED_STOPPED)
+    assert free_ids(sched) == [4, 1]
+    sched.update_from_output(out3, {"a": 16, "b": 26})  # a's late token is dropped
+    assert a.output_token_ids == [14, 15]
+
+    out4 = sched.schedule()
+    assert out4.scheduled == [
+        ScheduledRequest("b", [26], 6, [2, 3], True, False),
+        ScheduledRequest("c", [30, 31, 32, 33, 34], 0, [4, 1], True, True),  # prompt + its output
+    ]
+    assert out4.finished_request_ids == ["a"]
+    assert c.status == RequestStatus.RUNNING and c.num_computed_tokens == 5
+    assert sched.running == [b, c]
+
+
+def test_several_preemptions_in_one_step_newest_first_and_queue_order() -> None:
+    sched = make_scheduler(max_num_seqs=4)
+    reqs = {rid: Request(rid, [i] * 4, 4) for i, rid in enumerate("abcd")}
+    for req in reqs.values():
+        sched.add_request(req)
+    e = Request("e", [9, 9], 4)
+    sched.add_request(e)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1], [2], [3], [4]]
+    assert list(sched.waiting) == [e]  # max_num_seqs
+    sched.update_from_output(out1, {rid: 100 + i for i, rid in enumerate("abcd")})
+
+    out2 = sched.schedule()
+    assert out2.scheduled == [
+        ScheduledRequest("a", [100], 4, [1, 4], True, False),
+        ScheduledRequest("b", [101], 4, [2, 3], True, False),
+    ]
+    assert out2.preempted_request_ids == ["d", "c"]
+    # The older preempted request goes in front; both before the request that was already waiting.
+    assert [r.request_id for r in sched.waiting] == ["c", "d", "e"]
+    assert sched.running == [reqs["a"], reqs["b"]]
+    assert sched.num_preemptions_total == 2
+
+    sched.update_from_output(out2, {"a": 1, "b": 2})
+    sched.finish_requests(["a", "b"], RequestStatus.FINISHED_STOPPED)
+    assert free_ids(sched) == [4, 1, 3, 2]
+    out3 = sched.schedule()
+    assert out3.scheduled == [
+        ScheduledRequest("c", [2, 2, 2, 2, 102], 0, [4, 1], True, True),
+        ScheduledRequest("d", [3, 3, 3, 3, 103], 0, [3, 2], True, True),
+    ]
+    assert out3.finished_request_ids == ["a", "b"]
+    assert [r.request_id for r in sched.waiting] == ["e"]  # needs 1 block, none left
+
+
+def test_request_that_must_preempt_itself_stops_the_step() -> None:
+    sched = make_scheduler()
+    a, b = Request("a", list(range(6)), 4), Request("b", list(range(10, 18)), 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1, 2], [3, 4]]
+    sched.update_from_output(out1, {"a": 6, "b": 18})
+    out2 = sched.schedule()  # a fits in its blocks; b (the newest) needs a 3rd block
+    assert out2.scheduled == [ScheduledRequest("a", [6], 6, [1, 2], True, False)]
+    assert out2.preempted_request_ids == ["b"]
+    assert list(sched.waiting) == [b] and b.num_computed_tokens == 0
+    assert free_ids(sched) == [4, 3]
+
+
+def test_preempted_request_hits_its_own_surviving_cached_blocks() -> None:
+    sched = make_scheduler(enable_prefix_caching=True)
+    a, b = Request("a", list(range(100, 108)), 4), Request("b", list(range(200, 208)), 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1, 2], [3, 4]]
+    sched.update_from_output(out1, {"a": 108, "b": 208})
+
+    out2 = sched.schedule()  # b's blocks go back reversed (4, 3); a reuses 4, evicting b's block 1
+    assert out2.scheduled == [ScheduledRequest("a", [108], 8, [1, 2, 4], True, False)]
+    assert out2.preempted_request_ids == ["b"]
+    pool = sched.kv_cache_manager.block_pool
+    assert pool.get_cached_block(b.block_hashes[0]) is pool.blocks[3]
+    assert pool.get_cached_block(b.block_hashes[1]) is None
+
+    sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    assert free_ids(sched) == [3, 4, 2, 1]
+    out3 = sched.schedule()
+    # 9 tokens may hit 2 blocks, but only b's first survived: recompute from position 4.
+    assert out3.scheduled == [ScheduledRequest("b", [204, 205, 206, 207, 208], 4, [3, 4, 2], True, True)]
+    assert b.num_cached_tokens == 0  # the hit at its first schedule
+    assert b.num_preemptions == 1
+    assert pool.get_cached_block(a.block_hashes[0]) is pool.blocks[1]
+    assert pool.get_cached_block(a.block_hashes[1]) is None  # block 2 was reused by b
+    assert pool.blocks[4].block_hash == b.block_hashes[1]
+    stats = sched.kv_cache_manager.stats
+    assert (stats.num_queried_tokens, stats.num_hit_tokens) == (8 + 8 + 9, 4)
+    assert sched.get_stats().num_preemptions_total == 1
+
+
+def test_no_request_is_admitted_in_a_step_that_preempted() -> None:
+    sched = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=8,
+            max_num_batched_tokens=8,
+            max_model_len=16,
+            block_size=4,
+            num_blocks=5,
+            enable_prefix_caching=False,
+        )
+    )
+    a, b = Request("a", [1, 2, 3, 4], 4), Request("b", list(range(100, 112)), 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    out1 = sched.schedule()
+    assert [(s.request_id, len(s.token_ids), s.block_ids) for s in out1.scheduled] == [
+        ("a", 4, [1]),
+        ("b", 4, [2]),
+    ]
+    out2 = sched.schedule()  # a's token in flight; b finishes its prompt
+    assert out2.scheduled == [ScheduledRequest("b", list(range(104, 112)), 4, [2, 3, 4], True, False)]
+    sched.update_from_output(out1, {"a": 40})
+    sched.update_from_output(out2, {"b": 50})
+
+    # a preempts b. Blocks 3, 2 and 7 tokens of budget are left, enough for a chunk of b, but a
+    # step that preempted admits nobody.
+    out3 = sched.schedule()
+    assert out3.scheduled == [ScheduledRequest("a", [40], 4, [1, 4], True, False)]
+    assert out3.preempted_request_ids == ["b"] and free_ids(sched) == [3, 2]
+    sched.update_from_output(out3, {"a": 41})
+    out4 = sched.schedule()
+    assert out4.scheduled == [
+        ScheduledRequest("a", [41], 5, [1, 4], True, False),
+        ScheduledRequest("b", list(range(100, 107)), 0, [3, 2], False, True),
+    ]
