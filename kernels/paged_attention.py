@@ -14,22 +14,7 @@ from __future__ import annotations
 
 import torch
 
-
-def write_kv_cache_reference(
-    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64; rows with a negative slot are padding and skipped
-) -> None:
-    """Store each token's K/V at its slot (in place)."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    num_blocks, block_size = k_cache.shape[:2]
-    k_flat = k_cache.view(num_blocks * block_size, *k_cache.shape[2:])
-    v_flat = v_cache.view(num_blocks * block_size, *v_cache.shape[2:])
-    k_flat.index_copy_(0, slots, key[keep].to(k_cache.dtype))
-    v_flat.index_copy_(0, slots, value[keep].to(v_cache.dtype))
+from .kv_cache import write_kv_cache_reference  # noqa: F401  (re-exported: kernels.ops imports it here)
 
 
 def paged_attention_reference(

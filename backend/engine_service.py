@@ -1,0 +1,284 @@
+"""Runs the engine behind Triton: an engine thread that steps it, a response thread that sends.
+
+::
+
+    execute() ──submit()──► inbox ──► engine thread: add / abort / poll cancellation / engine.step()
+                                                  │ per-step deltas, as numpy output tensors
+                                                  ▼
+                                    outbox ──► response thread: sink.send(..., final)
+
+Every request gets exactly one final response: on success, bad input (INVALID_ARG), a full queue
+(UNAVAILABLE), cancellation, an engine fault (INTERNAL) and shutdown. The service knows nothing of Triton:
+``triton_model`` wraps each request's response sender as a ``ResponseSink``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from ..batching import QueueFullError
+from .engine import LLMEngine
+from .metrics import EngineMetrics
+from .outputs import RequestOutput
+from .response_builder import build_outputs
+from .triton_inputs import GenerateRequest
+
+logger = logging.getLogger("inflight")
+
+
+class ErrorKind(enum.Enum):
+    INVALID_ARG = "INVALID_ARG"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+    CANCELLED = "CANCELLED"
+
+
+@dataclass(frozen=True)
+class ServiceError:
+    kind: ErrorKind
+    message: str
+
+
+class ResponseSink(Protocol):
+    """Where one request's responses go (a Triton response sender, or a test double)."""
+
+    def send(self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+@dataclass
+class LiveRequest:
+    """A request between submit and its final response."""
+
+    request_id: str
+    request: GenerateRequest
+    sink: ResponseSink
+    arrival: float
+    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_text: str = ""
+    text: list[str] = field(default_factory=list)  # non-streamed: all text so far
+    token_ids: list[int] = field(default_factory=list)  # non-streamed: all ids; streamed: ids not yet sent
+    logprobs: list = field(default_factory=list)
+    num_output_tokens: int = 0
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    cancelled: bool = False
+
+
+class EngineService:
+    """Owns an ``LLMEngine`` and the two threads that serve it."""
+
+    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None, cancel_poll_s: float = 0.02) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.cancel_poll_s = cancel_poll_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._live: dict[str, LiveRequest] = {}
+        self._next_id = 0
+        self._id_lock = threading.Lock()
+        self._accepting = True
+        self._stop = threading.Event()
+        self.fatal_error: str | None = None
+        self._engine_thread = threading.Thread(target=self._engine_loop, name="inflight-engine", daemon=True)
+        self._response_thread = threading.Thread(target=self._response_loop, name="inflight-responses", daemon=True)
+        self._engine_thread.start()
+        self._response_thread.start()
+
+    # ------------------------------------------------------------------------------------ public side
+    @property
+    def is_healthy(self) -> bool:
+        return self.fatal_error is None and self._engine_thread.is_alive()
+
+    def submit(self, request: GenerateRequest, sink: ResponseSink) -> str:
+        """Queue a validated request (any thread); returns the engine's id for it."""
+        with self._id_lock:
+            request_id = f"req-{self._next_id}"
+            self._next_id += 1
+        live = LiveRequest(request_id, request, sink, time.monotonic())
+        if not self.is_healthy:
+            self._outbox.put((live, None, self._dead_error(), True))
+        elif not self._accepting:
+            self._outbox.put((live, None, ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down"), True))
+        else:
+            self._inbox.put(("add", live))
+        return request_id
+
+    def shutdown(self, drain_timeout_s: float = 10.0) -> None:
+        """Refuse new requests, let live ones finish for up to ``drain_timeout_s``, end the rest, stop."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._live and self.is_healthy and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._inbox.put(("stop", None))
+        self._engine_thread.join(timeout=30)
+        self._outbox.put(None)
+        self._response_thread.join(timeout=30)
+
+    # ---------------------------------------------------------------------------------- engine thread
+    def _engine_loop(self) -> None:
+        last_poll = 0.0
+        try:
+            while True:
+                busy = self.engine.has_unfinished_requests()
+                if not self._drain_inbox(block=not busy):
+                    break
+                now = time.monotonic()
+                if now - last_poll >= self.cancel_poll_s:
+                    self._poll_cancellations()
+                    last_poll = now
+                if self.engine.has_unfinished_requests():
+                    self._handle_outputs(self.engine.step())
+                    if self.metrics is not None:
+                        self.metrics.update_scheduler(self.engine.scheduler.get_stats())
+        except BaseException as exc:  # noqa: BLE001 - the engine is gone; every live request must still end
+            self.fatal_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("inflight engine thread died")
+            self._fail_all(self._dead_error())
+            self._drain_after_death()
+            return
+        # Stopping: whatever is still live ends now.
+        self._fail_all(ServiceError(ErrorKind.UNAVAILABLE, "the model was unloaded before this request finished"))
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued commands; False once asked to stop."""
+        try:
+            item = self._inbox.get(timeout=0.1) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            command, payload = item
+            if command == "stop":
+                return False
+            if command == "add":
+                self._add(payload)
+            elif command == "abort":
+                self._abort(payload, client_gone=True)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _add(self, live: LiveRequest) -> None:
+        try:
+            ids = self.engine.prompts.token_ids(live.request.prompt)
+            self.engine.add_request(live.request_id, ids, live.request.params)
+        except ValueError as exc:
+            self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, str(exc)), True))
+            return
+        except QueueFullError as exc:
+            self._outbox.put((live, None, ServiceError(ErrorKind.UNAVAILABLE, str(exc)), True))
+            return
+        live.prompt_token_ids = ids
+        if not live.request.stream and not live.request.exclude_input_in_output:
+            prompt = live.request.prompt
+            live.prompt_text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
+        self._live[live.request_id] = live
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.increment(len(ids))
+
+    def _abort(self, request_id: str, client_gone: bool) -> None:
+        live = self._live.get(request_id)
+        if live is not None and not live.cancelled:
+            live.cancelled = client_gone
+            self.engine.abort(request_id)  # its final delta arrives with the next step
+
+    def _poll_cancellations(self) -> None:
+        for live in list(self._live.values()):
+            if not live.cancelled and live.sink.is_cancelled():
+                self._abort(live.request_id, client_gone=True)
+
+    def _handle_outputs(self, outputs: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        for out in outputs:
+            live = self._live.get(out.request_id)
+            if live is None:
+                continue
+            self._record_tokens(live, out, now)
+            if out.finished:
+                del self._live[out.request_id]
+                if self.metrics is not None:
+                    self.metrics.request_finished(out.finish_reason or "error", len(live.prompt_token_ids),
+                                                  live.num_output_tokens, now - live.arrival)
+            if out.finish_reason == "error":
+                self._outbox.put((live, None, ServiceError(ErrorKind.INTERNAL, out.error or "engine step failed"), True))
+            elif out.finish_reason == "abort" and live.cancelled:
+                self._outbox.put((live, None, None, True))  # the client has gone: a bare FINAL flag
+            else:
+                self._queue_response(live, out)
+
+    def _record_tokens(self, live: LiveRequest, out: RequestOutput, now: float) -> None:
+        n = len(out.new_token_ids)
+        if not n:
+            return
+        live.num_output_tokens += n
+        if self.metrics is not None:
+            self.metrics.generation_tokens.increment(n)
+            if live.first_token_time is None:
+                self.metrics.ttft.observe(now - live.arrival)
+            else:
+                self.metrics.itl.observe(now - (live.last_token_time or now))
+        if live.first_token_time is None:
+            live.first_token_time = now
+        live.last_token_time = now
+
+    def _queue_response(self, live: LiveRequest, out: RequestOutput) -> None:
+        live.token_ids.extend(out.new_token_ids)
+        if out.new_logprobs:
+            live.logprobs.extend(out.new_logprobs)
+        if live.request.stream:
+            # NOTE: a token whose text is still incomplete (part of a UTF-8 character, a held-back possible
+            # stop string) is sent with the next text, so no response carries empty text but the last.
+            if not out.new_text and not out.finished:
+                return
+            outputs = build_outputs(live.request, out.new_text, live.token_ids, live.logprobs, out,
+                                    len(live.prompt_token_ids), len(live.token_ids))
+            live.token_ids, live.logprobs = [], []
+        else:
+            live.text.append(out.new_text)
+            if not out.finished:
+                return
+            ids = live.token_ids if live.request.exclude_input_in_output else live.prompt_token_ids + live.token_ids
+            outputs = build_outputs(live.request, live.prompt_text + "".join(live.text), ids, live.logprobs, out,
+                                    len(live.prompt_token_ids), live.num_output_tokens)
+        self._outbox.put((live, outputs, None, out.finished))
+
+    def _fail_all(self, error: ServiceError) -> None:
+        for live in list(self._live.values()):
+            self._outbox.put((live, None, None if live.cancelled else error, True))
+        self._live.clear()
+
+    def _drain_after_death(self) -> None:
+        """After a fatal error, answer whatever still arrives until asked to stop."""
+        while True:
+            command, payload = self._inbox.get()
+            if command == "stop":
+                return
+            if command == "add":
+                self._outbox.put((payload, None, self._dead_error(), True))
+
+    def _dead_error(self) -> ServiceError:
+        return ServiceError(ErrorKind.UNAVAILABLE, f"the inflight engine is not running: {self.fatal_error}")
+
+    # -------------------------------------------------------------------------------- response thread
+    def _response_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            if item is None:
+                return
+            live, outputs, error, final = item
+            try:
+                live.sink.send(outputs, error, final)
+            except Exception:  # noqa: BLE001 - a client that went away must not stop the others
+                logger.warning("sending a response for %s failed; cancelling it", live.request_id, exc_info=True)
+                if not final:
+                    self._inbox.put(("abort", live.request_id))

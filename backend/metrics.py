@@ -1,0 +1,109 @@
+"""Engine metrics, exported on Triton's metrics port through the Python backend's custom-metrics API.
+
+``EngineMetrics`` is written against a tiny factory interface so the engine service can be tested without
+Triton; ``triton_model`` passes one built on ``triton_python_backend_utils.MetricFamily``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..batching import SchedulerStats
+
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                   10.0, 20.0, 40.0, 80.0]  # fmt: skip
+LENGTH_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000]
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
+class Metric(Protocol):
+    def set(self, value: float) -> None: ...
+    def increment(self, value: float) -> None: ...
+    def observe(self, value: float) -> None: ...
+
+
+# (name, description, kind "gauge" | "counter" | "histogram", labels, buckets or None) -> Metric
+MetricFactory = Callable[[str, str, str, dict[str, str], "list[float] | None"], Metric]
+
+
+class EngineMetrics:
+    """The ``inflight_*`` metric families of one model."""
+
+    def __init__(self, factory: MetricFactory, labels: dict[str, str]) -> None:
+        # NOTE: the factory owns the metric families, which must outlive their metrics (see close()).
+        self._factory: MetricFactory | None = factory
+
+        def gauge(name: str, desc: str) -> Metric:
+            return factory(name, desc, "gauge", labels, None)
+
+        def counter(name: str, desc: str, extra: dict[str, str] | None = None) -> Metric:
+            return factory(name, desc, "counter", {**labels, **(extra or {})}, None)
+
+        def histogram(name: str, desc: str, buckets: list[float]) -> Metric:
+            return factory(name, desc, "histogram", labels, buckets)
+
+        self.running = gauge("inflight_num_requests_running", "Requests in the running batch")
+        self.waiting = gauge("inflight_num_requests_waiting", "Requests waiting to be scheduled")
+        self.kv_used = gauge("inflight_kv_blocks_used", "KV-cache blocks in use")
+        self.kv_free = gauge("inflight_kv_blocks_free", "KV-cache blocks free (cached prefix blocks included)")
+        self.kv_total = gauge("inflight_kv_blocks_total", "Usable KV-cache blocks")
+        self.kv_usage = gauge("inflight_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
+        self.prefix_hit_rate = gauge("inflight_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache")
+        self.prompt_tokens = counter("inflight_prompt_tokens_total", "Prompt tokens admitted")
+        self.generation_tokens = counter("inflight_generation_tokens_total", "Tokens generated")
+        self.preemptions = counter("inflight_preemptions_total", "Requests preempted for recomputation")
+        self.requests = {
+            reason: counter("inflight_requests_total", "Finished requests by finish reason", {"finish_reason": reason})
+            for reason in FINISH_REASONS
+        }
+        self.ttft = histogram("inflight_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
+        self.itl = histogram("inflight_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS)
+        self.e2e = histogram("inflight_e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS)
+        self.prompt_len = histogram("inflight_request_prompt_tokens", "Prompt length", LENGTH_BUCKETS)
+        self.output_len = histogram("inflight_request_generation_tokens", "Generated length", LENGTH_BUCKETS)
+        self._preemptions_seen = 0
+
+    def close(self) -> None:
+        """Drop every metric, then the families (Triton requires metrics to go first)."""
+        for name in list(vars(self)):
+            if name != "_factory":
+                delattr(self, name)
+        self._factory = None
+
+    def update_scheduler(self, stats: SchedulerStats) -> None:
+        """Refresh the gauges from a scheduler snapshot."""
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.kv_used.set(stats.num_kv_blocks_used)
+        self.kv_free.set(stats.num_kv_blocks_free)
+        self.kv_total.set(stats.num_kv_blocks_total)
+        self.kv_usage.set(stats.kv_cache_usage)
+        self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
+        new = stats.num_preemptions_total - self._preemptions_seen
+        if new > 0:
+            self.preemptions.increment(new)
+            self._preemptions_seen = stats.num_preemptions_total
+
+    def request_finished(self, finish_reason: str, num_prompt_tokens: int, num_output_tokens: int,
+                         e2e_s: float) -> None:
+        self.requests[finish_reason if finish_reason in self.requests else "error"].increment(1)
+        self.prompt_len.observe(num_prompt_tokens)
+        self.output_len.observe(num_output_tokens)
+        self.e2e.observe(e2e_s)
+
+
+def triton_metric_factory(pb_utils: Any) -> MetricFactory:
+    """A factory over ``pb_utils.MetricFamily`` (one family per name, one metric per label set)."""
+    kinds = {"gauge": pb_utils.MetricFamily.GAUGE, "counter": pb_utils.MetricFamily.COUNTER,
+             "histogram": pb_utils.MetricFamily.HISTOGRAM}  # fmt: skip
+    families: dict[str, Any] = {}
+
+    def make(name: str, desc: str, kind: str, labels: dict[str, str], buckets: list[float] | None) -> Metric:
+        if name not in families:
+            families[name] = pb_utils.MetricFamily(name=name, description=desc, kind=kinds[kind])
+        family = families[name]
+        return family.Metric(labels=labels, buckets=buckets) if buckets else family.Metric(labels=labels)
+
+    make.families = families  # type: ignore[attr-defined]  # kept alive with the model
+    return make

@@ -1,0 +1,38 @@
+"""Turns engine output into the Triton model's output tensors (numpy), as declared in config.pbtxt."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .outputs import RequestOutput, TokenLogprob
+from .triton_inputs import GenerateRequest
+
+
+def _strings(*values: str) -> np.ndarray:
+    return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+
+
+def logprobs_json(logprobs: list[TokenLogprob]) -> str:
+    """One JSON object per token: ``{"token_id": id, "logprob": lp, "top": {id: lp, ...}}``."""
+    return json.dumps([
+        {"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(t): v for t, v in lp.top}} for lp in logprobs
+    ])
+
+
+def build_outputs(request: GenerateRequest, text: str, token_ids: list[int], logprobs: list[TokenLogprob],
+                  out: RequestOutput, num_input_tokens: int, num_output_tokens: int) -> dict[str, np.ndarray]:
+    """The output tensors of one response: always ``text_output`` and ``output_ids``, the rest when asked."""
+    tensors = {"text_output": _strings(text), "output_ids": np.asarray(token_ids, dtype=np.int32)}
+    if request.return_finish_reason and out.finished:
+        tensors["finish_reason"] = _strings(out.finish_reason or "")
+    if request.return_cumulative_logprob:
+        tensors["cumulative_logprob"] = np.array([out.cumulative_logprob or 0.0], dtype=np.float32)
+    if request.return_logprobs:
+        tensors["logprobs"] = _strings(logprobs_json(logprobs))
+    if request.return_num_input_tokens:
+        tensors["num_input_tokens"] = np.array([num_input_tokens], dtype=np.uint32)
+    if request.return_num_output_tokens:
+        tensors["num_output_tokens"] = np.array([num_output_tokens], dtype=np.uint32)
+    return tensors

@@ -1,0 +1,356 @@
+"""Start the real NVIDIA Triton Inference Server (from the `nvidia-pytriton` wheel) on our model repository.
+
+    python -m inflight.backend.server [--model-repository DIR] [--model HF_FOLDER] [--http-port 8000] ...
+
+The wheel ships `pytriton/tritonserver/bin/tritonserver`, its libraries (`nvidia_pytriton.libs/`), the
+Python backend and one backend stub per Python version. We assemble a backend directory for the running
+interpreter, write a copy of the model repository whose `model_path` is absolute, and start the server
+with the environment the stub needs (docs/serving.md explains each piece).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
+CACHE_DIR = Path(os.environ.get("INFLIGHT_CACHE_DIR", REPO_ROOT / ".cache"))
+# Parameters holding paths: a relative one is made absolute (the backend would take it from its cwd).
+PATH_PARAMETERS = ("model_path", "tokenizer_path")
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the pieces of the server live inside the installed `nvidia-pytriton` wheel."""
+
+    binary: Path  # pytriton/tritonserver/bin/tritonserver
+    libs_dir: Path  # nvidia_pytriton.libs/
+    python_backend_dir: Path  # pytriton/tritonserver/backends/python/
+    stub: Path  # pytriton/tritonserver/python_backend_stubs/3.X/triton_python_backend_stub
+
+
+def find_triton() -> TritonInstall:
+    """Locate tritonserver in the installed wheel; a clear RuntimeError if it is missing."""
+    for site in map(Path, {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
+        root = site / "pytriton" / "tritonserver"
+        if (root / "bin" / "tritonserver").is_file():
+            version = f"{sys.version_info.major}.{sys.version_info.minor}"
+            stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
+            if not stub.is_file():
+                raise RuntimeError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+            return TritonInstall(
+                root / "bin" / "tritonserver",
+                site / "nvidia_pytriton.libs",
+                root / "backends" / "python",
+                stub,
+            )
+    raise RuntimeError("tritonserver not found: install the serve extra (`pip install -e '.[serve]'`)")
+
+
+def backend_directory(install: TritonInstall | None = None) -> Path:
+    """`<cache>/triton/backends/` with `python/` = the wheel's Python backend + the stub for this Python."""
+    install = install or find_triton()
+    target = CACHE_DIR / "triton" / "backends" / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    sources = [*sorted(install.python_backend_dir.glob("*.so")), *install.python_backend_dir.glob("*.py")]
+    for src in [*sources, install.stub]:
+        dst = target / src.name
+        if not dst.is_file() or (dst.stat().st_size, dst.stat().st_mtime) != (
+            src.stat().st_size,
+            src.stat().st_mtime,
+        ):
+            # NOTE: copy to a temp name then rename, so a concurrent start never sees a half-written file.
+            tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+    return target.parent
+
+
+def _prepend(env: dict[str, str], name: str, *paths: Path | str) -> None:
+    parts = [str(p) for p in paths] + [p for p in env.get(name, "").split(os.pathsep) if p]
+    env[name] = os.pathsep.join(dict.fromkeys(parts))
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment tritonserver needs.
+
+    NOTE: LD_LIBRARY_PATH starts with the interpreter's LIBDIR: otherwise the stub links the system
+    libpython (another patch release) against our standard library and `multiprocessing` breaks. PATH
+    starts with this environment's bin/: the stub takes its site-packages from the first python3 on PATH.
+    """
+    env = dict(os.environ if base is None else base)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    _prepend(env, "LD_LIBRARY_PATH", *([libdir] if libdir else []), find_triton().libs_dir)
+    _prepend(env, "PATH", Path(sys.prefix) / "bin")
+    return env
+
+
+def perf_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for the `perf_analyzer` binary of tritonclient[all] (and genai-perf, which runs it).
+
+    perf_analyzer wants `libb64.so.0d` and `libcudart.so.12`; the wheel has both under hashed names, so a
+    cache folder of symlinks with the plain names goes first on LD_LIBRARY_PATH.
+    """
+    libs = find_triton().libs_dir
+    folder = CACHE_DIR / "triton" / "perf_libs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):
+        matches = sorted(libs.glob(pattern))
+        if not matches:
+            raise RuntimeError(f"{pattern} not found in {libs}")
+        link = folder / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(matches[0])
+    env = dict(os.environ if base is None else base)
+    _prepend(env, "LD_LIBRARY_PATH", folder)
+    _prepend(env, "PATH", Path(sys.prefix) / "bin")
+    return env
+
+
+def set_parameters(config_text: str, parameters: dict[str, str]) -> str:
+    """Replace the `string_value` of `parameters { key: ... }` entries of a config.pbtxt."""
+    for key, value in parameters.items():
+        pattern = re.compile(
+            r'(key:\s*"' + re.escape(key) + r'"\s*,\s*value:\s*\{\s*string_value:\s*)"[^"]*"'
+        )
+        escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        config_text, count = pattern.subn(lambda m, v=escaped: f'{m.group(1)}"{v}"', config_text)
+        if count != 1:
+            raise ValueError(f"config.pbtxt has {count} parameters named {key!r} (expected one)")
+    return config_text
+
+
+def get_parameter(config_text: str, key: str) -> str | None:
+    """The `string_value` of one parameter, or None when the config does not list it."""
+    match = re.search(
+        r'key:\s*"' + re.escape(key) + r'"\s*,\s*value:\s*\{\s*string_value:\s*"([^"]*)"', config_text
+    )
+    return match.group(1) if match else None
+
+
+def write_model_repository(
+    src: Path,
+    dst: Path,
+    model: str = "llm",
+    parameters: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Path:
+    """Copy the repository `src` to `dst` with `parameters` set in `model`'s config; returns `dst`.
+
+    Relative `model_path` / `tokenizer_path` values (given or already in the config) are made absolute
+    against `cwd` (default: the current directory), so the server may run in any directory.
+    """
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    config = dst / model / "config.pbtxt"
+    text = config.read_text()
+    values = dict(parameters or {})
+    for key in PATH_PARAMETERS:
+        value = values.get(key, get_parameter(text, key))
+        if value:
+            values[key] = str((Path(cwd or Path.cwd()) / value).resolve())
+    model_path = values.get("model_path")
+    if model_path and not (Path(model_path) / "config.json").is_file():
+        raise FileNotFoundError(f"{model_path} is not a Hugging Face checkpoint folder (run `make model`?)")
+    config.write_text(set_parameters(text, values))
+    return dst
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _free_ports(count: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def is_ready(http_url: str, timeout_s: float = 1.0) -> bool:
+    """True when `GET http://<http_url>/v2/health/ready` answers 200."""
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=timeout_s) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+class TritonServer:
+    """A tritonserver process on a model repository. URLs are `host:port` (tritonclient's style).
+
+    >>> with TritonServer.start("model_repository") as server:
+    ...     server.wait_ready(120)
+    ...     client = InflightClient(server.url_grpc)
+    """
+
+    def __init__(self, process: subprocess.Popen, ports: tuple[int, int, int], log_path: Path | None) -> None:
+        self.process = process
+        self.http_port, self.grpc_port, self.metrics_port = ports
+        self.log_path = log_path
+
+    @classmethod
+    def start(
+        cls,
+        model_repository: Path | str,
+        *,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        log_verbose: int = 0,
+        log_path: Path | str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | str | None = None,
+        extra_args: list[str] | None = None,
+    ) -> TritonServer:
+        """Launch tritonserver (free ports where none is given); output goes to `log_path` if given."""
+        picked = iter(_free_ports(3))
+        ports = tuple(p if p is not None else next(picked) for p in (http_port, grpc_port, metrics_port))
+        install = find_triton()
+        command = [
+            str(install.binary),
+            f"--model-repository={Path(model_repository).resolve()}",
+            f"--backend-directory={backend_directory(install)}",
+            f"--http-port={ports[0]}",
+            f"--grpc-port={ports[1]}",
+            f"--metrics-port={ports[2]}",
+            f"--log-verbose={log_verbose}",
+            *(extra_args or []),
+        ]
+        log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (closed below)
+        # NOTE: a session of its own: Ctrl-C reaches only us, and stop() can end the stubs with the server.
+        process = subprocess.Popen(
+            command, env=server_env(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT if log else None,
+            start_new_session=True,
+        )  # fmt: skip
+        if log is not None:
+            log.close()
+        return cls(process, ports, Path(log_path) if log_path is not None else None)  # type: ignore[arg-type]
+
+    @property
+    def url_http(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def url_grpc(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def url_metrics(self) -> str:
+        return f"localhost:{self.metrics_port}"
+
+    def log_text(self) -> str:
+        """What the server has written so far (empty when its output is not captured)."""
+        return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.is_file() else ""
+
+    def wait_ready(self, timeout_s: float = 180.0) -> None:
+        """Poll `/v2/health/ready`; RuntimeError (with the log's tail) if the server exits or times out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"tritonserver exited with {self.process.returncode}:\n{self.log_text()[-6000:]}"
+                )
+            if is_ready(self.url_http):
+                return
+            time.sleep(0.25)
+        raise RuntimeError(f"tritonserver not ready after {timeout_s:.0f}s:\n{self.log_text()[-6000:]}")
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGINT (Triton's graceful shutdown), then SIGKILL to the process group after `timeout_s`."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+    def __enter__(self) -> TritonServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _usage(server: TritonServer, model: str) -> str:
+    http = f"http://{server.url_http}"
+    return (
+        f"\ninflight is ready: HTTP {http}  gRPC {server.url_grpc}  metrics http://{server.url_metrics}/metrics\n"
+        f"  curl -s -X POST {http}/v2/models/{model}/generate "
+        '-d \'{"text_input": "The capital of France is", "max_tokens": 16, "temperature": 0}\'\n'
+        f"  curl -N -X POST {http}/v2/models/{model}/generate_stream "
+        '-d \'{"messages": "[{\\"role\\": \\"user\\", \\"content\\": \\"Hi!\\"}]", "max_tokens": 32}\'\n'
+        f'  python -m inflight.client "Name three colors." --chat --stream --url {server.url_grpc}\n'
+        "Ctrl-C stops the server.\n"
+    )
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the model repository until Ctrl-C / SIGTERM."""
+    env = os.environ
+    parser = argparse.ArgumentParser(
+        prog="python -m inflight.backend.server", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
+    parser.add_argument("--model", default=env.get("MODEL"), help="HF checkpoint folder (sets model_path)")
+    parser.add_argument("--model-name", default="llm", help="the model in the repository that --model sets")
+    parser.add_argument(
+        "--param", action="append", default=[], metavar="KEY=VALUE", help="set a config parameter"
+    )
+    parser.add_argument("--http-port", type=int, default=int(env.get("HTTP_PORT", 8000)))
+    parser.add_argument("--grpc-port", type=int, default=int(env.get("GRPC_PORT", 8001)))
+    parser.add_argument("--metrics-port", type=int, default=int(env.get("METRICS_PORT", 8002)))
+    parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    parameters = dict(p.split("=", 1) for p in args.param if "=" in p)
+    if len(parameters) != len(args.param):
+        parser.error("--param takes KEY=VALUE")
+    if args.model:
+        parameters["model_path"] = args.model
+    with tempfile.TemporaryDirectory(prefix="inflight-repo-") as tmp:
+        try:
+            repo = write_model_repository(args.model_repository, Path(tmp), args.model_name, parameters)
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
+        server = TritonServer.start(
+            repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+            log_verbose=args.log_verbose,
+        )  # fmt: skip
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            server.wait_ready(args.ready_timeout)
+            print(_usage(server, args.model_name), flush=True)
+            return server.process.wait()
+        except KeyboardInterrupt:
+            return server.stop()
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            server.stop()
+            return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Reads a Triton request's input tensors into a validated ``GenerateRequest``.
+
+Accepts what clients of the vLLM and TensorRT-LLM Triton backends send: the prompt as ``text_input``,
+``input_ids`` or ``messages`` (chat JSON), sampling options as scalar inputs and/or a
+``sampling_parameters`` JSON object (numbers may be strings), and the ``return_*`` flags.
+Anything malformed raises ``ValueError`` naming the input; the caller answers INVALID_ARG.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .inputs import Prompt
+from .sampling_params import SamplingParams
+
+# Scalar inputs that are sampling options (TensorRT-LLM spellings are mapped by SamplingParams.from_dict).
+SAMPLING_INPUTS = (
+    "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "random_seed", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "min_tokens", "min_length", "ignore_eos",
+)  # fmt: skip
+LIST_INPUTS = ("stop", "stop_words", "bad_words")
+FLAG_INPUTS = (
+    "stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob", "return_logprobs",
+    "return_num_input_tokens", "return_num_output_tokens",
+)  # fmt: skip
+PROMPT_INPUTS = ("text_input", "input_ids", "messages")
+
+GetInput = Callable[[str], "np.ndarray | None"]
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request as the engine service runs it."""
+
+    prompt: Prompt
+    params: SamplingParams
+    stream: bool = False
+    exclude_input_in_output: bool = False
+    return_finish_reason: bool = False
+    return_cumulative_logprob: bool = False
+    return_logprobs: bool = False
+    return_num_input_tokens: bool = False
+    return_num_output_tokens: bool = False
+
+
+def parse_request(get: GetInput) -> GenerateRequest:
+    """Build a request from ``get(name) -> numpy array or None`` (one call per declared input)."""
+    prompt = _prompt(get)
+    flags = {name: _bool(name, get(name)) for name in FLAG_INPUTS}
+    options: dict[str, Any] = {}
+    raw = get("sampling_parameters")
+    if raw is not None:
+        text = _string("sampling_parameters", raw)
+        try:
+            parsed = json.loads(text) if text.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"sampling_parameters is not valid JSON: {exc.msg} at position {exc.pos}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"sampling_parameters must be a JSON object, got {type(parsed).__name__}")
+        options.update(parsed)
+    for name in SAMPLING_INPUTS:
+        value = get(name)
+        if value is not None:
+            options[name] = _scalar(name, value)
+    for name in LIST_INPUTS:
+        value = get(name)
+        if value is not None:
+            options[name] = [_decode(name, v) for v in np.asarray(value).reshape(-1)]
+    if flags["return_logprobs"] and options.get("logprobs") is None:
+        options["logprobs"] = 0  # the sampled token's own log-probability
+    params = SamplingParams.from_dict(options)
+    return GenerateRequest(prompt=prompt, params=params, **{k: bool(v) for k, v in flags.items()})
+
+
+def _prompt(get: GetInput) -> Prompt:
+    given = {name: get(name) for name in PROMPT_INPUTS}
+    present = [name for name, value in given.items() if value is not None]
+    if len(present) != 1:
+        which = "none" if not present else " and ".join(present)
+        raise ValueError(f"exactly one of text_input, input_ids or messages is required, got {which}")
+    name = present[0]
+    value = given[name]
+    if name == "input_ids":
+        ids = np.asarray(value).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("input_ids is empty: the prompt must hold at least one token")
+        return [int(t) for t in ids]
+    text = _string(name, value)
+    if name == "text_input":
+        if not text:
+            raise ValueError("text_input is empty: the prompt must hold at least one token")
+        return text
+    try:
+        messages = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"messages is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError('messages must be a non-empty JSON list of {"role": ..., "content": ...} objects')
+    return messages
+
+
+def _one(name: str, value: np.ndarray) -> Any:
+    array = np.asarray(value)
+    if array.size != 1:
+        raise ValueError(f"{name} must hold exactly one value, got shape {list(array.shape)}")
+    return array.reshape(-1)[0]
+
+
+def _decode(name: str, item: Any) -> str:
+    if isinstance(item, bytes | np.bytes_):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{name} is not valid UTF-8 (byte {exc.start})") from None
+    if isinstance(item, str):
+        return item
+    raise ValueError(f"{name} must be a string, got {type(item).__name__}")
+
+
+def _string(name: str, value: np.ndarray) -> str:
+    return _decode(name, _one(name, value))
+
+
+def _scalar(name: str, value: np.ndarray) -> Any:
+    item = _one(name, value)
+    if isinstance(item, bytes | np.bytes_ | str):
+        return _decode(name, item)  # SamplingParams.from_dict converts numeric strings
+    return item.item() if isinstance(item, np.generic) else item
+
+
+def _bool(name: str, value: np.ndarray | None) -> bool:
+    if value is None:
+        return False
+    item = _scalar(name, value)
+    if isinstance(item, str):
+        if item.lower() in ("true", "1"):
+            return True
+        if item.lower() in ("false", "0"):
+            return False
+        raise ValueError(f"{name} must be true or false, got {item!r}")
+    return bool(item)

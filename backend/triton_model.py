@@ -1,0 +1,142 @@
+"""The Triton Python-backend model: ``model_repository/llm/1/model.py`` re-exports ``TritonPythonModel``.
+
+``execute`` validates each request and hands it to the ``EngineService``; it returns ``None`` (decoupled).
+Config ``parameters`` (all strings) become ``EngineArgs``; see docs/serving.md for each one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engine import LLMEngine
+from .engine_args import EngineArgs
+from .engine_service import EngineService, ErrorKind, ServiceError
+from .metrics import EngineMetrics, triton_metric_factory
+from .triton_inputs import FLAG_INPUTS, LIST_INPUTS, PROMPT_INPUTS, SAMPLING_INPUTS, parse_request
+
+logger = logging.getLogger("inflight")
+
+INPUT_NAMES = (*PROMPT_INPUTS, "sampling_parameters", *SAMPLING_INPUTS, *LIST_INPUTS, *FLAG_INPUTS)
+# Parameters that are not engine options.
+MODEL_PARAMETERS = ("model_path", "tokenizer_path", "drain_timeout_s")
+
+
+def engine_args_from_parameters(parameters: dict[str, Any], cwd: str | None = None) -> EngineArgs:
+    """``config.pbtxt`` parameters (``{"key": {"string_value": "..."}}``) -> validated ``EngineArgs``."""
+    values = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v)).strip() for k, v in parameters.items()}
+    model_path = values.get("model_path", "")
+    if not model_path:
+        raise ValueError("config parameter model_path is required: a Hugging Face checkpoint folder")
+    model_path = str(Path(cwd or os.getcwd(), os.path.expanduser(model_path)).resolve())
+    fields = EngineArgs.__dataclass_fields__
+    options: dict[str, Any] = {}
+    for key, text in values.items():
+        if key in MODEL_PARAMETERS or text == "":
+            continue
+        if key not in fields or key == "model":
+            known = sorted(set(fields) - {"model", "tokenizer"} | set(MODEL_PARAMETERS))
+            raise ValueError(f"unknown config parameter {key!r}; known: {', '.join(known)}")
+        options[key] = _convert(key, text, fields[key].type)
+    if values.get("tokenizer_path"):
+        options["tokenizer"] = str(Path(cwd or os.getcwd(), values["tokenizer_path"]).resolve())
+    return EngineArgs.from_options(model_path, options)
+
+
+def _convert(key: str, text: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if "bool" in kind:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if "int" in kind:
+            return int(text)
+        if "float" in kind:
+            return float(text)
+    except ValueError:
+        raise ValueError(f"config parameter {key} must be {kind.replace(' | None', '')}, got {text!r}") from None
+    return text
+
+
+class _TritonSink:
+    """A request's response sender as a ``ResponseSink``."""
+
+    def __init__(self, pb_utils: Any, sender: Any) -> None:
+        self.pb = pb_utils
+        self.sender = sender
+
+    def send(self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool) -> None:
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        if error is not None:
+            code = getattr(self.pb.TritonError, error.kind.value, self.pb.TritonError.INTERNAL)
+            self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(error.message, code)), flags=flags)
+        elif outputs is None:
+            self.sender.send(flags=flags)
+        else:
+            tensors = [self.pb.Tensor(name, value) for name, value in outputs.items()]
+            self.sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+
+class TritonPythonModel:
+    """Decoupled Triton model serving one checkpoint with in-flight batching."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb_utils
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.pb = pb_utils
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise ValueError("model_transaction_policy { decoupled: true } is required in config.pbtxt")
+        parameters = config.get("parameters", {})
+        engine_args = engine_args_from_parameters(parameters)
+        drain = parameters.get("drain_timeout_s", {}).get("string_value", "") or "10"
+        self.drain_timeout_s = float(drain)
+        labels = {"model": args.get("model_name", "llm"), "version": str(args.get("model_version", "1"))}
+        self.metrics = EngineMetrics(triton_metric_factory(pb_utils), labels)
+        logger.info("inflight: loading %s", engine_args.model)
+        self.service = EngineService(LLMEngine(engine_args), self.metrics)
+        self.metrics.kv_total.set(self.service.engine.scheduler.kv_cache_manager.num_usable_blocks)
+
+    def execute(self, requests: list[Any]) -> None:
+        pb = self.pb
+        for request in requests:
+            sink = _TritonSink(pb, request.get_response_sender())
+            try:
+                parsed = parse_request(lambda name, r=request: _input(pb, r, name))
+            except ValueError as exc:
+                sink.send(None, ServiceError(ErrorKind.INVALID_ARG, str(exc)), True)
+                continue
+            except Exception as exc:  # noqa: BLE001 - never let one request take the model down
+                logger.exception("parsing a request failed")
+                sink.send(None, ServiceError(ErrorKind.INTERNAL, f"{type(exc).__name__}: {exc}"), True)
+                continue
+            self.service.submit(parsed, sink)
+        return None
+
+    def is_ready(self) -> bool:
+        """Readiness for Triton versions that ask the model (the engine thread must be alive)."""
+        return self.service.is_healthy
+
+    def finalize(self) -> None:
+        service = getattr(self, "service", None)
+        if service is not None:
+            service.shutdown(self.drain_timeout_s)
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            self.service.metrics = None
+            metrics.close()
+
+
+def _input(pb_utils: Any, request: Any, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
