@@ -1,0 +1,166 @@
+"""Raw tritonclient helpers for the serving tests (the wire protocol itself, not our client library)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+MODEL = "llm"
+_DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.uint64): "UINT64", np.dtype(np.float32): "FP32",
+           np.dtype(np.bool_): "BOOL", np.dtype(np.float64): "FP64"}  # fmt: skip
+
+
+def make_inputs(values: dict[str, Any]) -> list[grpcclient.InferInput]:
+    """Scalars become shape-[1] tensors; str/bytes become BYTES; lists of str become BYTES [n]."""
+    inputs = []
+    for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            array = value
+        elif isinstance(value, str | bytes):
+            array = np.array([value.encode() if isinstance(value, str) else value], dtype=np.object_)
+        elif isinstance(value, list) and value and isinstance(value[0], str):
+            array = np.array([v.encode() for v in value], dtype=np.object_)
+        elif isinstance(value, bool):
+            array = np.array([value], dtype=np.bool_)
+        elif isinstance(value, int):
+            array = np.array([value], dtype=np.int32)
+        elif isinstance(value, float):
+            array = np.array([value], dtype=np.float32)
+        else:
+            raise TypeError(f"{name}: {value!r}")
+        dtype = "BYTES" if array.dtype == np.object_ else _DTYPES[array.dtype]
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@dataclass
+class StreamResult:
+    """Everything one request received over the gRPC stream."""
+
+    texts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    num_final: int = 0
+    first_time: float | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+
+def run_streams(url: str, requests: dict[str, dict[str, Any]], timeout_s: float = 120.0,
+                cancel_after_responses: int | None = None) -> dict[str, StreamResult]:
+    """Send every request on one gRPC stream; wait until each has its FINAL (or cancel after N responses)."""
+    results = {rid: StreamResult() for rid in requests}
+    events: queue.SimpleQueue = queue.SimpleQueue()
+    lock = threading.Lock()
+
+    def callback(result: Any, error: Any) -> None:
+        with lock:
+            if error is not None:
+                rid = _request_id_of(error)
+                target = results.get(rid) if rid else None
+                for r in [target] if target else results.values():
+                    r.errors.append(str(error))
+                    r.num_final += 1  # an error response is final
+                events.put(("error", rid))
+                return
+            response = result.get_response()
+            rid = response.id
+            r = results[rid]
+            final = response.parameters["triton_final_response"].bool_param
+            outputs = {o.name: result.as_numpy(o.name) for o in response.outputs}
+            if outputs:
+                r.outputs.append(outputs)
+                if r.first_time is None:
+                    r.first_time = time.monotonic()
+                if "text_output" in outputs:
+                    r.texts.append(b"".join(outputs["text_output"].reshape(-1)).decode())
+                if "output_ids" in outputs:
+                    r.token_ids.extend(int(t) for t in outputs["output_ids"].reshape(-1))
+            r.num_final += int(final)
+            events.put(("response", rid))
+
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=callback)
+    try:
+        for rid, values in requests.items():
+            client.async_stream_infer(MODEL, make_inputs(values), request_id=rid, enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with lock:
+                done = all(r.num_final for r in results.values())
+                seen = sum(len(r.outputs) for r in results.values())
+            if done or (cancel_after_responses is not None and seen >= cancel_after_responses):
+                break
+            try:
+                events.get(timeout=0.5)
+            except queue.Empty:
+                pass
+    finally:
+        client.stop_stream(cancel_requests=cancel_after_responses is not None)
+        client.close()
+    return results
+
+
+def _request_id_of(error: Any) -> str | None:
+    match = re.search(r"request_id[\"' :=]+([\w-]+)", str(error))
+    return match.group(1) if match else None
+
+
+def http_post(url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
+    request = urllib.request.Request(f"http://{url}{path}", data=json.dumps(body).encode(), method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def sse_events(body: str) -> list[dict[str, Any]]:
+    return [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+
+
+def metrics(url: str) -> dict[str, float]:
+    """The inflight_* samples on the metrics port, keyed by name{labels} without model/version labels."""
+    with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("inflight_"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        name = re.sub(r',?(model|version)="[^"]*"', "", name).replace("{,", "{").replace("{}", "")
+        samples[name] = float(value)
+    return samples
+
+
+def wait_for_metric(url: str, name: str, expected: float, timeout_s: float = 15.0) -> float:
+    deadline = time.monotonic() + timeout_s
+    value = float("nan")
+    while time.monotonic() < deadline:
+        value = metrics(url).get(name, float("nan"))
+        if value == expected:
+            return value
+        time.sleep(0.2)
+    return value
+
+
+def is_model_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/models/{MODEL}/ready", timeout=5) as response:
+            return response.status == 200
+    except urllib.error.URLError:
+        return False
