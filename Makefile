@@ -10,7 +10,13 @@ MODEL_DIR := $(CACHE)/models/SmolLM2-135M-Instruct
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test lint format clean
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+# MODEL=<HF checkpoint folder> serves another checkpoint instead of the default one.
+MODEL ?=
+
+.PHONY: setup model serve test lint format clean
 
 setup: $(STAMP)
 
@@ -24,6 +30,10 @@ model: $(MODEL_DIR)/config.json
 
 $(MODEL_DIR)/config.json: | $(STAMP)
 	$(PY) -m inflight.backend.gguf_to_hf --default-model --out $(MODEL_DIR) --workdir $(CACHE)
+
+serve: setup model
+	$(PY) -m inflight.backend.server --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--metrics-port $(METRICS_PORT) $(if $(MODEL),--model "$(MODEL)")
 
 test: setup model
 	$(PY) -m pytest -q tests

@@ -50,7 +50,9 @@ class ServiceError:
 class ResponseSink(Protocol):
     """Where one request's responses go (a Triton response sender, or a test double)."""
 
-    def send(self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool) -> None: ...
+    def send(
+        self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool
+    ) -> None: ...
 
     def is_cancelled(self) -> bool: ...
 
@@ -77,7 +79,9 @@ class LiveRequest:
 class EngineService:
     """Owns an ``LLMEngine`` and the two threads that serve it."""
 
-    def __init__(self, engine: LLMEngine, metrics: EngineMetrics | None = None, cancel_poll_s: float = 0.02) -> None:
+    def __init__(
+        self, engine: LLMEngine, metrics: EngineMetrics | None = None, cancel_poll_s: float = 0.02
+    ) -> None:
         self.engine = engine
         self.metrics = metrics
         self.cancel_poll_s = cancel_poll_s
@@ -85,12 +89,15 @@ class EngineService:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, LiveRequest] = {}
         self._next_id = 0
-        self._id_lock = threading.Lock()
+        self._num_open = 0  # submitted requests whose final response has not been sent yet
+        self._lock = threading.Lock()
         self._accepting = True
         self._stop = threading.Event()
         self.fatal_error: str | None = None
         self._engine_thread = threading.Thread(target=self._engine_loop, name="inflight-engine", daemon=True)
-        self._response_thread = threading.Thread(target=self._response_loop, name="inflight-responses", daemon=True)
+        self._response_thread = threading.Thread(
+            target=self._response_loop, name="inflight-responses", daemon=True
+        )
         self._engine_thread.start()
         self._response_thread.start()
 
@@ -101,23 +108,29 @@ class EngineService:
 
     def submit(self, request: GenerateRequest, sink: ResponseSink) -> str:
         """Queue a validated request (any thread); returns the engine's id for it."""
-        with self._id_lock:
+        with self._lock:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
+            self._num_open += 1
         live = LiveRequest(request_id, request, sink, time.monotonic())
-        if not self.is_healthy:
-            self._outbox.put((live, None, self._dead_error(), True))
-        elif not self._accepting:
-            self._outbox.put((live, None, ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down"), True))
+        if not self._accepting:
+            refusal = (live, None, ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down"), True)
+        elif not self.is_healthy:
+            refusal = (live, None, self._dead_error(), True)
         else:
             self._inbox.put(("add", live))
+            return request_id
+        if self._response_thread.is_alive():
+            self._outbox.put(refusal)
+        else:  # after shutdown nothing else would answer
+            sink.send(None, refusal[2], True)
         return request_id
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
         """Refuse new requests, let live ones finish for up to ``drain_timeout_s``, end the rest, stop."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
-        while self._live and self.is_healthy and time.monotonic() < deadline:
+        while self._num_open and self.is_healthy and time.monotonic() < deadline:
             time.sleep(0.01)
         self._inbox.put(("stop", None))
         self._engine_thread.join(timeout=30)
@@ -147,7 +160,9 @@ class EngineService:
             self._drain_after_death()
             return
         # Stopping: whatever is still live ends now.
-        self._fail_all(ServiceError(ErrorKind.UNAVAILABLE, "the model was unloaded before this request finished"))
+        self._fail_all(
+            ServiceError(ErrorKind.UNAVAILABLE, "the model was unloaded before this request finished")
+        )
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued commands; False once asked to stop."""
@@ -207,10 +222,16 @@ class EngineService:
             if out.finished:
                 del self._live[out.request_id]
                 if self.metrics is not None:
-                    self.metrics.request_finished(out.finish_reason or "error", len(live.prompt_token_ids),
-                                                  live.num_output_tokens, now - live.arrival)
+                    self.metrics.request_finished(
+                        out.finish_reason or "error",
+                        len(live.prompt_token_ids),
+                        live.num_output_tokens,
+                        now - live.arrival,
+                    )
             if out.finish_reason == "error":
-                self._outbox.put((live, None, ServiceError(ErrorKind.INTERNAL, out.error or "engine step failed"), True))
+                self._outbox.put(
+                    (live, None, ServiceError(ErrorKind.INTERNAL, out.error or "engine step failed"), True)
+                )
             elif out.finish_reason == "abort" and live.cancelled:
                 self._outbox.put((live, None, None, True))  # the client has gone: a bare FINAL flag
             else:
@@ -240,16 +261,34 @@ class EngineService:
             # stop string) is sent with the next text, so no response carries empty text but the last.
             if not out.new_text and not out.finished:
                 return
-            outputs = build_outputs(live.request, out.new_text, live.token_ids, live.logprobs, out,
-                                    len(live.prompt_token_ids), len(live.token_ids))
+            outputs = build_outputs(
+                live.request,
+                out.new_text,
+                live.token_ids,
+                live.logprobs,
+                out,
+                len(live.prompt_token_ids),
+                len(live.token_ids),
+            )
             live.token_ids, live.logprobs = [], []
         else:
             live.text.append(out.new_text)
             if not out.finished:
                 return
-            ids = live.token_ids if live.request.exclude_input_in_output else live.prompt_token_ids + live.token_ids
-            outputs = build_outputs(live.request, live.prompt_text + "".join(live.text), ids, live.logprobs, out,
-                                    len(live.prompt_token_ids), live.num_output_tokens)
+            ids = (
+                live.token_ids
+                if live.request.exclude_input_in_output
+                else live.prompt_token_ids + live.token_ids
+            )
+            outputs = build_outputs(
+                live.request,
+                live.prompt_text + "".join(live.text),
+                ids,
+                live.logprobs,
+                out,
+                len(live.prompt_token_ids),
+                live.num_output_tokens,
+            )
         self._outbox.put((live, outputs, None, out.finished))
 
     def _fail_all(self, error: ServiceError) -> None:
@@ -279,6 +318,11 @@ class EngineService:
             try:
                 live.sink.send(outputs, error, final)
             except Exception:  # noqa: BLE001 - a client that went away must not stop the others
-                logger.warning("sending a response for %s failed; cancelling it", live.request_id, exc_info=True)
+                logger.warning(
+                    "sending a response for %s failed; cancelling it", live.request_id, exc_info=True
+                )
                 if not final:
                     self._inbox.put(("abort", live.request_id))
+            if final:
+                with self._lock:
+                    self._num_open -= 1

@@ -46,20 +46,28 @@ class EngineMetrics:
         self.running = gauge("inflight_num_requests_running", "Requests in the running batch")
         self.waiting = gauge("inflight_num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_used = gauge("inflight_kv_blocks_used", "KV-cache blocks in use")
-        self.kv_free = gauge("inflight_kv_blocks_free", "KV-cache blocks free (cached prefix blocks included)")
+        self.kv_free = gauge(
+            "inflight_kv_blocks_free", "KV-cache blocks free (cached prefix blocks included)"
+        )
         self.kv_total = gauge("inflight_kv_blocks_total", "Usable KV-cache blocks")
         self.kv_usage = gauge("inflight_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
-        self.prefix_hit_rate = gauge("inflight_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache")
+        self.prefix_hit_rate = gauge(
+            "inflight_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache"
+        )
         self.prompt_tokens = counter("inflight_prompt_tokens_total", "Prompt tokens admitted")
         self.generation_tokens = counter("inflight_generation_tokens_total", "Tokens generated")
         self.preemptions = counter("inflight_preemptions_total", "Requests preempted for recomputation")
         self.requests = {
-            reason: counter("inflight_requests_total", "Finished requests by finish reason", {"finish_reason": reason})
+            reason: counter(
+                "inflight_requests_total", "Finished requests by finish reason", {"finish_reason": reason}
+            )
             for reason in FINISH_REASONS
         }
         self.ttft = histogram("inflight_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
         self.itl = histogram("inflight_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS)
-        self.e2e = histogram("inflight_e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS)
+        self.e2e = histogram(
+            "inflight_e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS
+        )
         self.prompt_len = histogram("inflight_request_prompt_tokens", "Prompt length", LENGTH_BUCKETS)
         self.output_len = histogram("inflight_request_generation_tokens", "Generated length", LENGTH_BUCKETS)
         self._preemptions_seen = 0
@@ -85,8 +93,9 @@ class EngineMetrics:
             self.preemptions.increment(new)
             self._preemptions_seen = stats.num_preemptions_total
 
-    def request_finished(self, finish_reason: str, num_prompt_tokens: int, num_output_tokens: int,
-                         e2e_s: float) -> None:
+    def request_finished(
+        self, finish_reason: str, num_prompt_tokens: int, num_output_tokens: int, e2e_s: float
+    ) -> None:
         self.requests[finish_reason if finish_reason in self.requests else "error"].increment(1)
         self.prompt_len.observe(num_prompt_tokens)
         self.output_len.observe(num_output_tokens)

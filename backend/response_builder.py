@@ -16,13 +16,23 @@ def _strings(*values: str) -> np.ndarray:
 
 def logprobs_json(logprobs: list[TokenLogprob]) -> str:
     """One JSON object per token: ``{"token_id": id, "logprob": lp, "top": {id: lp, ...}}``."""
-    return json.dumps([
-        {"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(t): v for t, v in lp.top}} for lp in logprobs
-    ])
+    return json.dumps(
+        [
+            {"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(t): v for t, v in lp.top}}
+            for lp in logprobs
+        ]
+    )
 
 
-def build_outputs(request: GenerateRequest, text: str, token_ids: list[int], logprobs: list[TokenLogprob],
-                  out: RequestOutput, num_input_tokens: int, num_output_tokens: int) -> dict[str, np.ndarray]:
+def build_outputs(
+    request: GenerateRequest,
+    text: str,
+    token_ids: list[int],
+    logprobs: list[TokenLogprob],
+    out: RequestOutput,
+    num_input_tokens: int,
+    num_output_tokens: int,
+) -> dict[str, np.ndarray]:
     """The output tensors of one response: always ``text_output`` and ``output_ids``, the rest when asked."""
     tensors = {"text_output": _strings(text), "output_ids": np.asarray(token_ids, dtype=np.int32)}
     if request.return_finish_reason and out.finished:

@@ -25,8 +25,8 @@ SAMPLING_INPUTS = (
 )  # fmt: skip
 LIST_INPUTS = ("stop", "stop_words", "bad_words")
 FLAG_INPUTS = (
-    "stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob", "return_logprobs",
-    "return_num_input_tokens", "return_num_output_tokens",
+    "stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob",
+    "return_logprobs", "return_num_input_tokens", "return_num_output_tokens",
 )  # fmt: skip
 PROMPT_INPUTS = ("text_input", "input_ids", "messages")
 
@@ -59,7 +59,9 @@ def parse_request(get: GetInput) -> GenerateRequest:
         try:
             parsed = json.loads(text) if text.strip() else {}
         except json.JSONDecodeError as exc:
-            raise ValueError(f"sampling_parameters is not valid JSON: {exc.msg} at position {exc.pos}") from None
+            raise ValueError(
+                f"sampling_parameters is not valid JSON: {exc.msg} at position {exc.pos}"
+            ) from None
         if not isinstance(parsed, dict):
             raise ValueError(f"sampling_parameters must be a JSON object, got {type(parsed).__name__}")
         options.update(parsed)

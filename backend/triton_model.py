@@ -29,7 +29,10 @@ MODEL_PARAMETERS = ("model_path", "tokenizer_path", "drain_timeout_s")
 
 def engine_args_from_parameters(parameters: dict[str, Any], cwd: str | None = None) -> EngineArgs:
     """``config.pbtxt`` parameters (``{"key": {"string_value": "..."}}``) -> validated ``EngineArgs``."""
-    values = {k: (v.get("string_value", "") if isinstance(v, dict) else str(v)).strip() for k, v in parameters.items()}
+    values = {
+        k: (v.get("string_value", "") if isinstance(v, dict) else str(v)).strip()
+        for k, v in parameters.items()
+    }
     model_path = values.get("model_path", "")
     if not model_path:
         raise ValueError("config parameter model_path is required: a Hugging Face checkpoint folder")
@@ -60,7 +63,9 @@ def _convert(key: str, text: str, annotation: Any) -> Any:
         if "float" in kind:
             return float(text)
     except ValueError:
-        raise ValueError(f"config parameter {key} must be {kind.replace(' | None', '')}, got {text!r}") from None
+        raise ValueError(
+            f"config parameter {key} must be {kind.replace(' | None', '')}, got {text!r}"
+        ) from None
     return text
 
 
@@ -75,7 +80,9 @@ class _TritonSink:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
         if error is not None:
             code = getattr(self.pb.TritonError, error.kind.value, self.pb.TritonError.INTERNAL)
-            self.sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(error.message, code)), flags=flags)
+            self.sender.send(
+                self.pb.InferenceResponse(error=self.pb.TritonError(error.message, code)), flags=flags
+            )
         elif outputs is None:
             self.sender.send(flags=flags)
         else:

@@ -50,19 +50,26 @@ def test_streamed_chat_answers_paris_and_matches_engine_and_http(triton_server, 
     body = {"messages": json.dumps(CHAT), "max_tokens": 32, "temperature": 0, "exclude_input_in_output": True}
     status, text = http_post(triton_server.url_http, "/v2/models/llm/generate", body)
     assert status == 200 and json.loads(text)["text_output"] == expected.text
-    status, text = http_post(triton_server.url_http, "/v2/models/llm/generate_stream", {**body, "stream": True})
+    status, text = http_post(
+        triton_server.url_http, "/v2/models/llm/generate_stream", {**body, "stream": True}
+    )
     assert status == 200
     events = sse_events(text)
     assert len(events) > 3 and "".join(e["text_output"] for e in events) == expected.text
     # Without exclude_input_in_output a non-streamed answer starts with the prompt text (vLLM backend style).
-    status, text = http_post(triton_server.url_http, "/v2/models/llm/generate",
-                             {"text_input": "The capital of France is", "max_tokens": 8, "temperature": 0})
+    status, text = http_post(
+        triton_server.url_http,
+        "/v2/models/llm/generate",
+        {"text_input": "The capital of France is", "max_tokens": 8, "temperature": 0},
+    )
     plain = _greedy(direct, "The capital of France is", 8)
     assert status == 200 and json.loads(text)["text_output"] == "The capital of France is" + plain.text
 
 
 def test_sixteen_concurrent_streams_each_correct_with_one_final(triton_server, direct: LLM) -> None:
-    prompts = [f"Count from {i} to {i + 9}:" if i % 2 else f"Write {i + 1} words about the sea." for i in range(16)]
+    prompts = [
+        f"Count from {i} to {i + 9}:" if i % 2 else f"Write {i + 1} words about the sea." for i in range(16)
+    ]
     lengths = [4 + 3 * i for i in range(16)]
     requests = {
         f"r{i}": {"text_input": p, "stream": True, "max_tokens": n, "temperature": 0.0, "ignore_eos": True,
@@ -70,7 +77,9 @@ def test_sixteen_concurrent_streams_each_correct_with_one_final(triton_server, d
         for i, (p, n) in enumerate(zip(prompts, lengths, strict=True))
     }  # fmt: skip
     results = run_streams(triton_server.url_grpc, requests)
-    expected = direct.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths])
+    expected = direct.generate(
+        prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    )
     for i, exp in enumerate(expected):
         r = results[f"r{i}"]
         assert not r.errors, r.errors
@@ -88,7 +97,9 @@ def test_cancelled_stream_stops_and_frees_its_blocks(triton_server) -> None:
     assert wait_for_metric(triton_server.url_metrics, "inflight_kv_blocks_used", 0.0) == 0.0
     assert wait_for_metric(triton_server.url_metrics, "inflight_num_requests_running", 0.0) == 0.0
     key = 'inflight_requests_total{finish_reason="abort"}'
-    assert wait_for_metric(triton_server.url_metrics, key, before.get(key, 0.0) + 1) == before.get(key, 0.0) + 1
+    assert (
+        wait_for_metric(triton_server.url_metrics, key, before.get(key, 0.0) + 1) == before.get(key, 0.0) + 1
+    )
     assert is_model_ready(triton_server.url_http)
 
 
@@ -116,18 +127,23 @@ def test_bad_input_is_invalid_arg_naming_the_field(triton_server, values, named:
 
 
 def test_bad_input_over_http_is_400(triton_server) -> None:
-    status, text = http_post(triton_server.url_http, "/v2/models/llm/generate", {"text_input": "hi", "top_p": 1.5})
+    status, text = http_post(
+        triton_server.url_http, "/v2/models/llm/generate", {"text_input": "hi", "top_p": 1.5}
+    )
     assert status == 400 and "top_p" in json.loads(text)["error"]
-    status, _ = http_post(triton_server.url_http, "/v2/models/llm/generate", {"text_input": "hi", "max_tokens": 2})
+    status, _ = http_post(
+        triton_server.url_http, "/v2/models/llm/generate", {"text_input": "hi", "max_tokens": 2}
+    )
     assert status == 200
 
 
 def test_metric_counters_match_what_the_client_counted(triton_server) -> None:
     before = metrics(triton_server.url_metrics)
     requests = {
-        f"m{i}": {"text_input": f"Say something about number {i}.", "stream": bool(i % 2), "max_tokens": 3 + i,
-                  "temperature": 0.0, "ignore_eos": i < 3, "return_num_input_tokens": True,
-                  "return_num_output_tokens": True, "return_finish_reason": True}
+        f"m{i}": {"text_input": f"Say something about number {i}.", "stream": bool(i % 2),
+                  "max_tokens": 3 + i, "temperature": 0.0, "ignore_eos": i < 3,
+                  "return_num_input_tokens": True, "return_num_output_tokens": True,
+                  "return_finish_reason": True}
         for i in range(6)
     }  # fmt: skip
     results = run_streams(triton_server.url_grpc, requests)

@@ -1,0 +1,156 @@
+"""The engine service's threads: exactly one final per request on every path, faults isolated."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from inflight.backend.engine import LLMEngine
+from inflight.backend.engine_args import EngineArgs
+from inflight.backend.engine_service import EngineService, ErrorKind
+from inflight.backend.sampling_params import SamplingParams
+from inflight.backend.triton_inputs import GenerateRequest
+
+from ..conftest import copy_tokenizer
+from ..engine.tiny_models import build_tiny_checkpoint
+
+
+class FakeSink:
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.responses: list[tuple] = []
+        self.num_final = 0
+        self.cancel_after = cancel_after
+        self.done = threading.Event()
+
+    def send(self, outputs, error, final) -> None:
+        self.responses.append((outputs, error, final))
+        self.num_final += int(final)
+        if final:
+            self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_after is not None and len(self.responses) >= self.cancel_after
+
+    @property
+    def text(self) -> str:
+        return "".join(o["text_output"][0].decode() for o, _, _ in self.responses if o is not None)
+
+    @property
+    def error(self):
+        return next((e for _, e, _ in self.responses if e is not None), None)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory, smollm2_path):
+    path = build_tiny_checkpoint("llama", tmp_path_factory.mktemp("svc"))
+    copy_tokenizer(smollm2_path, path)
+    return path
+
+
+def _service(path, **options) -> EngineService:
+    args = EngineArgs.from_options(str(path), {"max_model_len": 128, **options})
+    return EngineService(LLMEngine(args), cancel_poll_s=0.0)
+
+
+def _wait(sinks, timeout=60.0) -> None:
+    for sink in sinks:
+        assert sink.done.wait(timeout), "no final response"
+    time.sleep(0.05)  # any stray response after the final would land now
+
+
+def test_every_path_ends_with_exactly_one_final(tiny_path) -> None:
+    service = _service(tiny_path, max_queue_size=4, max_num_seqs=2)
+    try:
+        ok = [FakeSink() for _ in range(2)]
+        for sink in ok:
+            service.submit(
+                GenerateRequest([5, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), stream=True), sink
+            )
+        bad = FakeSink()
+        service.submit(GenerateRequest([5] * 200, SamplingParams(max_tokens=4)), bad)
+        cancelled = FakeSink(cancel_after=2)
+        service.submit(
+            GenerateRequest([8, 9], SamplingParams(max_tokens=100, ignore_eos=True), stream=True), cancelled
+        )
+        burst = [FakeSink() for _ in range(8)]
+        for sink in burst:
+            service.submit(GenerateRequest([3, 4], SamplingParams(max_tokens=2, ignore_eos=True)), sink)
+        _wait([*ok, bad, cancelled, *burst])
+        for sink in [*ok, bad, cancelled, *burst]:
+            assert sink.num_final == 1 and sink.responses[-1][2]
+        assert all(len(s.responses) == 40 and s.error is None for s in ok)
+        assert bad.error.kind is ErrorKind.INVALID_ARG and "max_model_len" in bad.error.message
+        assert cancelled.responses[-1] == (None, None, True) and len(cancelled.responses) < 100
+        refused = [s for s in burst if s.error is not None]
+        assert refused and all(s.error.kind is ErrorKind.UNAVAILABLE for s in refused)
+        assert all(s.error is None and len(s.responses) == 1 for s in burst if s not in refused)
+    finally:
+        service.shutdown(drain_timeout_s=5)
+    assert service.engine.scheduler.kv_cache_manager.num_used_blocks == 0
+
+
+def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny_path, monkeypatch) -> None:
+    service = _service(tiny_path)
+    runner = service.engine.runner
+    real_execute = runner.execute
+    calls = {"n": 0}
+
+    def flaky(out):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected fault")
+        return real_execute(out)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    try:
+        hit = FakeSink()
+        service.submit(
+            GenerateRequest([5, 6], SamplingParams(max_tokens=10, ignore_eos=True), stream=True), hit
+        )
+        _wait([hit])
+        assert hit.error.kind is ErrorKind.INTERNAL and "injected fault" in hit.error.message
+        after = FakeSink()
+        service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=3, ignore_eos=True)), after)
+        _wait([after])
+        assert after.error is None and service.is_healthy
+    finally:
+        service.shutdown(drain_timeout_s=5)
+
+
+def test_a_dead_engine_fails_live_and_new_requests_and_reports_unhealthy(tiny_path, monkeypatch) -> None:
+    service = _service(tiny_path)
+
+    def broken():
+        raise RuntimeError("scheduler invariant broken")
+
+    live = FakeSink()
+    monkeypatch.setattr(service.engine.scheduler, "schedule", broken)
+    service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=5)), live)
+    _wait([live])
+    assert live.error.kind is ErrorKind.UNAVAILABLE and "scheduler invariant broken" in live.error.message
+    assert not service.is_healthy
+    late = FakeSink()
+    service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=5)), late)
+    _wait([late])
+    assert late.num_final == 1 and late.error.kind is ErrorKind.UNAVAILABLE
+    service.shutdown(drain_timeout_s=1)
+
+
+def test_shutdown_drains_then_ends_the_rest(tiny_path) -> None:
+    service = _service(tiny_path)
+    short, endless = FakeSink(), FakeSink()
+    service.submit(GenerateRequest([5], SamplingParams(max_tokens=3, ignore_eos=True), stream=True), short)
+    service.submit(
+        GenerateRequest([6], SamplingParams(max_tokens=120, ignore_eos=True), stream=True), endless
+    )
+    start = time.monotonic()
+    service.shutdown(drain_timeout_s=0.3)
+    assert time.monotonic() - start < 10
+    assert short.num_final == 1 and short.error is None
+    assert endless.num_final == 1
+    assert endless.error is None or endless.error.kind is ErrorKind.UNAVAILABLE
+    refused = FakeSink()
+    service.submit(GenerateRequest([5], SamplingParams(max_tokens=3)), refused)
+    assert refused.num_final == 1 and refused.error.kind is ErrorKind.UNAVAILABLE
