@@ -73,13 +73,12 @@ class LLMEngine:
                 args.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES, bytes_per_block
             )
         model = load_model(cfg, self.dtype, self.device, self.max_model_len)
-        if self.device.type != "cpu":
-            budget = args.kv_cache_memory_bytes
-            if budget is None:
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * args.kv_cache_memory_fraction)
-            num_blocks = self._num_blocks(budget, bytes_per_block)
-        self.runner = ModelRunner(model, self.device, args.block_size, num_blocks, self.dtype)
+        self.runner = ModelRunner(model, self.device, args.block_size, self.dtype, self.max_model_len)
+        if self.device.type == "cuda":
+            num_blocks = self._num_blocks(self._gpu_kv_budget(batched), bytes_per_block)
+        self.runner.allocate_kv_cache(num_blocks)
+        if self.device.type == "cuda" and args.enable_cuda_graphs:
+            self.runner.capture_cuda_graphs(min(args.max_num_seqs, args.max_cuda_graph_batch_size))
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,
@@ -105,6 +104,19 @@ class LLMEngine:
             num_blocks * bytes_per_block / 2**20,
             self.max_model_len,
         )
+
+    def _gpu_kv_budget(self, max_batched_tokens: int) -> int:
+        """KV bytes on the GPU: a fraction of the memory free after a profiling pass of the largest step."""
+        if self.args.kv_cache_memory_bytes is not None:
+            return self.args.kv_cache_memory_bytes
+        peak = self.runner.profile_peak_bytes(max_batched_tokens, self.args.max_num_seqs)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # NOTE: the activation peak of the largest step (and the decode graphs' pool, which is smaller)
+        # must still fit beside the cache.
+        budget = int(free * self.args.kv_cache_memory_fraction) - peak
+        logger.info("GPU memory: %.2f GiB free after loading, step peak %.2f GiB -> KV budget %.2f GiB",
+                    free / 2**30, peak / 2**30, budget / 2**30)  # fmt: skip
+        return max(budget, 0)
 
     def _num_blocks(self, budget: int, bytes_per_block: int) -> int:
         """Blocks (the null block included) that ``budget`` bytes hold; fails if one request cannot fit."""

@@ -4,10 +4,13 @@ A step is one flat batch of tokens from every scheduled request (prefill chunks 
 
     input_ids   [ r0 t0..t4 | r1 t9 | r2 t0..t2 ]      positions [ 0..4 | 9 | 0..2 ]
     query_start_loc [0, 5, 6, 9]    seq_lens [5, 10, 3]    slot = block_table[pos // bs] * bs + pos % bs
+
+Pure-decode steps on CUDA replay a captured CUDA graph (``cuda_graphs.DecodeGraphs``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +18,7 @@ import torch
 from torch import nn
 
 from ..batching import SchedulerOutput
+from .cuda_graphs import DecodeGraphs
 from .layers.attention import AttentionMetadata
 from .model_config import ModelConfig
 
@@ -27,89 +31,143 @@ class ModelOutput:
     logits: torch.Tensor  # [len(request_ids), vocab] fp32
 
 
-def kv_cache_bytes_per_block(
-    cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int
-) -> int:
+@dataclass
+class StepInputs:
+    """One step's flattened inputs, on the host."""
+
+    input_ids: np.ndarray  # [num_tokens] int64
+    positions: np.ndarray  # [num_tokens] int64
+    slot_mapping: np.ndarray  # [num_tokens] int64
+    block_tables: np.ndarray  # [num_seqs, max_blocks] int32
+    seq_lens: list[int]
+    query_start_loc: list[int]
+    logits_rows: list[int]  # rows of the flat batch whose logits are sampled
+    sample_ids: list[str]
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.input_ids) == len(self.seq_lens)
+
+
+def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int) -> int:
     """Bytes one block takes across all layers (K and V)."""
     itemsize = torch.empty(0, dtype=kv_dtype).element_size()
     return cfg.num_layers * 2 * block_size * num_kv_heads * cfg.head_dim * itemsize
 
 
+def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
+    """The flat token batch of a scheduled step (see the module docstring)."""
+    num_tokens = out.num_batched_tokens
+    input_ids = np.empty(num_tokens, dtype=np.int64)
+    positions = np.empty(num_tokens, dtype=np.int64)
+    slot_mapping = np.empty(num_tokens, dtype=np.int64)
+    max_blocks = max(len(r.block_ids) for r in out.scheduled)
+    block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
+    seq_lens: list[int] = []
+    query_start_loc = [0]
+    logits_rows: list[int] = []
+    sample_ids: list[str] = []
+    offset = 0
+    for i, req in enumerate(out.scheduled):
+        n = len(req.token_ids)
+        table = np.asarray(req.block_ids, dtype=np.int64)
+        pos = np.arange(req.start_position, req.start_position + n, dtype=np.int64)
+        input_ids[offset : offset + n] = req.token_ids
+        positions[offset : offset + n] = pos
+        slot_mapping[offset : offset + n] = table[pos // block_size] * block_size + pos % block_size
+        block_tables[i, : len(table)] = table
+        offset += n
+        seq_lens.append(req.start_position + n)
+        query_start_loc.append(offset)
+        if req.needs_sample:
+            logits_rows.append(offset - 1)
+            sample_ids.append(req.request_id)
+    assert offset == num_tokens, "scheduled tokens do not add up to num_batched_tokens"
+    return StepInputs(input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_rows,
+                      sample_ids)  # fmt: skip
+
+
 class ModelRunner:
     """Owns the model and its KV cache; turns a ``SchedulerOutput`` into logits."""
 
-    def __init__(
-        self, model: nn.Module, device: torch.device, block_size: int, num_blocks: int, kv_dtype: torch.dtype
-    ) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, block_size: int, kv_dtype: torch.dtype,
+                 max_model_len: int) -> None:  # fmt: skip
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.num_blocks = num_blocks
-        layers = model.attention_layers()
+        self.kv_dtype = kv_dtype
+        self.max_model_len = max_model_len
+        self.num_blocks = 0
+        self.kv_cache: torch.Tensor | None = None
+        self.graphs: DecodeGraphs | None = None
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``, bound to each layer."""
+        layers = self.model.attention_layers()
         first = layers[0]
-        # [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_cache = torch.zeros(
-            len(layers),
-            2,
-            num_blocks,
-            block_size,
-            first.num_kv_heads,
-            first.head_dim,
-            dtype=kv_dtype,
-            device=device,
-        )
+        self.kv_cache = None  # free a previous (profiling) cache first
+        self.kv_cache = torch.zeros(len(layers), 2, num_blocks, self.block_size, first.num_kv_heads, first.head_dim,
+                                    dtype=self.kv_dtype, device=self.device)  # fmt: skip
+        self.num_blocks = num_blocks
         for i, layer in enumerate(layers):
             layer.bind_kv_cache(self.kv_cache[i, 0], self.kv_cache[i, 1])
 
-    def prepare(
-        self, out: SchedulerOutput
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[int], list[str]]:
-        """Flatten a step into ``input_ids``, ``positions``, metadata and the rows whose logits are needed."""
-        bs = self.block_size
-        num_tokens = out.num_batched_tokens
-        input_ids = np.empty(num_tokens, dtype=np.int64)
-        positions = np.empty(num_tokens, dtype=np.int64)
-        slot_mapping = np.empty(num_tokens, dtype=np.int64)
-        max_blocks = max(len(r.block_ids) for r in out.scheduled)
-        block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
-        seq_lens: list[int] = []
-        query_start_loc = [0]
-        logits_rows: list[int] = []
-        sample_ids: list[str] = []
-        offset = 0
-        for i, req in enumerate(out.scheduled):
-            n = len(req.token_ids)
-            table = np.asarray(req.block_ids, dtype=np.int64)
-            pos = np.arange(req.start_position, req.start_position + n, dtype=np.int64)
-            input_ids[offset : offset + n] = req.token_ids
-            positions[offset : offset + n] = pos
-            slot_mapping[offset : offset + n] = table[pos // bs] * bs + pos % bs
-            block_tables[i, : len(table)] = table
-            offset += n
-            seq_lens.append(req.start_position + n)
-            query_start_loc.append(offset)
-            if req.needs_sample:
-                logits_rows.append(offset - 1)
-                sample_ids.append(req.request_id)
-        assert offset == num_tokens, "scheduled tokens do not add up to num_batched_tokens"
+    @torch.inference_mode()
+    def profile_peak_bytes(self, num_tokens: int, num_sample_rows: int) -> int:
+        """Peak activation memory of the largest step (one ``num_tokens`` prefill, logits for many rows)."""
+        num_tokens = min(num_tokens, self.max_model_len)
+        blocks = math.ceil(num_tokens / self.block_size)
+        self.allocate_kv_cache(blocks + 1)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        table = np.arange(1, blocks + 1, dtype=np.int64)
+        pos = np.arange(num_tokens, dtype=np.int64)
+        inputs = StepInputs(np.zeros(num_tokens, np.int64), pos, table[pos // self.block_size] * self.block_size
+                            + pos % self.block_size, table[None].astype(np.int32), [num_tokens], [0, num_tokens],
+                            [num_tokens - 1] * num_sample_rows, [])  # fmt: skip
+        hidden = self._forward_eager(inputs)
+        self.model.compute_logits(hidden[-1:].expand(num_sample_rows, -1).contiguous())
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        self.kv_cache = None
+        for layer in self.model.attention_layers():
+            layer.bind_kv_cache(None, None)
+        torch.cuda.empty_cache()
+        return peak
+
+    def capture_cuda_graphs(self, max_batch_size: int) -> None:
+        """Capture decode steps for a ladder of batch sizes up to ``max_batch_size``."""
+        self.graphs = DecodeGraphs(self.model, self.device, max_batch_size,
+                                   math.ceil(self.max_model_len / self.block_size), self.max_model_len)  # fmt: skip
+        self.graphs.capture()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
+
+    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slot_mapping).to(self.device),
-            block_tables=torch.from_numpy(block_tables).to(self.device),
-            seq_lens=seq_lens,
-            query_start_loc=query_start_loc,
-            max_query_len=max(b - a for a, b in zip(query_start_loc, query_start_loc[1:], strict=False)),
-            max_seq_len=max(seq_lens),
+            slot_mapping=self._to_device(inputs.slot_mapping),
+            block_tables=self._to_device(inputs.block_tables),
+            seq_lens_tensor=self._to_device(np.asarray(inputs.seq_lens, dtype=np.int32)),
+            query_start_loc_tensor=self._to_device(np.asarray(inputs.query_start_loc, dtype=np.int32)),
+            seq_lens=inputs.seq_lens,
+            query_start_loc=inputs.query_start_loc,
+            max_query_len=max(b - a for a, b in zip(inputs.query_start_loc, inputs.query_start_loc[1:], strict=False)),
+            max_seq_len=max(inputs.seq_lens),
         )
-        ids = torch.from_numpy(input_ids).to(self.device)
-        pos_t = torch.from_numpy(positions).to(self.device)
-        return ids, pos_t, meta, logits_rows, sample_ids
+        return self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions), meta)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> ModelOutput:
         """Run the model on one step; logits only for the rows that end a request's known tokens."""
-        input_ids, positions, meta, rows, sample_ids = self.prepare(out)
-        hidden = self.model(input_ids, positions, meta)
-        if not rows:
-            return ModelOutput(sample_ids, hidden.new_empty((0, 0), dtype=torch.float32))
-        index = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        return ModelOutput(sample_ids, self.model.compute_logits(hidden.index_select(0, index)))
+        inputs = flatten_step(out, self.block_size)
+        if self.graphs is not None and inputs.is_decode and self.graphs.can_run(len(inputs.seq_lens)):
+            hidden = self.graphs.run(inputs)
+        else:
+            hidden = self._forward_eager(inputs)
+        if not inputs.logits_rows:
+            return ModelOutput([], hidden.new_empty((0, 0), dtype=torch.float32))
+        if len(inputs.logits_rows) != hidden.shape[0]:
+            hidden = hidden.index_select(0, self._to_device(np.asarray(inputs.logits_rows, dtype=np.int64)))
+        return ModelOutput(inputs.sample_ids, self.model.compute_logits(hidden))

@@ -11,6 +11,7 @@ with the environment the stub needs (docs/serving.md explains each piece).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -291,13 +292,15 @@ class TritonServer:
 
 
 def _usage(server: TritonServer, model: str) -> str:
-    http = f"http://{server.url_http}"
+    http = f"http://{server.url_http}/v2/models/{model}"
+    generate = {"text_input": "The capital of France is", "max_tokens": 16, "temperature": 0}
+    chat = json.dumps([{"role": "user", "content": "Hi!"}])
+    stream = {"messages": chat, "max_tokens": 64, "stream": True, "exclude_input_in_output": True}
     return (
-        f"\ninflight is ready: HTTP {http}  gRPC {server.url_grpc}  metrics http://{server.url_metrics}/metrics\n"
-        f"  curl -s -X POST {http}/v2/models/{model}/generate "
-        '-d \'{"text_input": "The capital of France is", "max_tokens": 16, "temperature": 0}\'\n'
-        f"  curl -N -X POST {http}/v2/models/{model}/generate_stream "
-        '-d \'{"messages": "[{\\"role\\": \\"user\\", \\"content\\": \\"Hi!\\"}]", "max_tokens": 32}\'\n'
+        f"\ninflight is ready: HTTP {server.url_http}, gRPC {server.url_grpc}, "
+        f"metrics http://{server.url_metrics}/metrics\n"
+        f"  curl -s -X POST {http}/generate -d '{json.dumps(generate)}'\n"
+        f"  curl -N -X POST {http}/generate_stream -d '{json.dumps(stream)}'\n"
         f'  python -m inflight.client "Name three colors." --chat --stream --url {server.url_grpc}\n'
         "Ctrl-C stops the server.\n"
     )
@@ -339,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
             repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
             log_verbose=args.log_verbose,
         )  # fmt: skip
-        signal.signal(signal.SIGTERM, _raise_interrupt)
+        # NOTE: SIGINT too: a shell starts background jobs with SIGINT ignored, which Python then keeps.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _raise_interrupt)
         try:
             server.wait_ready(args.ready_timeout)
             print(_usage(server, args.model_name), flush=True)

@@ -1,15 +1,26 @@
-"""The operations the model layers call, dispatched by device.
+"""Elementwise operations the model layers call, dispatched by device.
 
-NOTE: today every device runs the torch references; the OpenAI Triton kernels plug in here, chosen by
-``tensor.is_cuda``, so the layers never change.
+CUDA tensors run the OpenAI Triton kernels; CPU tensors the torch references (the CPU path is for
+development and CI). Attention dispatches in ``inflight.backend.layers.attention``.
 """
 
 from __future__ import annotations
 
-from .activation import silu_and_mul_reference as silu_and_mul
-from .paged_attention import paged_attention_reference as paged_attention
-from .paged_attention import write_kv_cache_reference as write_kv_cache
-from .rms_norm import rms_norm_reference as rms_norm
-from .rotary import rotary_embedding_reference as rotary_embedding
+import torch
 
-__all__ = ["paged_attention", "rms_norm", "rotary_embedding", "silu_and_mul", "write_kv_cache"]
+from . import activation
+from . import rms_norm as _rms_norm
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(rmsnorm(x + residual) * weight, x + residual)``; the second is None without residual."""
+    if x.is_cuda:
+        return _rms_norm.rms_norm(x, weight, eps, residual)
+    return _rms_norm.rms_norm_reference(x, weight, eps, residual)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(x[..., :d]) * x[..., d:]``."""
+    return activation.silu_and_mul(x) if x.is_cuda else activation.silu_and_mul_reference(x)

@@ -1,4 +1,8 @@
-"""Paged attention layer: writes this step's K/V into the cache, then attends through block tables."""
+"""Paged attention layer: RoPE and the write of this step's K/V into the cache, then attention over it.
+
+On CUDA the OpenAI Triton kernels run (RoPE fused with the cache write; split-K decode attention when
+every sequence has one new token, else varlen prefill attention); on CPU the torch references.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +11,41 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...kernels import ops
+from ...kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
+from ...kernels.rotary import rotary_embedding_reference
+from .rotary import RotaryEmbedding
 
 
 @dataclass
 class AttentionMetadata:
     """Where a step's tokens sit in the paged KV cache; built once per step by the model runner."""
 
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset; -1 = padding
     block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the null block 0
-    seq_lens: list[int]  # per sequence: cached tokens after this step
-    query_start_loc: list[int]  # [num_seqs + 1] prefix sums of the tokens computed this step
+    seq_lens_tensor: torch.Tensor  # [num_seqs] int32: cached tokens after this step
+    query_start_loc_tensor: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: list[int]  # the same on the host (the CPU reference path)
+    query_start_loc: list[int]
     max_query_len: int
-    max_seq_len: int
+    max_seq_len: int  # an upper bound of seq_lens (a CUDA graph uses max_model_len)
+
+    @property
+    def is_decode(self) -> bool:
+        """Every sequence computes exactly one new token."""
+        return self.max_query_len == 1
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query attention over the paged cache of one layer."""
+    """Multi-head / grouped-query attention with RoPE over the paged cache of one layer."""
 
-    def __init__(
-        self,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        scale: float,
-        sliding_window: int | None = None,
-    ) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 rotary: RotaryEmbedding, sliding_window: int | None = None) -> None:  # fmt: skip
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
+        self.rotary_emb = rotary
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
@@ -45,20 +53,30 @@ class Attention(nn.Module):
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
-    ) -> torch.Tensor:
-        """``q [T, H, D]``, ``k``/``v [T, KVH, D]`` -> ``[T, H * D]``."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
+        """``q [T, H, D]``, ``k``/``v [T, KVH, D]`` before RoPE -> ``[T, H * D]``."""
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
-        ops.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        out = ops.paged_attention(
-            q,
-            self.k_cache,
-            self.v_cache,
-            meta.block_tables,
-            meta.seq_lens,
-            meta.query_start_loc,
-            self.scale,
-            self.sliding_window,
-        )
+        cos_sin = self.rotary_emb.cos_sin_cache
+        if q.is_cuda:
+            out = self._forward_cuda(positions, q, k, v, cos_sin, meta)
+        else:
+            q, k = rotary_embedding_reference(positions, q, k, cos_sin)
+            write_kv_cache_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            out = paged_attention_reference(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, self.scale, self.sliding_window)  # fmt: skip
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
+
+    def _forward_cuda(self, positions, q, k, v, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
+        from ...kernels.paged_decode_attention import paged_decode_attention
+        from ...kernels.paged_prefill_attention import paged_prefill_attention
+        from ...kernels.rotary import rotary_embedding_write_kv_cache
+
+        q = rotary_embedding_write_kv_cache(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
+                                            meta.slot_mapping)  # fmt: skip
+        if meta.is_decode:
+            return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens_tensor,
+                                          self.scale, self.sliding_window, max_seq_len=meta.max_seq_len)
+        return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens_tensor,
+                                       meta.query_start_loc_tensor, self.scale, self.sliding_window,
+                                       max_query_len=meta.max_query_len)  # fmt: skip

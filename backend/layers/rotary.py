@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...kernels import ops
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -51,7 +50,7 @@ def compute_inv_freq(rotary_dim: int, params: dict[str, Any]) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k from a precomputed ``[max_position, rotary_dim]`` cos|sin table."""
+    """The precomputed ``[max_position, rotary_dim]`` cos|sin table that attention rotates q and k by."""
 
     def __init__(self, head_dim: int, rotary_dim: int, max_position: int, params: dict[str, Any]) -> None:
         super().__init__()
@@ -73,7 +72,3 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)
         table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
         self.cos_sin_cache = table.to(self.cos_sin_cache.device)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """``q [T, H, D]``, ``k [T, KVH, D]`` rotated by ``positions [T]``."""
-        return ops.rotary_embedding(positions, q, k, self.cos_sin_cache)

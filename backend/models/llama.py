@@ -51,12 +51,13 @@ class LlamaAttention(nn.Module):
         )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.head_dim, max_position, cfg.rope)
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.head_dim, max_position, cfg.rope)
         self.attn = Attention(
             self.num_heads,
             self.num_kv_heads,
             cfg.head_dim,
             cfg.head_dim**-0.5,
+            rotary,
             cfg.sliding_windows[layer_index],
         )
 
@@ -67,9 +68,8 @@ class LlamaAttention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta))
+            q, k = self.q_norm(q.contiguous()), self.k_norm(k.contiguous())
+        return self.o_proj(self.attn(positions, q, k, v, meta))
 
 
 class LlamaMLP(nn.Module):

@@ -1,0 +1,104 @@
+"""CUDA graphs for decode steps (one new token per sequence).
+
+A ladder of batch sizes is captured largest first into one memory pool. A step of ``n`` sequences
+replays the smallest captured size ``>= n``: rows past ``n`` are padding with slot -1 (the cache write
+skips them) and sequence length 0 (decode attention returns zeros for them). Decode attention inside a
+graph splits every sequence by ``max_model_len``, so the captured grid never depends on the step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers.attention import AttentionMetadata
+
+if TYPE_CHECKING:
+    from .model_runner import StepInputs
+
+logger = logging.getLogger("inflight")
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to ``max_batch_size`` (which is always included)."""
+    sizes = {s for s in (1, 2, 4, 8) if s <= max_batch_size}
+    sizes.update(range(16, max_batch_size + 1, 16))
+    sizes.add(max_batch_size)
+    return sorted(sizes)
+
+
+class DecodeGraphs:
+    """Captured decode forwards and their static input buffers."""
+
+    def __init__(self, model: nn.Module, device: torch.device, max_batch_size: int, max_blocks_per_seq: int,
+                 max_model_len: int) -> None:  # fmt: skip
+        self.model = model
+        self.device = device
+        self.sizes = graph_batch_sizes(max_batch_size)
+        self.max_model_len = max_model_len
+        n = self.sizes[-1]
+
+        def buffer(*shape: int, dtype: torch.dtype, fill: int = 0) -> torch.Tensor:
+            return torch.full(shape, fill, dtype=dtype, device=device)
+
+        self.input_ids = buffer(n, dtype=torch.int64)
+        self.positions = buffer(n, dtype=torch.int64)
+        self.slot_mapping = buffer(n, dtype=torch.int64, fill=-1)
+        self.block_tables = buffer(n, max_blocks_per_seq, dtype=torch.int32)
+        self.seq_lens = buffer(n, dtype=torch.int32)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            seq_lens_tensor=self.seq_lens[:bs],
+            query_start_loc_tensor=self.query_start_loc[: bs + 1],
+            seq_lens=[],
+            query_start_loc=[],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.monotonic()
+        pool = None
+        for bs in reversed(self.sizes):
+            meta = self._meta(bs)
+            self.model(self.input_ids[:bs], self.positions[:bs], meta)  # warm-up: compiles the kernels
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[bs] = self.model(self.input_ids[:bs], self.positions[:bs], meta)
+            pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self.sizes), self.sizes[-1],
+                    time.monotonic() - start)  # fmt: skip
+
+    def can_run(self, num_seqs: int) -> bool:
+        return num_seqs <= self.sizes[-1]
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Replay the graph for ``len(inputs.seq_lens)`` sequences; returns their hidden states."""
+        n = len(inputs.seq_lens)
+        bs = next(s for s in self.sizes if s >= n)
+        width = inputs.block_tables.shape[1]
+        self.input_ids[:n].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
+        self.positions[:n].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
+        self.slot_mapping[:n].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
+        self.seq_lens[:n].copy_(torch.from_numpy(np.asarray(inputs.seq_lens, dtype=np.int32)), non_blocking=True)
+        self.block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].fill_(0)
+        self.graphs[bs].replay()
+        return self.outputs[bs][:n]
