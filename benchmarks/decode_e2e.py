@@ -1,6 +1,6 @@
 """End-to-end batch-1 decode speed against the weight-read roofline, next to HF transformers eager.
 
-    python -m benchmarks.decode_e2e --model /tmp/inflight-llama3-8b-random --out benchmarks/results/x.json
+    python -m benchmarks.decode_e2e --model /tmp/inflight-llama31-8b-random --out benchmarks/results/x.json
 
 Roofline: every decode step reads every weight once (the input embedding only one row), so
 ``tok/s <= copy bandwidth / bytes of weights``, with the copy bandwidth measured in the same run.
@@ -78,7 +78,7 @@ def bench_hf(path: Path, prompt_len: int, new_tokens: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=Path("/tmp/inflight-llama3-8b-random"))
+    parser.add_argument("--model", type=Path, default=Path("/tmp/inflight-llama31-8b-random"))
     parser.add_argument("--tokenizer-dir", type=Path, default=Path(".gpu/tok"))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)

@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 SHAPES = {
-    # Llama-3-8B / 3.1-8B: 32 layers, 4096 hidden, 32 query / 8 KV heads, 14336 MLP, 128256 vocab.
+    # Llama-3.1-8B: 32 layers, 4096 hidden, 32 query / 8 KV heads, 14336 MLP, 128256 vocab.
     "llama3-8b": dict(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
         tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
         rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                              high_freq_factor=4.0, original_max_position_embeddings=8192),
