@@ -193,11 +193,13 @@ class LLMEngine:
         if not scheduled.scheduled:
             return outputs
         try:
+            states = [self._requests[r.request_id] for r in scheduled.scheduled if r.needs_sample]
+            # NOTE: built before the forward, so its host-to-device copies do not wait for the GPU.
+            batch = self._sampling_batch(states) if states else None
             model_output = self.runner.execute(scheduled)
-            if not model_output.request_ids:
+            if batch is None:
                 return outputs
-            states = [self._requests[rid] for rid in model_output.request_ids]
-            sampled = self._sample(model_output.logits, states)
+            sampled = self._sample(model_output.logits, states, batch)
         except Exception as exc:  # noqa: BLE001 - a failed step ends its own requests, not the engine
             logger.exception("engine step failed")
             for entry in scheduled.scheduled:
@@ -218,18 +220,20 @@ class LLMEngine:
             outputs.append(self._process_token(state, token_id, logprob))
         return outputs
 
-    def _sample(
-        self, logits: torch.Tensor, states: list[_RequestState]
-    ) -> tuple[list[int], list[TokenLogprob]]:
-        batch = SamplingBatch.build(
+    def _sampling_batch(self, states: list[_RequestState]) -> SamplingBatch:
+        return SamplingBatch.build(
             [s.params for s in states],
             [s.request.prompt_token_ids for s in states],
             [s.request.output_token_ids for s in states],
-            vocab_size=logits.shape[-1],
-            device=logits.device,
+            vocab_size=self.model_config.vocab_size,
+            device=self.device,
             eos_token_ids=self.eos_token_ids,
             bad_words_token_ids=[s.bad_words_token_ids for s in states],
         )
+
+    def _sample(
+        self, logits: torch.Tensor, states: list[_RequestState], batch: SamplingBatch
+    ) -> tuple[list[int], list[TokenLogprob]]:
         out = self.sampler(logits, batch)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host synchronisation
         sampled_lp = out.logprobs.tolist()
