@@ -62,7 +62,8 @@ def _write_kv_cache_kernel(
     heads = tl.arange(0, BLOCK_H)[:, None]
     dims = tl.arange(0, BLOCK_D)[None, :]
     # NOTE: a padded row (negative slot) masks every load and store instead of returning early.
-    mask = (heads < num_kv_heads) & (dims < head_dim) & (slot >= 0)
+    # NOTE: `block & (scalar >= 0)` comes out int32 in Triton's interpreter: compare a block instead.
+    mask = (heads < num_kv_heads) & (dims < head_dim) & (heads * 0 + slot >= 0)
     k = tl.load(key_ptr + token * stride_key_token + heads * stride_key_head + dims, mask=mask)
     v = tl.load(value_ptr + token * stride_value_token + heads * stride_value_head + dims, mask=mask)
     cache_offset = (
@@ -87,7 +88,9 @@ def check_kv_cache(
     if v_cache.shape != k_cache.shape or v_cache.stride() != k_cache.stride():
         raise ValueError(f"{who}: v_cache must have k_cache's shape and strides")
     if k_cache.dtype not in FLOAT_DTYPES or v_cache.dtype != k_cache.dtype:
-        raise ValueError(f"{who}: caches must both be fp32, fp16 or bf16, got {k_cache.dtype}/{v_cache.dtype}")
+        raise ValueError(
+            f"{who}: caches must both be fp32, fp16 or bf16, got {k_cache.dtype}/{v_cache.dtype}"
+        )
     if k_cache.stride(-1) != 1:
         raise ValueError(f"{who}: the caches' head_dim must be contiguous")
 

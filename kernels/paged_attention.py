@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import write_kv_cache_reference  # noqa: F401  (re-exported: kernels.ops imports it here)
+from .paged_decode_attention import paged_decode_attention
+from .paged_prefill_attention import paged_prefill_attention
 
 
 def paged_attention_reference(
@@ -59,3 +61,39 @@ def paged_attention_reference(
         o = torch.einsum("kgqt,tkd->qkgd", probs, v)
         out[q_start:q_end] = o.reshape(q_len, num_heads, head_dim).to(query.dtype)
     return out
+
+
+def paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks_per_seq] int32
+    seq_lens: torch.Tensor,  # [num_seqs] int32, on query's device
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32, on query's device
+    scale: float,
+    sliding_window: int | None = None,
+    *,
+    max_query_len: int,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """The Triton form of ``paged_attention_reference``: the decode kernel when every sequence has one
+    query token this step, the prefill kernel otherwise (mixed batches included).
+
+    ``max_query_len`` and ``max_seq_len`` are host-side bounds (``AttentionMetadata`` has them), so no
+    device-to-host sync happens here.
+    """
+    if max_query_len == 1 and query.shape[0] == seq_lens.shape[0]:
+        return paged_decode_attention(
+            query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, max_seq_len=max_seq_len
+        )
+    return paged_prefill_attention(
+        query,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        sliding_window,
+        max_query_len=max_query_len,
+    )

@@ -119,7 +119,8 @@ def _rotary_kernel(
         # The rotated key is rounded to k's dtype first, as the unfused rotate-then-write does.
         k_ty = k_ptr.dtype.element_ty
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
-        store_mask = kv_mask & (slot >= 0)
+        # NOTE: `block & (scalar >= 0)` comes out int32 in Triton's interpreter: compare a block instead.
+        store_mask = kv_mask & (heads * 0 + slot >= 0)
         cache_row = (
             (slot // block_size) * stride_cache_block
             + (slot % block_size) * stride_cache_slot
@@ -153,11 +154,13 @@ def _check_rotary_inputs(
     check_heads(who, "k", k, num_tokens, head_dim)
     if positions.shape != (num_tokens,) or positions.dtype not in (torch.int32, torch.int64):
         raise ValueError(
-            f"{who}: positions must be [{num_tokens}] int32/int64, got {tuple(positions.shape)} {positions.dtype}"
+            f"{who}: positions must be [{num_tokens}] int32/int64, "
+            f"got {tuple(positions.shape)} {positions.dtype}"
         )
     if cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim or cos_sin_cache.dtype != torch.float32:
         raise ValueError(
-            f"{who}: cos_sin_cache must be [max_position, {head_dim}] fp32 (partial rotary is not supported), "
+            f"{who}: cos_sin_cache must be [max_position, {head_dim}] fp32 "
+            "(partial rotary is not supported), "
             f"got {tuple(cos_sin_cache.shape)} {cos_sin_cache.dtype}"
         )
     if cos_sin_cache.stride(-1) != 1:

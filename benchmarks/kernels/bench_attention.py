@@ -1,0 +1,316 @@
+"""Paged attention kernels on the GPU, against the memory / tensor-core ceilings measured in the same run
+and next to torch SDPA on the same shapes (contiguous K/V).
+
+    python -m benchmarks.kernels.bench_attention --out benchmarks/results/attention-h100.json
+    (or: python benchmarks/kernels/bench_attention.py --out ...)
+
+Decode (batch 64, context 4096, 32 query / 8 KV heads, head_dim 128, bf16, block size 16, shuffled block
+ids): GB/s of K/V read (every cached K and V byte once), and % of the device-to-device copy bandwidth
+(read + write counted). Prefill (one 4096-token causal sequence, same heads): TFLOP/s counting the causal
+half, ``4 * T^2 / 2 * H * D``, and % of a bf16 8192^3 torch.matmul. Each kernel runs a small sweep of
+its tuning knobs; the table shows the default and the best, the JSON all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.common import copy_bandwidth_gbs, environment, matmul_tflops, write_result  # noqa: E402
+from inflight.kernels.paged_decode_attention import (  # noqa: E402
+    DEFAULT_BLOCK_N,
+    DEFAULT_PARTITION_SIZE,
+    paged_decode_attention,
+)
+from inflight.kernels.paged_prefill_attention import (  # noqa: E402
+    default_prefill_blocks,
+    paged_prefill_attention,
+)
+
+
+def bench_ms(fn) -> float:
+    """Median milliseconds of ``fn`` (triton's do_bench: warm-up, L2 flushed between runs)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def paged_cache(
+    num_seqs: int, seq_len: int, num_kv_heads: int, head_dim: int, block_size: int, shuffle: bool
+):
+    """K/V caches holding ``num_seqs`` sequences of ``seq_len`` tokens, their block table (shuffled ids
+    unless ``shuffle`` is False), and the same K/V as contiguous ``[num_seqs, num_kv_heads, seq_len, D]``."""
+    blocks_per_seq = -(-seq_len // block_size)
+    num_blocks = num_seqs * blocks_per_seq + 1
+    ids = torch.arange(1, num_blocks)
+    if shuffle:
+        ids = ids[torch.randperm(num_blocks - 1)]
+    block_tables = ids.view(num_seqs, blocks_per_seq).to(torch.int32).cuda()
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    v_cache = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+
+    def contiguous(cache: torch.Tensor) -> torch.Tensor:
+        seqs = cache[block_tables.long()].view(num_seqs, blocks_per_seq * block_size, num_kv_heads, head_dim)
+        return seqs[:, :seq_len].transpose(1, 2).contiguous()
+
+    return k_cache, v_cache, block_tables, contiguous(k_cache), contiguous(v_cache)
+
+
+def sdpa(q, k, v, causal: bool) -> tuple[str, float, torch.Tensor]:
+    """torch SDPA with GQA (``enable_gqa``), the first backend that accepts it: (name, ms, output)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    errors = []
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.MATH,
+    ):
+
+        def run(backend=backend):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+
+        try:
+            out = run()
+        except RuntimeError as e:
+            errors.append(f"{backend.name}: {str(e).splitlines()[0][:120]}")
+            continue
+        return backend.name, bench_ms(run), out
+    raise RuntimeError("no SDPA backend ran: " + "; ".join(errors))
+
+
+def bench_decode(args, copy_gbs: float) -> dict:
+    b, ctx, h, kvh, d = args.batch, args.context, args.heads, args.kv_heads, args.head_dim
+    bs = args.block_size
+    scale = d**-0.5
+    k_cache, v_cache, block_tables, k, v = paged_cache(b, ctx, kvh, d, bs, shuffle=True)
+    q = torch.randn(b, h, d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    kv_bytes = 2 * b * kvh * ctx * d * k_cache.element_size()
+
+    def row(ms: float, **extra) -> dict:
+        gbs = kv_bytes / (ms / 1e3) / 1e9
+        return {
+            **extra,
+            "ms": round(ms, 4),
+            "kv_gbs": round(gbs, 1),
+            "pct_copy": round(100 * gbs / copy_gbs, 1),
+        }
+
+    configs = []
+    for partition_size in (256, 512, 1024):
+        for block_n in (32, 64, 128):
+
+            def run(p=partition_size, n=block_n):
+                return paged_decode_attention(
+                    q,
+                    k_cache,
+                    v_cache,
+                    block_tables,
+                    seq_lens,
+                    scale,
+                    max_seq_len=ctx,
+                    partition_size=p,
+                    block_n=n,
+                )
+
+            configs.append(row(bench_ms(run), partition_size=partition_size, block_n=block_n))
+    default = next(
+        c
+        for c in configs
+        if c["partition_size"] == DEFAULT_PARTITION_SIZE and c["block_n"] == DEFAULT_BLOCK_N
+    )
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=ctx)
+
+    # The same K/V with the block ids in order: what the gather through a shuffled table costs.
+    ordered_k, ordered_v, ordered_tables, _, _ = paged_cache(b, ctx, kvh, d, bs, shuffle=False)
+
+    def run_ordered():
+        return paged_decode_attention(
+            q, ordered_k, ordered_v, ordered_tables, seq_lens, scale, max_seq_len=ctx
+        )
+
+    ordered = row(bench_ms(run_ordered))
+
+    backend, sdpa_ms, sdpa_out = sdpa(q.unsqueeze(2), k, v, causal=False)
+    max_diff = (out.float() - sdpa_out.squeeze(2).float()).abs().max().item()
+    return {
+        "shape": dict(batch=b, context=ctx, heads=h, kv_heads=kvh, head_dim=d, block_size=bs, dtype="bf16"),
+        "kv_bytes": kv_bytes,
+        "default": default,
+        "best": min(configs, key=lambda c: c["ms"]),
+        "ordered_block_ids": ordered,
+        "sweep": configs,
+        "sdpa": row(sdpa_ms, backend=backend),
+        "max_abs_diff_vs_sdpa": max_diff,
+    }
+
+
+def bench_prefill(args, matmul_rate: float) -> dict:
+    t, h, kvh, d, bs = args.prefill_tokens, args.heads, args.kv_heads, args.head_dim, args.block_size
+    scale = d**-0.5
+    k_cache, v_cache, block_tables, k, v = paged_cache(1, t, kvh, d, bs, shuffle=True)
+    q = torch.randn(t, h, d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.tensor([t], dtype=torch.int32, device="cuda")
+    query_start_loc = torch.tensor([0, t], dtype=torch.int32, device="cuda")
+    flops = 4 * t * t / 2 * h * d
+
+    def row(ms: float, **extra) -> dict:
+        tflops = flops / (ms / 1e3) / 1e12
+        return {
+            **extra,
+            "ms": round(ms, 4),
+            "tflops": round(tflops, 1),
+            "pct_matmul": round(100 * tflops / matmul_rate, 1),
+        }
+
+    configs = []
+    for block_m, block_n, num_warps, num_stages in (
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 128, 8, 2),
+        (64, 64, 4, 3),
+        (128, 32, 4, 3),
+        (64, 128, 4, 2),
+    ):
+
+        def run(m=block_m, n=block_n, w=num_warps, s=num_stages):
+            return paged_prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                block_tables,
+                seq_lens,
+                query_start_loc,
+                scale,
+                max_query_len=t,
+                block_m=m,
+                block_n=n,
+                num_warps=w,
+                num_stages=s,
+            )
+
+        try:
+            configs.append(
+                row(
+                    bench_ms(run),
+                    block_m=block_m,
+                    block_n=block_n,
+                    num_warps=num_warps,
+                    num_stages=num_stages,
+                )
+            )
+        except Exception as e:  # e.g. out of shared memory: record it, keep going
+            configs.append(
+                dict(
+                    block_m=block_m,
+                    block_n=block_n,
+                    num_warps=num_warps,
+                    num_stages=num_stages,
+                    error=str(e).splitlines()[0][:200],
+                )
+            )
+    ran = [c for c in configs if "ms" in c]
+    default_m, default_n = default_prefill_blocks(d, h // kvh, on_gpu=True)
+    default = next(
+        (
+            c
+            for c in ran
+            if c["block_m"] == default_m
+            and c["block_n"] == default_n
+            and c["num_warps"] == 8
+            and c["num_stages"] == 2
+        ),
+        None,
+    )
+    out = paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=t
+    )
+    backend, sdpa_ms, sdpa_out = sdpa(q.transpose(0, 1).unsqueeze(0), k, v, causal=True)
+    max_diff = (out.float() - sdpa_out[0].transpose(0, 1).float()).abs().max().item()
+    return {
+        "shape": dict(tokens=t, heads=h, kv_heads=kvh, head_dim=d, block_size=bs, dtype="bf16", causal=True),
+        "flops": flops,
+        "default": default,
+        "best": min(ran, key=lambda c: c["ms"]),
+        "sweep": configs,
+        "sdpa": row(sdpa_ms, backend=backend),
+        "max_abs_diff_vs_sdpa": max_diff,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="where to write the JSON result")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--prefill-tokens", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=16)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_attention needs a CUDA device")
+    torch.manual_seed(0)
+
+    copy_gbs = copy_bandwidth_gbs()
+    matmul_rate = matmul_tflops()
+    decode = bench_decode(args, copy_gbs)
+    torch.cuda.empty_cache()
+    prefill = bench_prefill(args, matmul_rate)
+    result = {
+        **environment(),
+        "ceilings": {
+            "copy_gbs_read_plus_write": round(copy_gbs, 1),
+            "bf16_matmul_8192_tflops": round(matmul_rate, 1),
+        },
+        "decode": decode,
+        "prefill": prefill,
+    }
+    write_result(args.out, result)
+
+    print(f"\n{result['device']}  torch {result['versions']['torch']}  triton {result['versions']['triton']}")
+    print(f"ceilings: copy {copy_gbs:,.0f} GB/s (read+write), bf16 matmul {matmul_rate:,.0f} TFLOP/s")
+    s = decode["shape"]
+    heads = f"{s['heads']}/{s['kv_heads']} heads, d{s['head_dim']}"
+    print(f"\ndecode  batch {s['batch']} x ctx {s['context']}, {heads}")
+    print(f"{'':28}{'ms':>9}{'KV GB/s':>10}{'% copy':>8}")
+    for name, r in (
+        ("triton (default)", decode["default"]),
+        (f"triton best p{decode['best']['partition_size']} n{decode['best']['block_n']}", decode["best"]),
+        ("triton, ordered block ids", decode["ordered_block_ids"]),
+        (f"torch SDPA ({decode['sdpa']['backend'].lower()})", decode["sdpa"]),
+    ):
+        print(f"{name:28}{r['ms']:9.3f}{r['kv_gbs']:10,.0f}{r['pct_copy']:7.1f}%")
+    print(f"max |triton - sdpa| = {decode['max_abs_diff_vs_sdpa']:.2e}")
+    s = prefill["shape"]
+    print(f"\nprefill {s['tokens']} tokens causal, {s['heads']}/{s['kv_heads']} heads, d{s['head_dim']}")
+    print(f"{'':28}{'ms':>9}{'TFLOP/s':>10}{'% mm':>8}")
+    best = prefill["best"]
+    rows = [
+        ("triton (default)", prefill["default"]),
+        (
+            f"triton best m{best['block_m']} n{best['block_n']} w{best['num_warps']} s{best['num_stages']}",
+            best,
+        ),
+        (f"torch SDPA ({prefill['sdpa']['backend'].lower()})", prefill["sdpa"]),
+    ]
+    for name, r in rows:
+        if r is not None:
+            print(f"{name:28}{r['ms']:9.3f}{r['tflops']:10,.1f}{r['pct_matmul']:7.1f}%")
+    print(f"max |triton - sdpa| = {prefill['max_abs_diff_vs_sdpa']:.2e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Paged prefill attention (varlen, causal) and the decode/prefill dispatch, against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inflight.kernels.paged_attention import paged_attention, paged_attention_reference
+from inflight.kernels.paged_prefill_attention import paged_prefill_attention
+
+from .conftest import ATTENTION_TOL, assert_close
+from .paged_cases import make_paged_case
+
+# (num_heads, num_kv_heads, head_dim, block_size, seq_lens, query_lens, sliding_window, block_m, block_n)
+CASES = {
+    # SmolLM2's 9/3 heads, whole prompts from position 0.
+    "smollm2-full-prompts": (9, 3, 64, 16, [23, 40], [23, 40], None, None, None),
+    # Chunked prefill (queries start mid-sequence after a cached prefix), a decode row, an empty row.
+    "chunked-mixed": (12, 3, 64, 16, [50, 37, 9, 30], [18, 1, 9, 0], None, None, None),
+    # Group 8 (BLOCK_Q = 2 tokens per 16-row tile), a prefix-cache hit of 32 tokens.
+    "gqa8-prefix-hit": (8, 1, 64, 16, [45], [13], None, None, None),
+    # MHA, head_dim 128, a block size of 5.
+    "mha-d128-block5": (6, 6, 128, 5, [33, 19], [13, 19], None, None, None),
+    # Sliding window shorter than the prompt, with a cached prefix.
+    "window": (8, 2, 64, 16, [60, 41], [35, 41], 13, None, None),
+    # Larger tiles: unmasked phase-1 tiles and diagonal tiles in one program, window on.
+    "big-tiles-window": (4, 2, 64, 16, [70, 64], [50, 64], 40, 32, 16),
+    "big-tiles": (4, 2, 64, 16, [70, 64], [50, 64], None, 32, 32),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(device, dtype, name) -> None:
+    num_heads, num_kv_heads, head_dim, block_size, seq_lens, query_lens, window, block_m, block_n = CASES[
+        name
+    ]
+    case = make_paged_case(num_heads, num_kv_heads, head_dim, block_size, seq_lens, query_lens, dtype, device)
+    scale = head_dim**-0.5
+    out = paged_prefill_attention(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens_t(),
+        case.query_start_loc_t(),
+        scale,
+        window,
+        block_m=block_m,
+        block_n=block_n,
+    )
+    ref = paged_attention_reference(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens,
+        case.query_start_loc,
+        scale,
+        window,
+    )
+    assert_close(out, ref, ATTENTION_TOL[dtype])
+
+
+@pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 4, 1]], ids=["decode", "mixed"])
+def test_dispatch_matches_reference(device, query_lens) -> None:
+    """`paged_attention` takes the decode kernel for one token per sequence, the prefill one otherwise."""
+    seq_lens = [20, 33, 7]
+    case = make_paged_case(9, 3, 64, 16, seq_lens, query_lens, torch.float32, device)
+    out = paged_attention(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens_t(),
+        case.query_start_loc_t(),
+        0.125,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+    )
+    ref = paged_attention_reference(
+        case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens, case.query_start_loc, 0.125
+    )
+    assert_close(out, ref, ATTENTION_TOL[torch.float32])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("window", [None, 300])
+def test_model_sized_on_cuda(dtype, window) -> None:
+    """Llama-3-8B's heads (32/8, d128), a whole 1000-token prompt, chunks after prefixes, a decode row."""
+    seq_lens, query_lens = [1000, 1500, 700, 260], [1000, 512, 1, 259]
+    case = make_paged_case(32, 8, 128, 16, seq_lens, query_lens, dtype, torch.device("cuda"))
+    out = paged_prefill_attention(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens_t(),
+        case.query_start_loc_t(),
+        128**-0.5,
+        window,
+    )
+    ref = paged_attention_reference(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens,
+        case.query_start_loc,
+        128**-0.5,
+        window,
+    )
+    assert_close(out, ref, ATTENTION_TOL[dtype])
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    case = make_paged_case(4, 2, 64, 16, [20, 5], [3, 5], torch.float32, torch.device("cpu"))
+    args = (case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t())
+    with pytest.raises(ValueError, match="query_start_loc must be"):
+        paged_prefill_attention(*args, case.query_start_loc_t()[:2], 0.125)
+    with pytest.raises(ValueError, match="query_start_loc must be"):
+        paged_prefill_attention(*args, case.query_start_loc_t().long(), 0.125)
+    with pytest.raises(ValueError, match="block_m must be"):
+        paged_prefill_attention(*args, case.query_start_loc_t(), 0.125, block_m=24)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        q = case.query.transpose(1, 2).contiguous().transpose(1, 2)
+        paged_prefill_attention(q, *args[1:], case.query_start_loc_t(), 0.125)
