@@ -51,8 +51,8 @@ def paged_attention_reference(
         v = v_cache.index_select(0, blocks).reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
         q = query[q_start:q_end].float().view(q_len, num_kv_heads, group, head_dim)
         scores = torch.einsum("qkgd,tkd->kgqt", q, k) * scale  # [kv_heads, group, q_len, seq_len]
-        q_pos = torch.arange(seq_len - q_len, seq_len).unsqueeze(1)
-        k_pos = torch.arange(seq_len).unsqueeze(0)
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=scores.device).unsqueeze(1)
+        k_pos = torch.arange(seq_len, device=scores.device).unsqueeze(0)
         allowed = k_pos <= q_pos
         if sliding_window is not None:
             allowed &= k_pos > q_pos - sliding_window
