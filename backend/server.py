@@ -52,12 +52,8 @@ def find_triton() -> TritonInstall:
             stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
             if not stub.is_file():
                 raise RuntimeError(f"nvidia-pytriton has no Python backend stub for Python {version}")
-            return TritonInstall(
-                root / "bin" / "tritonserver",
-                site / "nvidia_pytriton.libs",
-                root / "backends" / "python",
-                stub,
-            )
+            binary, libs = root / "bin" / "tritonserver", site / "nvidia_pytriton.libs"
+            return TritonInstall(binary, libs, root / "backends" / "python", stub)
     raise RuntimeError("tritonserver not found: install the serve extra (`pip install -e '.[serve]'`)")
 
 
@@ -69,15 +65,16 @@ def backend_directory(install: TritonInstall | None = None) -> Path:
     sources = [*sorted(install.python_backend_dir.glob("*.so")), *install.python_backend_dir.glob("*.py")]
     for src in [*sources, install.stub]:
         dst = target / src.name
-        if not dst.is_file() or (dst.stat().st_size, dst.stat().st_mtime) != (
-            src.stat().st_size,
-            src.stat().st_mtime,
-        ):
+        if not dst.is_file() or _signature(dst) != _signature(src):
             # NOTE: copy to a temp name then rename, so a concurrent start never sees a half-written file.
             tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
             shutil.copy2(src, tmp)
             os.replace(tmp, dst)
     return target.parent
+
+
+def _signature(path: Path) -> tuple[int, float]:
+    return path.stat().st_size, path.stat().st_mtime
 
 
 def _prepend(env: dict[str, str], name: str, *paths: Path | str) -> None:
@@ -113,23 +110,29 @@ def perf_env(base: dict[str, str] | None = None) -> dict[str, str]:
         if not matches:
             raise RuntimeError(f"{pattern} not found in {libs}")
         link = folder / name
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(matches[0])
+        if not link.is_symlink() or Path(os.readlink(link)) != matches[0]:
+            tmp = folder / f".{name}.{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(matches[0])
+            os.replace(tmp, link)  # NOTE: atomic, for concurrent callers
     env = dict(os.environ if base is None else base)
     _prepend(env, "LD_LIBRARY_PATH", folder)
     _prepend(env, "PATH", Path(sys.prefix) / "bin")
     return env
 
 
+def _parameter_pattern(key: str) -> re.Pattern[str]:
+    # `{ key: "KEY", value: { string_value: "VALUE" } }`: group 1 is everything before VALUE's quotes.
+    return re.compile(r'(key:\s*"' + re.escape(key) + r'"\s*,\s*value:\s*\{\s*string_value:\s*)"([^"]*)"')
+
+
 def set_parameters(config_text: str, parameters: dict[str, str]) -> str:
     """Replace the `string_value` of `parameters { key: ... }` entries of a config.pbtxt."""
     for key, value in parameters.items():
-        pattern = re.compile(
-            r'(key:\s*"' + re.escape(key) + r'"\s*,\s*value:\s*\{\s*string_value:\s*)"[^"]*"'
-        )
         escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-        config_text, count = pattern.subn(lambda m, v=escaped: f'{m.group(1)}"{v}"', config_text)
+        config_text, count = _parameter_pattern(key).subn(
+            lambda m, v=escaped: f'{m.group(1)}"{v}"', config_text
+        )
         if count != 1:
             raise ValueError(f"config.pbtxt has {count} parameters named {key!r} (expected one)")
     return config_text
@@ -137,19 +140,14 @@ def set_parameters(config_text: str, parameters: dict[str, str]) -> str:
 
 def get_parameter(config_text: str, key: str) -> str | None:
     """The `string_value` of one parameter, or None when the config does not list it."""
-    match = re.search(
-        r'key:\s*"' + re.escape(key) + r'"\s*,\s*value:\s*\{\s*string_value:\s*"([^"]*)"', config_text
-    )
-    return match.group(1) if match else None
+    match = _parameter_pattern(key).search(config_text)
+    return match.group(2) if match else None
 
 
 def write_model_repository(
-    src: Path,
-    dst: Path,
-    model: str = "llm",
-    parameters: dict[str, str] | None = None,
+    src: Path, dst: Path, model: str = "llm", parameters: dict[str, str] | None = None,
     cwd: Path | None = None,
-) -> Path:
+) -> Path:  # fmt: skip
     """Copy the repository `src` to `dst` with `parameters` set in `model`'s config; returns `dst`.
 
     Relative `model_path` / `tokenizer_path` values (given or already in the config) are made absolute
@@ -177,13 +175,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _free_ports(count: int) -> list[int]:
-    ports: set[int] = set()
-    while len(ports) < count:
-        ports.add(free_port())
-    return sorted(ports)
-
-
 def is_ready(http_url: str, timeout_s: float = 1.0) -> bool:
     """True when `GET http://<http_url>/v2/health/ready` answers 200."""
     try:
@@ -208,32 +199,23 @@ class TritonServer:
 
     @classmethod
     def start(
-        cls,
-        model_repository: Path | str,
-        *,
-        http_port: int | None = None,
-        grpc_port: int | None = None,
-        metrics_port: int | None = None,
-        log_verbose: int = 0,
-        log_path: Path | str | None = None,
-        env: dict[str, str] | None = None,
-        cwd: Path | str | None = None,
-        extra_args: list[str] | None = None,
-    ) -> TritonServer:
+        cls, model_repository: Path | str, *, http_port: int | None = None, grpc_port: int | None = None,
+        metrics_port: int | None = None, log_verbose: int = 0, log_path: Path | str | None = None,
+        env: dict[str, str] | None = None, cwd: Path | str | None = None, extra_args: list[str] | None = None,
+    ) -> TritonServer:  # fmt: skip
         """Launch tritonserver (free ports where none is given); output goes to `log_path` if given."""
-        picked = iter(_free_ports(3))
-        ports = tuple(p if p is not None else next(picked) for p in (http_port, grpc_port, metrics_port))
+        ports: list[int] = []
+        for port in (http_port, grpc_port, metrics_port):
+            while port is None or port in ports:
+                port = free_port()
+            ports.append(port)
         install = find_triton()
         command = [
-            str(install.binary),
-            f"--model-repository={Path(model_repository).resolve()}",
-            f"--backend-directory={backend_directory(install)}",
-            f"--http-port={ports[0]}",
-            f"--grpc-port={ports[1]}",
-            f"--metrics-port={ports[2]}",
-            f"--log-verbose={log_verbose}",
+            str(install.binary), f"--model-repository={Path(model_repository).resolve()}",
+            f"--backend-directory={backend_directory(install)}", f"--http-port={ports[0]}",
+            f"--grpc-port={ports[1]}", f"--metrics-port={ports[2]}", f"--log-verbose={log_verbose}",
             *(extra_args or []),
-        ]
+        ]  # fmt: skip
         log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (closed below)
         # NOTE: a session of its own: Ctrl-C reaches only us, and stop() can end the stubs with the server.
         process = subprocess.Popen(
@@ -242,7 +224,7 @@ class TritonServer:
         )  # fmt: skip
         if log is not None:
             log.close()
-        return cls(process, ports, Path(log_path) if log_path is not None else None)  # type: ignore[arg-type]
+        return cls(process, (ports[0], ports[1], ports[2]), Path(log_path) if log_path is not None else None)
 
     @property
     def url_http(self) -> str:
@@ -266,7 +248,7 @@ class TritonServer:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
-                    f"tritonserver exited with {self.process.returncode}:\n{self.log_text()[-6000:]}"
+                    f"tritonserver exited ({self.process.returncode}):\n{self.log_text()[-6000:]}"
                 )
             if is_ready(self.url_http):
                 return

@@ -98,7 +98,9 @@ def bench_hf(path: Path, prompt_len: int, new_tokens: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=Path("/tmp/inflight-llama31-8b-random"))
     parser.add_argument("--tokenizer-dir", type=Path, default=Path(".gpu/tok"))
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -123,11 +125,15 @@ def main() -> None:
         "hf_eager": hf,
     }
     write_result(args.out, result)
-    print(f"\n{'system':<14}{'tok/s':>9}{'% roofline':>12}\n{'inflight':<14}{ours['tok_s']:>9.1f}"
-          f"{100 * ours['tok_s'] / roofline:>11.1f}%   (step {ours['step_ms']} ms, GPU {ours['gpu_step_ms']} ms)")
+    print(
+        f"\n{'system':<14}{'tok/s':>9}{'% roofline':>12}\n{'inflight':<14}{ours['tok_s']:>9.1f}"
+        f"{100 * ours['tok_s'] / roofline:>11.1f}%   (step {ours['step_ms']} ms, GPU {ours['gpu_step_ms']} ms)"
+    )
     if hf:
         print(f"{'HF eager':<14}{hf['tok_s']:>9.1f}{100 * hf['tok_s'] / roofline:>11.1f}%")
-    print(f"roofline {roofline:.1f} tok/s = copy {copy_gbs:.0f} GB/s / {ours['weight_bytes_per_token'] / 1e9:.2f} GB")
+    print(
+        f"roofline {roofline:.1f} tok/s = copy {copy_gbs:.0f} GB/s / {ours['weight_bytes_per_token'] / 1e9:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""Random-weight checkpoints of real model shapes, written as ordinary HF folders (for GPU tests and benchmarks).
+"""Random-weight checkpoints of real model shapes as ordinary HF folders (GPU tests and benchmarks).
 
-    python -m benchmarks.random_models --shape llama3-8b --out /tmp/llama3-8b-random
+python -m benchmarks.random_models --shape llama3-8b --out /tmp/llama3-8b-random
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ def build_random_model(shape: str, out: Path, dtype: torch.dtype = torch.bfloat1
     if device == "cuda":
         torch.cuda.empty_cache()
     tmp.rename(out)
-    print(json.dumps({"built": shape, "path": str(out), "seconds": round(time.monotonic() - start, 1)}), flush=True)
+    print(
+        json.dumps({"built": shape, "path": str(out), "seconds": round(time.monotonic() - start, 1)}),
+        flush=True,
+    )
     return out
 
 

@@ -35,15 +35,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _summary(
-    num_tokens: int, finish_reason: str | None, start: float, first: float | None, end: float
-) -> str:
-    ttft = f"{(first - start) * 1000:.0f} ms" if first is not None else "-"
-    decode = (num_tokens - 1) / (end - first) if first is not None and num_tokens > 1 and end > first else 0.0
-    return (
-        f"[{num_tokens} tokens, finish_reason={finish_reason}, TTFT {ttft}, {decode:.1f} tok/s, "
-        f"total {end - start:.2f} s]"
-    )
+def _summary(num_tokens: int, finish_reason: str | None, elapsed_s: float, ttft_s: float | None) -> str:
+    """`[N tokens, finish_reason=..., TTFT x ms, y tok/s]`; TTFT and the decode rate only when streamed."""
+    parts = [f"{num_tokens} tokens", f"finish_reason={finish_reason}"]
+    if ttft_s is not None:
+        decode_s = elapsed_s - ttft_s
+        rate = (num_tokens - 1) / decode_s if num_tokens > 1 and decode_s > 0 else 0.0
+        parts += [f"TTFT {ttft_s * 1000:.0f} ms", f"{rate:.1f} tok/s"]
+    else:
+        parts.append(f"{num_tokens / elapsed_s if elapsed_s > 0 else 0.0:.1f} tok/s")
+    return f"[{', '.join(parts)}, total {elapsed_s:.2f} s]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,12 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             print(result.text, flush=True)
             num_tokens = result.num_output_tokens or len(result.token_ids)
             finish_reason = result.finish_reason
-            first = start + result.time_to_first_token_s if result.time_to_first_token_s is not None else None
     except InflightError as err:
         print(f"\nerror: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    print(_summary(num_tokens, finish_reason, start, first, time.monotonic()), file=sys.stderr)
+    ttft_s = first - start if first is not None else None
+    print(_summary(num_tokens, finish_reason, time.monotonic() - start, ttft_s), file=sys.stderr)
     return 0

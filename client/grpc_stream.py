@@ -50,7 +50,16 @@ class GrpcTokenStream(TokenStream):
             )
         except InferenceServerException as err:
             self._client.close()
-            raise InflightError.from_grpc(err.message(), err.status()) from None
+            raise self._first_error(err) from None
+
+    def _first_error(self, err: InferenceServerException) -> InflightError:
+        """When the stream fails at once (no server), the real error reached the callback before `err`."""
+        try:
+            _, reported = self._responses.get(timeout=1.0)
+        except queue.Empty:
+            reported = None
+        error = reported or err
+        return InflightError.from_grpc(error.message(), error.status())
 
     def _on_response(self, result: Any, error: InferenceServerException | None) -> None:
         self._responses.put((result, error))

@@ -93,5 +93,5 @@ class HttpTokenStream(TokenStream):
         return delta
 
     def _shutdown(self, cancel: bool) -> None:
-        # NOTE: closing the connection is all HTTP can do; Triton then stops sending to it.
+        # NOTE: closing the connection is all HTTP can do; Triton 2.51 then marks the request cancelled.
         self._response.close()

@@ -76,7 +76,7 @@ def build_inputs(
     json_params = dict(options.pop("sampling_parameters", None) or {})
     for name, datatype in SCALAR_INPUTS.items():
         if name in options:
-            inputs.append(RequestInput(name, datatype, [options[name]]))
+            inputs.append(RequestInput(name, datatype, [_coerce(name, datatype, options[name])]))
     for name in LIST_INPUTS:
         if name in options:
             values = [options[name]] if isinstance(options[name], str) else list(options[name])
@@ -87,6 +87,26 @@ def build_inputs(
     flags = [*RETURN_FLAGS, *(["logprobs"] if "logprobs" in json_params else [])]
     inputs.extend(RequestInput(f"return_{name}", "BOOL", [True]) for name in flags)
     return inputs
+
+
+# The values each scalar type can carry (the tensor could not even be encoded otherwise).
+_INT_RANGES = {"INT32": (-(2**31), 2**31 - 1), "UINT64": (0, 2**64 - 1)}
+
+
+def _coerce(name: str, datatype: str, value: Any) -> Any:
+    """A Python value of the input's type (so JSON writes FP32 as 1.0, not 1); ValueError naming `name`."""
+    if datatype == "BOOL":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be a boolean, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if datatype == "FP32":
+        return float(value)
+    low, high = _INT_RANGES[datatype]
+    if not float(value).is_integer() or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    return int(value)
 
 
 def _text(value: Any) -> str:

@@ -32,9 +32,10 @@ _GRPC_STATUS = {
 class InflightError(Exception):
     """A request failed. `message` is the server's (or the transport's) message.
 
-    `status` is Triton's error code (`INVALID_ARG`, `UNAVAILABLE`, `NOT_FOUND`, `INTERNAL`, ...) when the
-    protocol carries it: always over HTTP and for gRPC call errors. An error sent by the model inside a
-    gRPC stream carries only its message, so `status` is None there.
+    `status` is Triton's error code (`INVALID_ARG`, `UNAVAILABLE`, `NOT_FOUND`, `INTERNAL`, ...) as far as
+    the protocol tells it: from the HTTP status (NOTE: Triton 2.51's generate endpoints answer every error
+    the model sends with 400, so INVALID_ARG) and from gRPC call errors; `UNAVAILABLE` when the server
+    cannot be reached. An error sent inside a gRPC stream carries only its message: `status` is None.
     """
 
     def __init__(self, message: str, status: str | None = None) -> None:

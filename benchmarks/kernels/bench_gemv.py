@@ -39,7 +39,9 @@ def main() -> None:
         for bn, bk, warps in SWEEP:
             if bk > k:
                 continue
-            fn = lambda w=w, x=x, bn=bn, bk=bk, warps=warps: gemv(x, w, block_n=bn, block_k=bk, num_warps=warps)
+            fn = lambda w=w, x=x, bn=bn, bk=bk, warps=warps: gemv(
+                x, w, block_n=bn, block_k=bk, num_warps=warps
+            )
             err = (fn().float() - ref).abs().max().item()
             ms = do_bench(fn, return_mode="median")
             if best is None or ms < best[0]:
@@ -49,10 +51,19 @@ def main() -> None:
                  "triton_ms": ms, "triton_gbs": nbytes / ms / 1e6, "best": {"block_n": bn, "block_k": bk,
                  "num_warps": warps}, "max_abs_err_vs_cublas": err}  # fmt: skip
         entries.append(entry)
-        rows.append(f"{name:<14}{n:>7}x{k:<6}{entry['cublas_gbs']:>9.0f}{entry['triton_gbs']:>9.0f}"
-                    f"{100 * entry['triton_gbs'] / copy_gbs:>8.1f}%  bn{bn} bk{bk} w{warps} err {err:.1e}")
-    write_result(args.out, {"benchmark": "gemv_batch1", **environment(),
-                            "ceilings": {"copy_bandwidth_gbs": round(copy_gbs, 1)}, "shapes": entries})
+        rows.append(
+            f"{name:<14}{n:>7}x{k:<6}{entry['cublas_gbs']:>9.0f}{entry['triton_gbs']:>9.0f}"
+            f"{100 * entry['triton_gbs'] / copy_gbs:>8.1f}%  bn{bn} bk{bk} w{warps} err {err:.1e}"
+        )
+    write_result(
+        args.out,
+        {
+            "benchmark": "gemv_batch1",
+            **environment(),
+            "ceilings": {"copy_bandwidth_gbs": round(copy_gbs, 1)},
+            "shapes": entries,
+        },
+    )
     print(f"copy {copy_gbs:.0f} GB/s\n{'shape':<14}{'N x K':>14}{'cuBLAS':>9}{'triton':>9}{'% copy':>9}")
     print("\n".join(rows))
 

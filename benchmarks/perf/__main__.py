@@ -27,6 +27,7 @@ from .tools import (
     output_length_matches,
     run_genai_perf,
     run_perf_analyzer,
+    tokens_sent,
     write_input_data,
 )
 
@@ -48,9 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", type=Path, default=Path(env.get("MODEL") or DEFAULT_MODEL), help=model_help
     )
-    parser.add_argument("--concurrency", default="1:4:1", help="perf_analyzer --concurrency-range")
+    parser.add_argument("--concurrency", default="1:4:3", help="perf_analyzer --concurrency-range (1 and 4)")
     parser.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
-    parser.add_argument("--requests", type=int, default=16, help="requests per concurrency level / mode")
+    parser.add_argument("--window", type=int, default=4, help="perf_analyzer requests per window (3 a level)")
+    parser.add_argument("--requests", type=int, default=8, help="genai-perf requests per mode")
     parser.add_argument("--genai-concurrency", type=int, default=4)
     parser.add_argument("--skip-genai-perf", action="store_true")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "perf")
@@ -61,8 +63,8 @@ def _start_server(model: Path, work: Path) -> TritonServer:
     repo = write_model_repository(
         DEFAULT_MODEL_REPOSITORY, work / "repo", parameters={"model_path": str(model)}
     )
-    server = TritonServer.start(repo, log_path=work / "tritonserver.log")
     print(f"starting tritonserver (log: {work / 'tritonserver.log'}) ...", flush=True)
+    server = TritonServer.start(repo, log_path=work / "tritonserver.log")
     server.wait_ready(600)
     return server
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_url = server.url_grpc
         _banner(f"perf_analyzer --streaming, concurrency {args.concurrency}, {args.max_tokens} tokens")
         data = write_input_data(out / "perf_input.json", PROMPTS, args.max_tokens)
-        done = run_perf_analyzer(grpc_url, data, out / "perf_analyzer.csv", args.concurrency, args.requests)
+        done = run_perf_analyzer(grpc_url, data, out / "perf_analyzer.csv", args.concurrency, args.window)
         print(done.stdout, done.stderr, sep="\n", flush=True)
         if done.returncode != 0:
             failures.append(f"perf_analyzer exited with {done.returncode}")
@@ -104,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"genai-perf ({backend}) exited with {done.returncode}: {done.stderr[-2000:]}"
                 )
             elif not output_length_matches(stats, args.max_tokens):
-                failures.append(f"genai-perf ({backend}) output length {stats.get('output_sequence_length')}")
+                sent = tokens_sent(out / f"genai-perf-{backend}")
+                failures.append(
+                    f"genai-perf ({backend}) output length {stats.get('output_sequence_length')}; "
+                    f"tokens the server sent per request: {sent}"
+                )
             else:
                 print(f"output sequence length == {args.max_tokens} for every request: OK")
     finally:

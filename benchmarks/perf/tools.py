@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,28 +48,31 @@ def run_perf_analyzer(
     input_data: Path,
     csv_path: Path,
     concurrency: str = "1:2",
-    request_count: int = 8,
+    requests_per_window: int = 4,
     model: str = "llm",
     timeout_s: float = 600.0,
 ) -> subprocess.CompletedProcess[str]:
-    """`perf_analyzer --streaming` over gRPC, `request_count` requests per concurrency level.
+    """`perf_analyzer --streaming` over gRPC at each concurrency level of `concurrency` (start:end:step).
 
-    NOTE: a fixed request count with the stability check off (as genai-perf runs it): on a small shared
-    CPU machine the default windows rarely stabilise, and perf_analyzer then drops the level.
+    NOTE: count windows of `requests_per_window` requests with the stability check off (`-s 999`, so three
+    windows per level): on a small shared CPU machine the default check rarely passes and perf_analyzer
+    then drops the level; `--request-count` would do, but 2.51 refuses it with a concurrency range.
     Its report goes to stdout (returned) and `csv_path`.
     """
     command = [
         str(_venv_bin("perf_analyzer")), "-m", model, "-u", grpc_url, "-i", "grpc", "--streaming",
         "--input-data", str(input_data), "--concurrency-range", concurrency, "-f", str(csv_path),
-        "--request-count", str(request_count), "--stability-percentage", "999",
+        "--measurement-mode", "count_windows", "--measurement-request-count", str(requests_per_window),
+        "--stability-percentage", "999",
     ]  # fmt: skip
     return subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=timeout_s)
 
 
 def read_perf_csv(csv_path: Path) -> list[dict[str, str]]:
-    """perf_analyzer's `-f` CSV: one row per concurrency level."""
+    """perf_analyzer's `-f` CSV: one row per concurrency level, sorted by concurrency."""
+    # NOTE: the file itself orders the rows by throughput.
     with csv_path.open() as f:
-        return list(csv.DictReader(f))
+        return sorted(csv.DictReader(f), key=lambda row: int(row["Concurrency"]))
 
 
 def _would_move_protected(report: dict[str, Any]) -> list[str]:
@@ -86,9 +90,11 @@ def genai_perf_command() -> Path:
     NOTE: it goes into our venv only if pip's dry run moves none of PROTECTED; genai-perf 0.0.16 pulls
     numpy 2 (seen: numpy-2.4.6), so in practice it gets a venv of its own at `.cache/genai-perf-venv`.
     """
-    for candidate in (_venv_bin("genai-perf"), GENAI_PERF_VENV / "bin" / "genai-perf"):
-        if candidate.is_file():
-            return candidate
+    if _venv_bin("genai-perf").is_file():
+        return _venv_bin("genai-perf")
+    marker = GENAI_PERF_VENV / ".installed"
+    if marker.is_file():
+        return GENAI_PERF_VENV / "bin" / "genai-perf"
     pip = [sys.executable, "-m", "pip"]
     dry = subprocess.run(
         [*pip, "install", "--dry-run", "--quiet", "--report", "-", GENAI_PERF_SPEC],
@@ -98,10 +104,17 @@ def genai_perf_command() -> Path:
     if not moved:
         subprocess.run([*pip, "install", "--quiet", GENAI_PERF_SPEC], check=True)
         return _venv_bin("genai-perf")
-    print(f"{GENAI_PERF_SPEC} would install {', '.join(moved)}: using {GENAI_PERF_VENV}", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "venv", str(GENAI_PERF_VENV)], check=True)
-    venv_pip = [str(GENAI_PERF_VENV / "bin" / "python"), "-m", "pip"]
-    subprocess.run([*venv_pip, "install", "--quiet", GENAI_PERF_SPEC], check=True)
+    print(
+        f"{GENAI_PERF_SPEC} would install {', '.join(moved)}: installing it into {GENAI_PERF_VENV}",
+        file=sys.stderr,
+    )
+    # NOTE: a venv without pip, filled by our pip (--python), without compiling .pyc files: ~20 s instead of
+    # ~65 s (most of its 900 MB is never imported).
+    shutil.rmtree(GENAI_PERF_VENV, ignore_errors=True)  # a half-made one, if an install was interrupted
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(GENAI_PERF_VENV)], check=True)
+    target = ["--python", str(GENAI_PERF_VENV / "bin" / "python")]
+    subprocess.run([*pip, *target, "install", "--quiet", "--no-compile", GENAI_PERF_SPEC], check=True)
+    marker.write_text(GENAI_PERF_SPEC + "\n")
     return GENAI_PERF_VENV / "bin" / "genai-perf"
 
 
@@ -122,6 +135,8 @@ def run_genai_perf(
 
     `--output-tokens-mean-deterministic` makes genai-perf send min_tokens (vllm) / min_length (tensorrtllm)
     equal to max_tokens, so every request asks for exactly `output_tokens` tokens; `ignore_eos` too.
+    Decoding is greedy (`temperature` 0.0, as a float: perf_analyzer refuses `0` for an FP32 input) so that
+    genai-perf's re-tokenized count is exact (see `tokens_sent`).
     """
     if backend not in ("vllm", "tensorrtllm"):
         raise ValueError(f"backend must be vllm or tensorrtllm, got {backend!r}")
@@ -134,7 +149,7 @@ def run_genai_perf(
         "--concurrency", str(concurrency), "--warmup-request-count", "0",
         "--artifact-dir", str(artifact_dir),
     ]  # fmt: skip
-    for key, value in {"ignore_eos": "true", **(extra_inputs or {})}.items():
+    for key, value in {"ignore_eos": "true", "temperature": "0.0", **(extra_inputs or {})}.items():
         command += ["--extra-inputs", f"{key}:{value}"]
     # NOTE: COLUMNS widens genai-perf's (rich) table, which otherwise wraps at 80 columns off a terminal.
     env = {**perf_env(), "COLUMNS": "150"}
@@ -142,6 +157,21 @@ def run_genai_perf(
     exports = sorted(artifact_dir.glob("*/profile_export_genai_perf.json"))
     stats = json.loads(exports[-1].read_text()) if done.returncode == 0 and exports else {}
     return done, stats
+
+
+def tokens_sent(artifact_dir: Path) -> list[int]:
+    """Per request, the token ids the server sent (`output_ids` in perf_analyzer's profile export).
+
+    NOTE: genai-perf's output length re-tokenizes the joined text instead, which can merge a sampled
+    non-canonical split (" s" + "ine" -> " sine"); these counts tell the server's side.
+    """
+    counts = []
+    for export in sorted(artifact_dir.glob("*/profile_export.json")):
+        for experiment in json.loads(export.read_text())["experiments"]:
+            for request in experiment["requests"]:
+                ids = [r.get("output_ids", []) for r in request["response_outputs"]]
+                counts.append(sum(len(i) if isinstance(i, list) else 1 for i in ids))
+    return counts
 
 
 def output_length_matches(stats: dict[str, Any], expected: int) -> bool:

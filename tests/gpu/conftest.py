@@ -11,7 +11,8 @@ import torch
 if not torch.cuda.is_available():
     pytest.exit("tests/gpu needs a CUDA GPU: run `make test-gpu` on a GPU machine", returncode=1)
 
-TOKENIZER_DIR = Path(os.environ.get("INFLIGHT_TOKENIZER_DIR", Path(__file__).resolve().parents[2] / ".gpu" / "tok"))
+_REPO = Path(__file__).resolve().parents[2]
+TOKENIZER_DIR = Path(os.environ.get("INFLIGHT_TOKENIZER_DIR", _REPO / ".gpu" / "tok"))
 LLAMA8B_DIR = Path(os.environ.get("INFLIGHT_LLAMA8B_DIR", "/tmp/inflight-llama31-8b-random"))
 
 

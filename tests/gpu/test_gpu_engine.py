@@ -49,76 +49,111 @@ def test_tiny_fp32_greedy_matches_hf_on_gpu(name: str, graphs: bool, tmp_path, t
     assert (llm.engine.runner.graphs is not None) == graphs
 
 
-@pytest.fixture(scope="module")
-def llama8b(llama8b_path):
-    llm = LLM(str(llama8b_path), dtype="bfloat16", max_model_len=2048, max_num_seqs=8,
-              kv_cache_memory_bytes=4 << 30)  # fmt: skip
-    yield llm
-    del llm
-    torch.cuda.empty_cache()
-
-
-@pytest.fixture(scope="module")
-def hf8b(llama8b_path, llama8b):
+def _load_pair(path, hf_dtypes=(torch.bfloat16,)):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(llama8b_path, dtype=torch.bfloat16).cuda().eval()
-    yield model
-    del model
-    torch.cuda.empty_cache()
+    llm = LLM(str(path), dtype="bfloat16", max_model_len=2048, max_num_seqs=8, kv_cache_memory_bytes=4 << 30)
+    hfs = [AutoModelForCausalLM.from_pretrained(path, dtype=d).cuda().eval() for d in hf_dtypes]
+    return llm, hfs
 
 
-def test_8b_bf16_first_step_logits_within_bf16_tolerance(llama8b, hf8b) -> None:
-    engine = llama8b.engine
-    prompts = _prompts(2, [37, 128, 300], 128256)
+def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
+    """Our prefill logits for each prompt (one batched step), then the requests are dropped."""
+    engine = llm.engine
     for i, prompt in enumerate(prompts):
         engine.add_request(f"logits-{i}", prompt, SamplingParams(max_tokens=1, temperature=0))
     sched = engine.scheduler.schedule()
-    ours = engine.runner.execute(sched).logits
+    logits = engine.runner.execute(sched).logits.float()
     for r in sched.scheduled:
         engine.abort(r.request_id)
-    engine.step()  # collects the aborts
+    engine.step()
     assert engine.scheduler.kv_cache_manager.num_used_blocks == 0
-    with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            ref = hf8b(torch.tensor([prompt], device="cuda")).logits[0, -1].float()
-            diff = (ours[i] - ref).abs()
-            scale = ref.abs().max()
-            # bf16 keeps 8 significant bits (relative step 2^-8); 32 layers of bf16 rounding in two different
-            # kernel orders add up to a few steps of the largest logit.
-            assert diff.max() <= 0.05 * scale, f"prompt {i}: max |diff| {diff.max():.4f} vs max |logit| {scale:.3f}"
-            assert torch.nn.functional.cosine_similarity(ours[i], ref, dim=0) > 0.999
-            assert ours[i].argmax() == ref.argmax()
+    return logits
 
 
-def test_8b_bf16_teacher_forced_top1_agreement(llama8b, hf8b) -> None:
-    engine = llama8b.engine
-    rng = random.Random(3)
-    prompts = _prompts(4, [20, 64, 100, 150, 33, 77], 128256)
-    forced = [[rng.randrange(3, 128256) for _ in range(48)] for _ in prompts]
+def _teacher_forced_top1(llm: LLM, prompts: list[list[int]], forced: list[list[int]]) -> list[list[int]]:
+    """Our argmax at every step while the tokens fed back are ``forced`` (batched decode, CUDA graphs)."""
+    engine = llm.engine
+    steps = len(forced[0]) + 1
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"tf-{i}", prompt, SamplingParams(max_tokens=49, temperature=0, ignore_eos=True))
+        engine.add_request(
+            f"tf-{i}", prompt, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
+        )
     ours: dict[str, list[int]] = {f"tf-{i}": [] for i in range(len(prompts))}
-    while any(len(v) < 49 for v in ours.values()):
+    while any(len(v) < steps for v in ours.values()):
         sched = engine.scheduler.schedule()
         out = engine.runner.execute(sched)
-        top1 = out.logits.argmax(-1).tolist()
         feed = {}
-        for rid, tok in zip(out.request_ids, top1, strict=True):
+        for rid, tok in zip(out.request_ids, out.logits.argmax(-1).tolist(), strict=True):
             step = len(ours[rid])
-            if step < 49:
+            if step < steps:
                 ours[rid].append(tok)
-            feed[rid] = forced[int(rid[3:])][step] if step < 48 else 0
+            feed[rid] = forced[int(rid[3:])][step] if step < steps - 1 else 0
         engine.scheduler.update_from_output(sched, feed)
-    agree = total = 0
+    for rid in ours:
+        engine.abort(rid)
+    engine.step()
+    return [ours[f"tf-{i}"] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def _hf_top1(
+    hf, prompts: list[list[int]], forced: list[list[int]]
+) -> tuple[list[list[int]], list[list[float]]]:
+    """HF's argmax at every teacher-forced step, and the gap between its top two logits there."""
+    top1, margins = [], []
+    for prompt, tail in zip(prompts, forced, strict=True):
+        logits = hf(torch.tensor([prompt + tail], device="cuda")).logits[0, len(prompt) - 1 :].float()
+        best = logits.topk(2, dim=-1).values
+        top1.append(logits.argmax(-1).tolist())
+        margins.append((best[:, 0] - best[:, 1]).tolist())
+    return top1, margins
+
+
+def _agreement(a: list[list[int]], b: list[list[int]], keep: list[list[bool]] | None = None) -> float:
+    rows = keep or [[True] * len(r) for r in a]
+    pairs = [
+        (x, y) for ra, rb, rk in zip(a, b, rows, strict=True) for x, y, k in zip(ra, rb, rk, strict=True) if k
+    ]
+    return sum(x == y for x, y in pairs) / len(pairs)
+
+
+def test_8b_bf16_logits_and_top1_within_bf16_noise(llama8b_path) -> None:
+    """Llama-3.1-8B shape, random bf16 weights, against HF transformers.
+
+    With Gaussian weights the top two of 128k logits are often closer than bf16 rounding can resolve, so
+    HF's own bf16 run disagrees with its fp32 run on ~20% of argmaxes. We check: our logits are no
+    further from HF fp32 than HF bf16's are; our top-1 agrees with HF fp32 at least as often as HF
+    bf16's does; and on the decisive steps (top-two gap >= 0.5, above bf16 noise) at least 99%.
+    """
+    llm, (hf16, hf32) = _load_pair(llama8b_path, (torch.bfloat16, torch.float32))
+    prompts = _prompts(2, [37, 128, 300], 128256)
+    ours = _first_step_logits(llm, prompts)
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
-            seq = prompt + forced[i]
-            logits = hf8b(torch.tensor([seq], device="cuda")).logits[0, len(prompt) - 1 :]
-            ref = logits.argmax(-1).tolist()
-            agree += sum(a == b for a, b in zip(ours[f"tf-{i}"], ref, strict=True))
-            total += len(ref)
-    for i in range(len(prompts)):
-        engine.abort(f"tf-{i}")
-    engine.step()
-    assert agree / total >= 0.99, f"top-1 agreement {agree}/{total}"
+            ids = torch.tensor([prompt], device="cuda")
+            exact = hf32(ids).logits[0, -1].float()
+            theirs = hf16(ids).logits[0, -1].float()
+            err_ours, err_hf = (ours[i] - exact).abs().max(), (theirs - exact).abs().max()
+            cos_ours = torch.nn.functional.cosine_similarity(ours[i], exact, dim=0)
+            cos_hf = torch.nn.functional.cosine_similarity(theirs, exact, dim=0)
+            print(f"prompt {i}: max|err| ours {err_ours:.3f} HF-bf16 {err_hf:.3f}; cos ours {cos_ours:.5f} "
+                  f"HF-bf16 {cos_hf:.5f}")  # fmt: skip
+            assert err_ours <= 1.5 * err_hf, f"prompt {i}: our bf16 error {err_ours:.3f} vs HF's {err_hf:.3f}"
+            assert 1 - cos_ours <= 1.5 * (1 - cos_hf) + 1e-4
+            assert ours[i].argmax() == exact.argmax() or (exact.topk(2).values.diff().abs() < 0.5).item()
+    rng = random.Random(3)
+    prompts = _prompts(4, [20, 64, 100, 150, 33, 77, 250, 9], 128256)
+    forced = [[rng.randrange(3, 128256) for _ in range(64)] for _ in prompts]
+    ours_tf = _teacher_forced_top1(llm, prompts, forced)
+    (exact_tf, margins), (hf16_tf, _) = _hf_top1(hf32, prompts, forced), _hf_top1(hf16, prompts, forced)
+    decisive = [[m >= 0.5 for m in row] for row in margins]
+    num_decisive = sum(map(sum, decisive))
+    ours_all, hf_all = _agreement(ours_tf, exact_tf), _agreement(hf16_tf, exact_tf)
+    ours_decisive = _agreement(ours_tf, exact_tf, decisive)
+    print(f"teacher-forced top-1 vs HF fp32: ours {ours_all:.3f}, HF bf16 {hf_all:.3f}; "
+          f"decisive steps ({num_decisive}): ours {ours_decisive:.3f}")  # fmt: skip
+    assert ours_all >= hf_all - 0.03
+    assert num_decisive >= 40 and ours_decisive >= 0.99
+    del llm, hf16, hf32
+    torch.cuda.empty_cache()

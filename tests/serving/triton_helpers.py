@@ -60,8 +60,12 @@ class StreamResult:
         return "".join(self.texts)
 
 
-def run_streams(url: str, requests: dict[str, dict[str, Any]], timeout_s: float = 120.0,
-                cancel_after_responses: int | None = None) -> dict[str, StreamResult]:
+def run_streams(
+    url: str,
+    requests: dict[str, dict[str, Any]],
+    timeout_s: float = 120.0,
+    cancel_after_responses: int | None = None,
+) -> dict[str, StreamResult]:
     """Send every request on one gRPC stream; wait until each has its FINAL (or cancel after N responses)."""
     results = {rid: StreamResult() for rid in requests}
     events: queue.SimpleQueue = queue.SimpleQueue()
@@ -97,7 +101,9 @@ def run_streams(url: str, requests: dict[str, dict[str, Any]], timeout_s: float 
     client.start_stream(callback=callback)
     try:
         for rid, values in requests.items():
-            client.async_stream_infer(MODEL, make_inputs(values), request_id=rid, enable_empty_final_response=True)
+            client.async_stream_infer(
+                MODEL, make_inputs(values), request_id=rid, enable_empty_final_response=True
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             with lock:
@@ -130,7 +136,7 @@ def http_post(url: str, path: str, body: dict[str, Any]) -> tuple[int, str]:
 
 
 def sse_events(body: str) -> list[dict[str, Any]]:
-    return [json.loads(line[len("data: "):]) for line in body.splitlines() if line.startswith("data: ")]
+    return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
 
 
 def metrics(url: str) -> dict[str, float]:

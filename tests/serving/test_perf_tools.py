@@ -1,0 +1,46 @@
+"""NVIDIA's benchmark clients against our server: perf_analyzer --streaming and genai-perf (both modes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmarks.perf.tools import (
+    output_length_matches,
+    read_perf_csv,
+    run_genai_perf,
+    run_perf_analyzer,
+    tokens_sent,
+    write_input_data,
+)
+
+OUTPUT_TOKENS = 6
+
+
+def test_perf_analyzer_streaming_smoke(triton_server, tmp_path: Path) -> None:
+    data = write_input_data(tmp_path / "input.json", ["The capital of France is", "Hello"], max_tokens=4)
+    done = run_perf_analyzer(triton_server.url_grpc, data, tmp_path / "pa.csv", "1:2", requests_per_window=2)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Detected decoupled model" in done.stdout
+    rows = read_perf_csv(tmp_path / "pa.csv")
+    assert [row["Concurrency"] for row in rows] == ["1", "2"]
+    for row in rows:
+        assert float(row["Inferences/Second"]) > 0
+        # Streamed: four responses (tokens) per request; a window's edges cut a few off.
+        assert float(row["Response Throughput"]) > 2 * float(row["Inferences/Second"])
+
+
+@pytest.mark.parametrize("backend", ["vllm", "tensorrtllm"])
+def test_genai_perf_reports_the_output_length_it_asked_for(
+    triton_server, smollm2_path: Path, tmp_path: Path, backend: str
+) -> None:
+    done, stats = run_genai_perf(
+        backend, triton_server.url_grpc, smollm2_path, tmp_path / "artifacts", output_tokens=OUTPUT_TOKENS,
+        input_tokens=24, request_count=3, concurrency=2,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert stats["request_count"]["avg"] == 3
+    assert tokens_sent(tmp_path / "artifacts") == [OUTPUT_TOKENS] * 3
+    assert output_length_matches(stats, OUTPUT_TOKENS), stats["output_sequence_length"]
+    assert stats["time_to_first_token"]["avg"] > 0
