@@ -16,7 +16,9 @@ METRICS_PORT ?= 8002
 # MODEL=<HF checkpoint folder> serves another checkpoint instead of the default one.
 MODEL ?=
 
-.PHONY: setup model serve test lint format clean
+PERF_ARGS ?=
+
+.PHONY: setup model serve perf test test-gpu lint format clean
 
 setup: $(STAMP)
 
@@ -35,8 +37,16 @@ serve: setup model
 	$(PY) -m inflight.backend.server --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--metrics-port $(METRICS_PORT) $(if $(MODEL),--model "$(MODEL)")
 
+# Throughput and latency through the real server: perf_analyzer, then genai-perf (vllm and tensorrtllm modes).
+perf: setup model
+	$(PY) -m benchmarks.perf --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(if $(MODEL),--model "$(MODEL)") $(PERF_ARGS)
+
+# The CPU suite (CI). tests/gpu needs a CUDA GPU: `make test-gpu` runs it with the kernels on CUDA.
 test: setup model
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/gpu
+
+test-gpu: setup
+	$(PY) -m pytest -q tests/gpu tests/kernels
 
 lint: setup
 	$(VENV)/bin/ruff check .

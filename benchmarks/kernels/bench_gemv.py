@@ -20,7 +20,7 @@ from inflight.kernels.gemv import gemv
 
 SHAPES = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
           "down_proj": (4096, 14336), "lm_head": (128256, 4096)}  # fmt: skip
-SWEEP = list(itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8]))
+SWEEP = list(itertools.product([4, 8, 16], [256, 512], [4, 8], [1, 2, 4, 8]))
 
 
 def main() -> None:
@@ -36,20 +36,21 @@ def main() -> None:
         ms_cublas = do_bench(lambda w=w, x=x: F.linear(x, w), return_mode="median")
         ref = F.linear(x, w).float()
         best = None
-        for bn, bk, warps in SWEEP:
-            if bk > k:
+        for bn, bk, warps, split in SWEEP:
+            if bk * split > k:
                 continue
-            fn = lambda w=w, x=x, bn=bn, bk=bk, warps=warps: gemv(
-                x, w, block_n=bn, block_k=bk, num_warps=warps
+            fn = lambda w=w, x=x, bn=bn, bk=bk, warps=warps, split=split: gemv(
+                x, w, block_n=bn, block_k=bk, num_warps=warps, split_k=split
             )
             err = (fn().float() - ref).abs().max().item()
             ms = do_bench(fn, return_mode="median")
             if best is None or ms < best[0]:
-                best = (ms, bn, bk, warps, err)
-        ms, bn, bk, warps, err = best
-        entry = {"shape": name, "n": n, "k": k, "cublas_ms": ms_cublas, "cublas_gbs": nbytes / ms_cublas / 1e6,
+                best = (ms, bn, bk, warps, err, split)
+        ms, bn, bk, warps, err, split = best
+        entry = {"shape": name, "n": n, "k": k, "cublas_ms": ms_cublas,
+                 "cublas_gbs": nbytes / ms_cublas / 1e6,
                  "triton_ms": ms, "triton_gbs": nbytes / ms / 1e6, "best": {"block_n": bn, "block_k": bk,
-                 "num_warps": warps}, "max_abs_err_vs_cublas": err}  # fmt: skip
+                 "num_warps": warps, "split_k": split}, "max_abs_err_vs_cublas": err}  # fmt: skip
         entries.append(entry)
         rows.append(
             f"{name:<14}{n:>7}x{k:<6}{entry['cublas_gbs']:>9.0f}{entry['triton_gbs']:>9.0f}"

@@ -19,11 +19,12 @@ GEMV_TOL = {
 
 @pytest.mark.parametrize(("n", "k"), [(37, 96), (5, 600), (64, 1000)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_reference(device, dtype, n: int, k: int, bias: bool) -> None:
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_matches_reference(device, dtype, n: int, k: int, bias: bool, split_k: int) -> None:
     x = torch.randn(1, k).to(dtype).to(device)
     w = (torch.randn(n, k) / k**0.5).to(dtype).to(device)
     b = torch.randn(n).to(dtype).to(device) if bias else None
-    assert_close(gemv(x, w, b, block_k=128), gemv_reference(x, w, b), GEMV_TOL[dtype])
+    assert_close(gemv(x, w, b, block_k=128, split_k=split_k), gemv_reference(x, w, b), GEMV_TOL[dtype])
 
 
 def test_weight_view_with_row_stride(device) -> None:
