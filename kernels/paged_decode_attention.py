@@ -55,7 +55,7 @@ def _paged_decode_partition_kernel(
     stride_cache_head,
     stride_block_table_seq,
     num_partitions,
-    block_size,
+    block_size: tl.constexpr,  # NOTE: constexpr: `pos // block_size` becomes a shift
     sliding_window,  # keys at positions > query position - sliding_window are visible (USE_WINDOW only)
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,

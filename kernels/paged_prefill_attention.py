@@ -47,7 +47,7 @@ def _paged_prefill_kernel(
     stride_cache_slot,
     stride_cache_head,
     stride_block_table_seq,
-    block_size,
+    block_size: tl.constexpr,  # NOTE: constexpr: `pos // block_size` becomes a shift
     sliding_window,  # USE_WINDOW only
     GROUP: tl.constexpr,
     BLOCK_Q: tl.constexpr,  # query tokens per program = BLOCK_M // GROUP
@@ -147,11 +147,12 @@ def _paged_prefill_kernel(
 
 
 def default_prefill_blocks(head_dim: int, group: int, on_gpu: bool, dtype_bytes: int = 2) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)``. GPU: 128 x 64 for 16-bit inputs up to head_dim 128, halved for fp32 or
-    head_dim 256 (shared memory). Interpreted: 16-row tiles, which the interpreter runs fastest."""
+    """``(BLOCK_M, BLOCK_N)``. GPU: 128 x 128 for 16-bit inputs up to head_dim 128 (the fastest of the sweep
+    in benchmarks/results/attention-h200.json), 64 x 32 for fp32 or head_dim 256 (shared memory).
+    Interpreted: 16-row tiles, which the interpreter runs fastest."""
     if not on_gpu:
         return max(16, triton.next_power_of_2(group)), 16
-    block_m, block_n = 128, 64
+    block_m, block_n = 128, 128
     if dtype_bytes > 2 or head_dim > 128:
         block_m, block_n = 64, 32
     return max(block_m, triton.next_power_of_2(group)), block_n
