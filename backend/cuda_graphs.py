@@ -95,7 +95,9 @@ class DecodeGraphs:
         self.input_ids[:n].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
         self.positions[:n].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
         self.slot_mapping[:n].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(torch.from_numpy(np.asarray(inputs.seq_lens, dtype=np.int32)), non_blocking=True)
+        self.seq_lens[:n].copy_(
+            torch.from_numpy(np.asarray(inputs.seq_lens, dtype=np.int32)), non_blocking=True
+        )
         self.block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
         if bs > n:
             self.slot_mapping[n:bs].fill_(-1)

@@ -49,7 +49,9 @@ class StepInputs:
         return len(self.input_ids) == len(self.seq_lens)
 
 
-def kv_cache_bytes_per_block(cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int) -> int:
+def kv_cache_bytes_per_block(
+    cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int
+) -> int:
     """Bytes one block takes across all layers (K and V)."""
     itemsize = torch.empty(0, dtype=kv_dtype).element_size()
     return cfg.num_layers * 2 * block_size * num_kv_heads * cfg.head_dim * itemsize
@@ -153,7 +155,9 @@ class ModelRunner:
             query_start_loc_tensor=self._to_device(np.asarray(inputs.query_start_loc, dtype=np.int32)),
             seq_lens=inputs.seq_lens,
             query_start_loc=inputs.query_start_loc,
-            max_query_len=max(b - a for a, b in zip(inputs.query_start_loc, inputs.query_start_loc[1:], strict=False)),
+            max_query_len=max(
+                b - a for a, b in zip(inputs.query_start_loc, inputs.query_start_loc[1:], strict=False)
+            ),
             max_seq_len=max(inputs.seq_lens),
         )
         return self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions), meta)

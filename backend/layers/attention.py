@@ -75,8 +75,16 @@ class Attention(nn.Module):
         q = rotary_embedding_write_kv_cache(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
                                             meta.slot_mapping)  # fmt: skip
         if meta.is_decode:
-            return paged_decode_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens_tensor,
-                                          self.scale, self.sliding_window, max_seq_len=meta.max_seq_len)
+            return paged_decode_attention(
+                q,
+                self.k_cache,
+                self.v_cache,
+                meta.block_tables,
+                meta.seq_lens_tensor,
+                self.scale,
+                self.sliding_window,
+                max_seq_len=meta.max_seq_len,
+            )
         return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens_tensor,
                                        meta.query_start_loc_tensor, self.scale, self.sliding_window,
                                        max_query_len=meta.max_query_len)  # fmt: skip

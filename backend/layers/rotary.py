@@ -8,7 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
