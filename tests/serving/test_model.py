@@ -22,9 +22,9 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def direct(smollm2_path) -> LLM:
+def direct(greedy_reference) -> LLM:
     """The same checkpoint, engine-direct in this process: the reference for what the server must say."""
-    return LLM(str(smollm2_path), max_model_len=1024)
+    return greedy_reference.llm
 
 
 def _greedy(direct: LLM, prompt, max_tokens: int):
