@@ -233,22 +233,30 @@ class LLMEngine:
 
     def _sample(
         self, logits: torch.Tensor, states: list[_RequestState], batch: SamplingBatch
-    ) -> tuple[list[int], list[TokenLogprob]]:
+    ) -> tuple[list[int], list[TokenLogprob | None]]:
         out = self.sampler(logits, batch)
         token_ids = out.sampled_token_ids.tolist()  # the step's one host synchronisation
+        if out.logprobs is None:
+            return token_ids, [None] * len(token_ids)
         sampled_lp = out.logprobs.tolist()
         top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
         logprobs = []
         for i, state in enumerate(states):
-            n = state.params.logprobs or 0
+            n = state.params.logprobs
+            if n is None:
+                logprobs.append(None)
+                continue
             top = tuple(zip(top_ids[i][:n], top_lp[i][:n], strict=True)) if top_ids is not None and n else ()
             logprobs.append(TokenLogprob(token_ids[i], sampled_lp[i], top))
         return token_ids, logprobs
 
-    def _process_token(self, state: _RequestState, token_id: int, logprob: TokenLogprob) -> RequestOutput:
+    def _process_token(
+        self, state: _RequestState, token_id: int, logprob: TokenLogprob | None
+    ) -> RequestOutput:
         request = state.request
-        state.cumulative_logprob += logprob.logprob
+        if logprob is not None:
+            state.cumulative_logprob += logprob.logprob
         num_out = request.num_output_tokens
         stop_string = state.detokenizer.add_token(token_id)
         finish_reason, stop_reason = None, None
@@ -263,7 +271,12 @@ class LLMEngine:
             self._requests.pop(request.request_id, None)
             self.scheduler.finish_requests(request.request_id, _FINISH_STATUS[finish_reason])
         return self._output(
-            state, [token_id], [logprob], finish_reason, stop_reason, finish_reason is not None
+            state,
+            [token_id],
+            [logprob] if logprob else [],
+            finish_reason,
+            stop_reason,
+            finish_reason is not None,
         )
 
     def _output(
@@ -284,7 +297,7 @@ class LLMEngine:
             finish_reason=finish_reason,
             num_input_tokens=state.request.num_prompt_tokens,
             num_output_tokens=state.request.num_output_tokens,
-            cumulative_logprob=state.cumulative_logprob,
+            cumulative_logprob=state.cumulative_logprob if state.params.logprobs is not None else None,
             new_logprobs=logprobs if state.params.logprobs is not None else None,
             stop_reason=stop_reason,
             error=error,

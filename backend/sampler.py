@@ -50,6 +50,7 @@ class SamplingBatch:
     banned_flat_ids: torch.Tensor | None  # [num_bans] int64: row * vocab_size + banned token id
     seeds: list[int | None]  # per row: the seed of this step's generator, None = global RNG
     max_num_logprobs: int | None  # top alternatives to return (the largest asked); None = no one asked
+    need_logprobs: bool  # some row asked for log-probabilities (else none are computed)
 
     @classmethod
     def build(
@@ -135,6 +136,7 @@ class SamplingBatch:
             ),
             seeds=seeds,
             max_num_logprobs=max(asked) if asked else None,
+            need_logprobs=bool(asked),
         )
 
 
@@ -143,7 +145,7 @@ class SamplerOutput:
     """What the sampler returns for one step; row i is request i."""
 
     sampled_token_ids: torch.Tensor  # [num_seqs] int64
-    logprobs: torch.Tensor  # [num_seqs] float32: log p(sampled token) under the raw logits
+    logprobs: torch.Tensor | None = None  # [num_seqs] float32: log p(sampled token), raw logits; if asked
     top_logprobs: torch.Tensor | None = None  # [num_seqs, max_num_logprobs] float32, best first
     top_token_ids: torch.Tensor | None = None  # [num_seqs, max_num_logprobs] int64
 
@@ -157,7 +159,6 @@ class Sampler(torch.nn.Module):
         # NOTE: always a new contiguous float32 copy (`.to(float32)` returns the caller's tensor when it
         # is float32 already; the in-place steps below must not touch it).
         logits = torch.empty(raw.shape, dtype=torch.float32, device=raw.device).copy_(raw)
-        log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [num_seqs, 1]
         logits = apply_penalties(logits, batch)
         if batch.banned_flat_ids is not None:
             # NOTE: index_fill_ on the flat view; `logits[rows, cols] = -inf` syncs with the host on CUDA.
@@ -173,8 +174,11 @@ class Sampler(torch.nn.Module):
             if greedy_ids is not None:
                 sampled = torch.where(batch.is_greedy, greedy_ids, sampled)
 
-        sampled_logprobs = raw.gather(1, sampled.unsqueeze(1)).float() - log_normalizer
-        output = SamplerOutput(sampled_token_ids=sampled, logprobs=sampled_logprobs.squeeze(1))
+        output = SamplerOutput(sampled_token_ids=sampled)
+        if not batch.need_logprobs:
+            return output  # NOTE: a 128k-wide logsumexp per row is not free; skip it when nobody asks
+        log_normalizer = torch.logsumexp(raw.float(), dim=-1, keepdim=True)  # [num_seqs, 1]
+        output.logprobs = (raw.gather(1, sampled.unsqueeze(1)).float() - log_normalizer).squeeze(1)
         if batch.max_num_logprobs:
             top_values, top_ids = raw.topk(batch.max_num_logprobs, dim=-1)
             output.top_logprobs = top_values.float() - log_normalizer

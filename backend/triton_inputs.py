@@ -73,7 +73,7 @@ def parse_request(get: GetInput) -> GenerateRequest:
         value = get(name)
         if value is not None:
             options[name] = [_decode(name, v) for v in np.asarray(value).reshape(-1)]
-    if flags["return_logprobs"] and options.get("logprobs") is None:
+    if (flags["return_logprobs"] or flags["return_cumulative_logprob"]) and options.get("logprobs") is None:
         options["logprobs"] = 0  # the sampled token's own log-probability
     params = SamplingParams.from_dict(options)
     return GenerateRequest(prompt=prompt, params=params, **{k: bool(v) for k, v in flags.items()})

@@ -6,6 +6,7 @@ every sequence has one new token, else varlen prefill attention); on CPU the tor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,7 @@ class Attention(nn.Module):
         q = rotary_embedding_write_kv_cache(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
                                             meta.slot_mapping)  # fmt: skip
         if meta.is_decode:
+            partition = decode_partition_size(q.shape[0], self.num_kv_heads, meta.max_seq_len, q.device)
             return paged_decode_attention(
                 q,
                 self.k_cache,
@@ -84,7 +86,25 @@ class Attention(nn.Module):
                 self.scale,
                 self.sliding_window,
                 max_seq_len=meta.max_seq_len,
+                partition_size=partition,
             )
         return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens_tensor,
                                        meta.query_start_loc_tensor, self.scale, self.sliding_window,
                                        max_query_len=meta.max_query_len)  # fmt: skip
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
+    """Keys per split-K partition of decode attention: enough programs to fill the GPU twice over.
+
+    One program runs per (sequence, KV head, partition). A small batch gets short partitions so its few
+    sequences still spread over every SM; a large one keeps 512-key partitions (fewer partial results).
+    Depends only on shapes and ``max_seq_len``, so a captured CUDA graph stays valid.
+    """
+    wanted = -(-2 * _num_sms(device) // max(num_seqs * num_kv_heads, 1))
+    size = 1 << max(0, (-(-max_seq_len // wanted) - 1).bit_length())
+    return min(512, max(64, size))

@@ -173,6 +173,13 @@ def test_logprobs_are_of_the_raw_distribution() -> None:
     assert torch.allclose(out.top_logprobs, top.values, atol=1e-5)
 
 
+def test_no_logprobs_computed_when_nobody_asks() -> None:
+    logits = torch.randn(2, 10)
+    out = Sampler()(logits, _batch([SamplingParams(temperature=0), SamplingParams(seed=3)], 10))
+    assert out.logprobs is None and out.top_logprobs is None
+    assert out.sampled_token_ids[0] == logits[0].argmax()
+
+
 def test_no_top_logprobs_unless_asked() -> None:
     logits = torch.randn(2, 10)
     out = Sampler()(logits, _batch([SamplingParams(logprobs=0), SamplingParams()], 10))
