@@ -12,7 +12,6 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -52,6 +51,12 @@ class DecodeGraphs:
         self.block_tables = buffer(n, max_blocks_per_seq, dtype=torch.int32)
         self.seq_lens = buffer(n, dtype=torch.int32)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        # NOTE: one pinned host buffer and one asynchronous copy per step instead of five pageable ones:
+        # [input_ids n | positions n | slot_mapping n | seq_lens n | block_tables n * max_blocks], int64.
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self._host = torch.empty(n * (4 + max_blocks_per_seq), dtype=torch.int64, pin_memory=True)
+        # (the host buffer is rewritten only after the previous step's sync, so the async copy is done)
+        self._staging = torch.empty(self._host.shape, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -92,15 +97,24 @@ class DecodeGraphs:
         n = len(inputs.seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         width = inputs.block_tables.shape[1]
-        self.input_ids[:n].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
-        self.positions[:n].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
-        self.slot_mapping[:n].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
-        self.seq_lens[:n].copy_(
-            torch.from_numpy(np.asarray(inputs.seq_lens, dtype=np.int32)), non_blocking=True
+        end = 4 * bs + n * width
+        host = self._host.numpy()
+        ids, pos, slots, lens = (host[k * bs : (k + 1) * bs] for k in range(4))
+        ids[:n], pos[:n], slots[:n], lens[:n] = (
+            inputs.input_ids,
+            inputs.positions,
+            inputs.slot_mapping,
+            inputs.seq_lens,
         )
-        self.block_tables[:n, :width].copy_(torch.from_numpy(inputs.block_tables), non_blocking=True)
-        if bs > n:
-            self.slot_mapping[n:bs].fill_(-1)
-            self.seq_lens[n:bs].fill_(0)
+        # Padding rows: slot -1 (the cache write skips them) and length 0 (attention returns zeros).
+        ids[n:], pos[n:], slots[n:], lens[n:] = 0, 0, -1, 0
+        host[4 * bs : end] = inputs.block_tables.reshape(-1)
+        staging = self._staging[:end]
+        staging.copy_(self._host[:end], non_blocking=True)
+        self.input_ids[:bs].copy_(staging[0:bs])
+        self.positions[:bs].copy_(staging[bs : 2 * bs])
+        self.slot_mapping[:bs].copy_(staging[2 * bs : 3 * bs])
+        self.seq_lens[:bs].copy_(staging[3 * bs : 4 * bs])
+        self.block_tables[:n, :width].copy_(staging[4 * bs : end].view(n, width))
         self.graphs[bs].replay()
         return self.outputs[bs][:n]

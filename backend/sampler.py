@@ -36,8 +36,8 @@ class SamplingBatch:
     vocab_size: int
     all_greedy: bool
     all_random: bool
-    is_greedy: torch.Tensor  # [num_seqs] bool
-    temperature: torch.Tensor  # [num_seqs] float32, 1.0 on greedy rows
+    is_greedy: torch.Tensor | None  # [num_seqs] bool; None when every row is greedy (nothing to choose)
+    temperature: torch.Tensor | None  # [num_seqs] float32, 1.0 on greedy rows; None when all are greedy
     top_k: torch.Tensor | None  # [num_seqs] int64, vocab_size where off; None when off everywhere
     max_top_k: int  # the largest top_k of the batch (vocab_size when a row has top-k off)
     top_p: torch.Tensor | None  # [num_seqs] float32; None when 1.0 everywhere
@@ -120,8 +120,11 @@ class SamplingBatch:
             vocab_size=vocab_size,
             all_greedy=all(greedy),
             all_random=not any(greedy),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            temperature=floats([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]),
+            # NOTE: an all-greedy batch (the common decode case) needs no per-row tensors at all.
+            is_greedy=None if all(greedy) else torch.tensor(greedy, dtype=torch.bool, device=device),
+            temperature=None
+            if all(greedy)
+            else floats([1.0 if g else p.temperature for g, p in zip(greedy, params, strict=True)]),
             top_k=torch.tensor(top_ks, dtype=torch.int64, device=device) if has_top_k else None,
             max_top_k=max(top_ks, default=vocab_size),
             top_p=floats([p.top_p for p in params]) if any(p.top_p < 1.0 for p in params) else None,
