@@ -156,6 +156,8 @@ class EngineService:
         except BaseException as exc:  # noqa: BLE001 - the engine is gone; every live request must still end
             self.fatal_error = f"{type(exc).__name__}: {exc}"
             logger.exception("inflight engine thread died")
+            if self.metrics is not None:
+                self.metrics.healthy.set(0)
             self._fail_all(self._dead_error())
             self._drain_after_death()
             return

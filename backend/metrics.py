@@ -43,6 +43,8 @@ class EngineMetrics:
         def histogram(name: str, desc: str, buckets: list[float]) -> Metric:
             return factory(name, desc, "histogram", labels, buckets)
 
+        self.healthy = gauge("inflight_engine_healthy", "1 while the engine thread runs; 0 once it has died")
+        self.healthy.set(1)
         self.running = gauge("inflight_num_requests_running", "Requests in the running batch")
         self.waiting = gauge("inflight_num_requests_waiting", "Requests waiting to be scheduled")
         self.kv_used = gauge("inflight_kv_blocks_used", "KV-cache blocks in use")

@@ -10,6 +10,7 @@ import pytest
 from inflight.backend.engine import LLMEngine
 from inflight.backend.engine_args import EngineArgs
 from inflight.backend.engine_service import EngineService, ErrorKind
+from inflight.backend.metrics import EngineMetrics
 from inflight.backend.sampling_params import SamplingParams
 from inflight.backend.triton_inputs import GenerateRequest
 
@@ -49,9 +50,23 @@ def tiny_path(tmp_path_factory, smollm2_path):
     return path
 
 
-def _service(path, **options) -> EngineService:
+class FakeMetric:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+    def increment(self, value: float) -> None:
+        self.value += value
+
+    def observe(self, value: float) -> None:
+        self.value += 1
+
+
+def _service(path, metrics: EngineMetrics | None = None, **options) -> EngineService:
     args = EngineArgs.from_options(str(path), {"max_model_len": 128, **options})
-    return EngineService(LLMEngine(args), cancel_poll_s=0.0)
+    return EngineService(LLMEngine(args), metrics, cancel_poll_s=0.0)
 
 
 def _wait(sinks, timeout=60.0) -> None:
@@ -120,7 +135,10 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny_path, monk
 
 
 def test_a_dead_engine_fails_live_and_new_requests_and_reports_unhealthy(tiny_path, monkeypatch) -> None:
-    service = _service(tiny_path)
+    gauges: dict[str, FakeMetric] = {}
+    metrics = EngineMetrics(lambda name, *_: gauges.setdefault(name, FakeMetric()), {})
+    service = _service(tiny_path, metrics)
+    assert gauges["inflight_engine_healthy"].value == 1
 
     def broken():
         raise RuntimeError("scheduler invariant broken")
@@ -131,6 +149,7 @@ def test_a_dead_engine_fails_live_and_new_requests_and_reports_unhealthy(tiny_pa
     _wait([live])
     assert live.error.kind is ErrorKind.UNAVAILABLE and "scheduler invariant broken" in live.error.message
     assert not service.is_healthy
+    assert gauges["inflight_engine_healthy"].value == 0
     late = FakeSink()
     service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=5)), late)
     _wait([late])
