@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -58,35 +59,42 @@ def kv_cache_bytes_per_block(
 
 
 def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
-    """The flat token batch of a scheduled step (see the module docstring)."""
-    num_tokens = out.num_batched_tokens
-    input_ids = np.empty(num_tokens, dtype=np.int64)
-    positions = np.empty(num_tokens, dtype=np.int64)
-    slot_mapping = np.empty(num_tokens, dtype=np.int64)
-    max_blocks = max(len(r.block_ids) for r in out.scheduled)
-    block_tables = np.zeros((len(out.scheduled), max_blocks), dtype=np.int32)
-    seq_lens: list[int] = []
-    query_start_loc = [0]
-    logits_rows: list[int] = []
-    sample_ids: list[str] = []
-    offset = 0
-    for i, req in enumerate(out.scheduled):
-        n = len(req.token_ids)
-        table = np.asarray(req.block_ids, dtype=np.int64)
-        pos = np.arange(req.start_position, req.start_position + n, dtype=np.int64)
-        input_ids[offset : offset + n] = req.token_ids
-        positions[offset : offset + n] = pos
-        slot_mapping[offset : offset + n] = table[pos // block_size] * block_size + pos % block_size
-        block_tables[i, : len(table)] = table
-        offset += n
-        seq_lens.append(req.start_position + n)
-        query_start_loc.append(offset)
-        if req.needs_sample:
-            logits_rows.append(offset - 1)
-            sample_ids.append(req.request_id)
-    assert offset == num_tokens, "scheduled tokens do not add up to num_batched_tokens"
-    return StepInputs(input_ids, positions, slot_mapping, block_tables, seq_lens, query_start_loc, logits_rows,
-                      sample_ids)  # fmt: skip
+    """The flat token batch of a scheduled step (see the module docstring).
+
+    NOTE: vectorised over requests (a decode step of 256 long sequences would otherwise spend
+    milliseconds in per-request numpy calls): one pass collects Python lists, numpy does the rest.
+    """
+    scheduled = out.scheduled
+    num_seqs = len(scheduled)
+    lens = np.fromiter((len(r.token_ids) for r in scheduled), dtype=np.int64, count=num_seqs)
+    starts = np.fromiter((r.start_position for r in scheduled), dtype=np.int64, count=num_seqs)
+    widths = np.fromiter((len(r.block_ids) for r in scheduled), dtype=np.int64, count=num_seqs)
+    num_tokens = int(lens.sum())
+    assert num_tokens == out.num_batched_tokens, "scheduled tokens do not add up to num_batched_tokens"
+    input_ids = np.fromiter(
+        chain.from_iterable(r.token_ids for r in scheduled), dtype=np.int64, count=num_tokens
+    )
+    block_tables = np.zeros((num_seqs, int(widths.max())), dtype=np.int32)
+    block_tables[np.arange(block_tables.shape[1]) < widths[:, None]] = np.fromiter(
+        chain.from_iterable(r.block_ids for r in scheduled), dtype=np.int32, count=int(widths.sum())
+    )
+    ends = np.cumsum(lens)
+    rows = np.repeat(np.arange(num_seqs), lens)  # the request of each token
+    positions = starts[rows] + np.arange(num_tokens) - (ends - lens)[rows]
+    slot_mapping = (
+        block_tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    )
+    sample = [i for i, r in enumerate(scheduled) if r.needs_sample]
+    return StepInputs(
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slot_mapping,
+        block_tables=block_tables,
+        seq_lens=(starts + lens).tolist(),
+        query_start_loc=[0, *ends.tolist()],
+        logits_rows=[int(ends[i]) - 1 for i in sample],
+        sample_ids=[scheduled[i].request_id for i in sample],
+    )
 
 
 class ModelRunner:
