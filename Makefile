@@ -18,7 +18,7 @@ MODEL ?=
 
 PERF_ARGS ?=
 
-.PHONY: setup model serve perf test test-gpu lint format clean
+.PHONY: setup model serve perf test test-gpu gpu-carry lint format clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,12 @@ test: setup model
 
 test-gpu: setup
 	$(PY) -m pytest -q tests/gpu tests/kernels
+
+# What a GPU machine without network needs beside the checkout (git-ignored; name `.gpu/tok` in the device
+# tool's carry): the tokenizer files for the GPU tests' tiny checkpoints and the benchmarks' 8B-shaped one.
+gpu-carry: model
+	mkdir -p .gpu/tok
+	cp $(MODEL_DIR)/tokenizer.json $(MODEL_DIR)/tokenizer_config.json $(MODEL_DIR)/chat_template.jinja .gpu/tok/
 
 lint: setup
 	$(VENV)/bin/ruff check .
