@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .kv_cache import write_kv_cache_reference  # noqa: F401  (re-exported: kernels.ops imports it here)
-from .paged_decode_attention import paged_decode_attention
+from .paged_decode_attention import DEFAULT_PARTITION_SIZE, paged_decode_attention
 from .paged_prefill_attention import paged_prefill_attention
 
 
@@ -75,16 +75,25 @@ def paged_attention(
     *,
     max_query_len: int,
     max_seq_len: int,
+    partition_size: int = DEFAULT_PARTITION_SIZE,
 ) -> torch.Tensor:
     """The Triton form of ``paged_attention_reference``: the decode kernel when every sequence has one
     query token this step, the prefill kernel otherwise (mixed batches included).
 
     ``max_query_len`` and ``max_seq_len`` are host-side bounds (``AttentionMetadata`` has them), so no
-    device-to-host sync happens here.
+    device-to-host sync happens here. ``partition_size`` is the decode kernel's split-K partition.
     """
     if max_query_len == 1 and query.shape[0] == seq_lens.shape[0]:
         return paged_decode_attention(
-            query, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window, max_seq_len=max_seq_len
+            query,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            scale,
+            sliding_window,
+            max_seq_len=max_seq_len,
+            partition_size=partition_size,
         )
     return paged_prefill_attention(
         query,

@@ -30,11 +30,6 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int  # an upper bound of seq_lens (a CUDA graph uses max_model_len)
 
-    @property
-    def is_decode(self) -> bool:
-        """Every sequence computes exactly one new token."""
-        return self.max_query_len == 1
-
 
 class Attention(nn.Module):
     """Multi-head / grouped-query attention with RoPE over the paged cache of one layer."""
@@ -69,28 +64,24 @@ class Attention(nn.Module):
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def _forward_cuda(self, positions, q, k, v, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
-        from ...kernels.paged_decode_attention import paged_decode_attention
-        from ...kernels.paged_prefill_attention import paged_prefill_attention
+        from ...kernels.paged_attention import paged_attention
         from ...kernels.rotary import rotary_embedding_write_kv_cache
 
         q = rotary_embedding_write_kv_cache(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
                                             meta.slot_mapping)  # fmt: skip
-        if meta.is_decode:
-            partition = decode_partition_size(q.shape[0], self.num_kv_heads, meta.max_seq_len, q.device)
-            return paged_decode_attention(
-                q,
-                self.k_cache,
-                self.v_cache,
-                meta.block_tables,
-                meta.seq_lens_tensor,
-                self.scale,
-                self.sliding_window,
-                max_seq_len=meta.max_seq_len,
-                partition_size=partition,
-            )
-        return paged_prefill_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens_tensor,
-                                       meta.query_start_loc_tensor, self.scale, self.sliding_window,
-                                       max_query_len=meta.max_query_len)  # fmt: skip
+        return paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.block_tables,
+            meta.seq_lens_tensor,
+            meta.query_start_loc_tensor,
+            self.scale,
+            self.sliding_window,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+            partition_size=decode_partition_size(q.shape[0], self.num_kv_heads, meta.max_seq_len, q.device),
+        )
 
 
 @functools.cache
