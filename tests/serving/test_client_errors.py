@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import pytest
 
 from inflight.backend.server import free_port
 from inflight.client import InflightClient, InflightError
 
+from .triton_helpers import metrics
+
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
 
 def _metric(server, name: str) -> float:
-    """One inflight_* sample (summed over label sets that match `name`'s labels)."""
-    with urllib.request.urlopen(f"http://{server.url_metrics}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    metric, _, labels = name.partition("{")
-    wanted = [label for label in labels.rstrip("}").split(",") if label]
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if line.startswith(metric + "{") and all(label in line for label in wanted)
-    )
+    return metrics(server.url_metrics).get(name, 0.0)
 
 
 def _wait_for(predicate, timeout_s: float = 20.0) -> bool:
