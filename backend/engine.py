@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..batching import Request, RequestStatus, Scheduler, SchedulerConfig
+from ..batching import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 from .detokenizer import IncrementalDetokenizer
 from .engine_args import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
 from .inputs import Prompt, PromptProcessor
@@ -24,6 +25,11 @@ from .sampling_params import SamplingParams
 from .weight_loader import load_model
 
 logger = logging.getLogger("inflight")
+
+
+class EngineDeadError(RuntimeError):
+    """A fault the engine cannot recover from: ``step`` re-raises it and the serving layer reports not ready
+    (any other exception inside a step ends only that step's requests)."""
 
 _FINISH_STATUS = {
     "stop": RequestStatus.FINISHED_STOPPED,
@@ -97,6 +103,9 @@ class LLMEngine:
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._arrivals = 0
+        # NOTE: test-only fault injection (the reliability suite): called with each step's SchedulerOutput
+        # inside the step, before the forward; whatever it raises is handled like a real fault there.
+        self.fault_hook: Callable[[SchedulerOutput], None] | None = None
         logger.info(
             "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
             num_blocks,
@@ -196,11 +205,15 @@ class LLMEngine:
             states = [self._requests[r.request_id] for r in scheduled.scheduled if r.needs_sample]
             # NOTE: built before the forward, so its host-to-device copies do not wait for the GPU.
             batch = self._sampling_batch(states) if states else None
+            if self.fault_hook is not None:
+                self.fault_hook(scheduled)
             model_output = self.runner.execute(scheduled)
             if batch is None:
                 return outputs
             sampled = self._sample(model_output.logits, states, batch)
         except Exception as exc:  # noqa: BLE001 - a failed step ends its own requests, not the engine
+            if isinstance(exc, EngineDeadError):
+                raise
             logger.exception("engine step failed")
             for entry in scheduled.scheduled:
                 state = self._requests.pop(entry.request_id, None)
