@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,10 +81,15 @@ class EngineService:
     """Owns an ``LLMEngine`` and the two threads that serve it."""
 
     def __init__(
-        self, engine: LLMEngine, metrics: EngineMetrics | None = None, cancel_poll_s: float = 0.02
+        self,
+        engine: LLMEngine,
+        metrics: EngineMetrics | None = None,
+        cancel_poll_s: float = 0.02,
+        on_fatal: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.on_fatal = on_fatal  # called (engine thread) once the engine died and every live request ended
         self.cancel_poll_s = cancel_poll_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -112,6 +118,7 @@ class EngineService:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
             self._num_open += 1
+            self._set_open_gauge()
         live = LiveRequest(request_id, request, sink, time.monotonic())
         if not self._accepting:
             refusal = (live, None, ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down"), True)
@@ -159,6 +166,11 @@ class EngineService:
             if self.metrics is not None:
                 self.metrics.healthy.set(0)
             self._fail_all(self._dead_error())
+            if self.on_fatal is not None:
+                try:
+                    self.on_fatal()
+                except Exception:  # noqa: BLE001
+                    logger.exception("the on_fatal callback failed")
             self._drain_after_death()
             return
         # Stopping: whatever is still live ends now.
@@ -328,3 +340,14 @@ class EngineService:
             if final:
                 with self._lock:
                     self._num_open -= 1
+                    self._set_open_gauge()
+
+    def _set_open_gauge(self) -> None:
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.open_requests.set(self._num_open)
+
+    @property
+    def num_open(self) -> int:
+        """Submitted requests whose final response has not been sent yet."""
+        return self._num_open

@@ -15,6 +15,8 @@ LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25
                    10.0, 20.0, 40.0, 80.0]  # fmt: skip
 LENGTH_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000]
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# How a request's one final response ended: with outputs, a bare final flag (a cancelled request), an error.
+FINAL_STATUSES = ("OK", "EMPTY", "INVALID_ARG", "UNAVAILABLE", "INTERNAL", "CANCELLED")
 
 
 class Metric(Protocol):
@@ -65,6 +67,17 @@ class EngineMetrics:
             )
             for reason in FINISH_REASONS
         }
+        self.finals = {
+            status: counter(
+                "inflight_final_responses_total",
+                "Final responses sent, one per request, by how the request ended",
+                {"status": status},
+            )
+            for status in FINAL_STATUSES
+        }
+        self.open_requests = gauge(
+            "inflight_requests_open", "Requests received whose final response has not been sent yet"
+        )
         self.ttft = histogram("inflight_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
         self.itl = histogram("inflight_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS)
         self.e2e = histogram(
@@ -94,6 +107,9 @@ class EngineMetrics:
         if new > 0:
             self.preemptions.increment(new)
             self._preemptions_seen = stats.num_preemptions_total
+
+    def final_sent(self, status: str) -> None:
+        self.finals[status if status in self.finals else "INTERNAL"].increment(1)
 
     def request_finished(
         self, finish_reason: str, num_prompt_tokens: int, num_output_tokens: int, e2e_s: float

@@ -21,7 +21,9 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +186,67 @@ def is_ready(http_url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def stub_pids(server_pid: int, model: str) -> list[int]:
+    """The live (not zombie) Python-backend stub processes that tritonserver `server_pid` runs for `model`."""
+    pids = []
+    for child in Path(f"/proc/{server_pid}/task/{server_pid}/children").read_text().split():
+        try:
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        text = b" ".join(cmdline).decode(errors="replace")
+        if "triton_python_backend_stub" in text and f"/{model}/" in text and state not in ("Z", "X"):
+            pids.append(int(child))
+    return pids
+
+
+class StubWatchdog(threading.Thread):
+    """Unloads a model whose backend stub process died, so that Triton reports it not ready.
+
+    Triton 2.51 keeps a model "ready" after its stub process was killed (every request then fails with
+    "Stub process ... is not healthy"). The server must run with ``--model-control-mode=explicit``; a load
+    request (``TritonServer.load_model``) restores the model. A stub that ends while a newer one of the same
+    model runs (a reload) is not a death.
+    """
+
+    def __init__(self, server: TritonServer, model: str = "llm", interval_s: float = 0.2) -> None:
+        super().__init__(name=f"stub-watchdog-{model}", daemon=True)
+        self.server, self.model, self.interval_s = server, model, interval_s
+        self.deaths = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        seen: set[int] = set()
+        while not self._stop_event.wait(self.interval_s) and self.server.process.poll() is None:
+            try:
+                alive = set(stub_pids(self.server.process.pid, self.model))
+            except OSError:
+                return
+            # NOTE: a stub that ends while the model is not ready was unloaded on purpose (or by itself).
+            if (
+                seen - alive
+                and not alive
+                and not self._stop_event.is_set()
+                and self.server.model_ready(self.model)
+            ):
+                self.deaths += 1
+                print(f"stub watchdog: the backend stub of {self.model} died; unloading it", file=sys.stderr)
+                try:
+                    self.server.unload_model(self.model)
+                except OSError as err:
+                    print(f"stub watchdog: unloading {self.model} failed: {err}", file=sys.stderr)
+            seen = alive
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+def explicit_model_control(*models: str) -> list[str]:
+    """tritonserver arguments that load `models` at start and allow load/unload requests."""
+    return ["--model-control-mode=explicit", *(f"--load-model={m}" for m in models)]
+
+
 class TritonServer:
     """A tritonserver process on a model repository. URLs are `host:port` (tritonclient's style).
 
@@ -196,6 +259,7 @@ class TritonServer:
         self.process = process
         self.http_port, self.grpc_port, self.metrics_port = ports
         self.log_path = log_path
+        self.watchdogs: list[StubWatchdog] = []
 
     @classmethod
     def start(
@@ -255,8 +319,45 @@ class TritonServer:
             time.sleep(0.25)
         raise RuntimeError(f"tritonserver not ready after {timeout_s:.0f}s:\n{self.log_text()[-6000:]}")
 
+    def model_ready(self, model: str = "llm", timeout_s: float = 2.0) -> bool:
+        """True when `GET /v2/models/<model>/ready` answers 200."""
+        try:
+            url = f"http://{self.url_http}/v2/models/{model}/ready"
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _repository(self, model: str, action: str, timeout_s: float) -> None:
+        url = f"http://{self.url_http}/v2/repository/models/{model}/{action}"
+        request = urllib.request.Request(url, data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read()
+        except urllib.error.HTTPError as err:
+            raise OSError(
+                f"{action} {model}: HTTP {err.code}: {err.read().decode(errors='replace')}"
+            ) from None
+
+    def load_model(self, model: str = "llm", timeout_s: float = 300.0) -> None:
+        """(Re)load a model (explicit model-control mode only); OSError when Triton refuses or fails."""
+        self._repository(model, "load", timeout_s)
+
+    def unload_model(self, model: str = "llm", timeout_s: float = 120.0) -> None:
+        """Unload a model (explicit model-control mode only); Triton drains it first."""
+        self._repository(model, "unload", timeout_s)
+
+    def watch_stubs(self, model: str = "llm") -> StubWatchdog:
+        """Start a `StubWatchdog` for `model` (stopped by `stop()`)."""
+        watchdog = StubWatchdog(self, model)
+        watchdog.start()
+        self.watchdogs.append(watchdog)
+        return watchdog
+
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGINT (Triton's graceful shutdown), then SIGKILL to the process group after `timeout_s`."""
+        for watchdog in self.watchdogs:
+            watchdog.stop()
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGINT)
             try:
@@ -322,8 +423,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         server = TritonServer.start(
             repo, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-            log_verbose=args.log_verbose,
+            log_verbose=args.log_verbose, extra_args=explicit_model_control("*"),
         )  # fmt: skip
+        # A model whose stub process dies is unloaded (not ready) until a load request restores it.
+        server.watch_stubs(args.model_name)
         # NOTE: SIGINT too: a shell starts background jobs with SIGINT ignored, which Python then keeps.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _raise_interrupt)

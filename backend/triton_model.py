@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from .engine import LLMEngine
 from .engine_args import EngineArgs
 from .engine_service import EngineService, ErrorKind, ServiceError
+from .faults import FaultInjector, parse_fault_spec
 from .metrics import EngineMetrics, triton_metric_factory
 from .triton_inputs import FLAG_INPUTS, LIST_INPUTS, PROMPT_INPUTS, SAMPLING_INPUTS, parse_request
 
@@ -24,7 +26,7 @@ logger = logging.getLogger("inflight")
 
 INPUT_NAMES = (*PROMPT_INPUTS, "sampling_parameters", *SAMPLING_INPUTS, *LIST_INPUTS, *FLAG_INPUTS)
 # Parameters that are not engine options.
-MODEL_PARAMETERS = ("model_path", "tokenizer_path", "drain_timeout_s")
+MODEL_PARAMETERS = ("model_path", "tokenizer_path", "drain_timeout_s", "fault_injection")
 
 
 def engine_args_from_parameters(parameters: dict[str, Any], cwd: str | None = None) -> EngineArgs:
@@ -72,12 +74,15 @@ def _convert(key: str, text: str, annotation: Any) -> Any:
 class _TritonSink:
     """A request's response sender as a ``ResponseSink``."""
 
-    def __init__(self, pb_utils: Any, sender: Any) -> None:
+    def __init__(self, pb_utils: Any, sender: Any, metrics: EngineMetrics | None = None) -> None:
         self.pb = pb_utils
         self.sender = sender
+        self.metrics = metrics
 
     def send(self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        if final and self.metrics is not None:
+            self.metrics.final_sent(error.kind.value if error is not None else "OK" if outputs else "EMPTY")
         if error is not None:
             code = getattr(self.pb.TritonError, error.kind.value, self.pb.TritonError.INTERNAL)
             self.sender.send(
@@ -109,15 +114,21 @@ class TritonPythonModel:
         drain = parameters.get("drain_timeout_s", {}).get("string_value", "") or "10"
         self.drain_timeout_s = float(drain)
         labels = {"model": args.get("model_name", "llm"), "version": str(args.get("model_version", "1"))}
+        self.model_name = labels["model"]
         self.metrics = EngineMetrics(triton_metric_factory(pb_utils), labels)
         logger.info("inflight: loading %s", engine_args.model)
-        self.service = EngineService(LLMEngine(engine_args), self.metrics)
+        engine = LLMEngine(engine_args)
+        fault_spec = parameters.get("fault_injection", {}).get("string_value", "").strip()
+        if fault_spec:  # test-only (docs/serving.md)
+            logger.warning("inflight: fault injection is ON: %s", fault_spec)
+            engine.fault_hook = FaultInjector(parse_fault_spec(fault_spec))
+        self.service = EngineService(engine, self.metrics, on_fatal=self._unload_self)
         self.metrics.kv_total.set(self.service.engine.scheduler.kv_cache_manager.num_usable_blocks)
 
     def execute(self, requests: list[Any]) -> None:
         pb = self.pb
         for request in requests:
-            sink = _TritonSink(pb, request.get_response_sender())
+            sink = _TritonSink(pb, request.get_response_sender(), self.metrics)
             try:
                 parsed = parse_request(lambda name, r=request: _input(pb, r, name))
             except ValueError as exc:
@@ -129,6 +140,27 @@ class TritonPythonModel:
                 continue
             self.service.submit(parsed, sink)
         return None
+
+    def _unload_self(self) -> None:
+        """The engine died: ask Triton to unload this model so that its readiness turns false.
+
+        Works when the server runs with ``--model-control-mode=explicit`` (``inflight.backend.server`` does);
+        a load request (``POST /v2/repository/models/<name>/load``) then brings it back. In other modes Triton
+        refuses, and the model stays "ready" while answering UNAVAILABLE (``inflight_engine_healthy`` is 0).
+        """
+        unload = getattr(self.pb, "unload_model", None)
+        if unload is None:
+            logger.error("inflight: the engine died and this Triton cannot unload the model; it stays listed")
+            return
+
+        def run() -> None:
+            try:
+                unload(self.model_name)
+                logger.error("inflight: the engine died; model %s unloaded itself", self.model_name)
+            except Exception as exc:  # noqa: BLE001 - e.g. not in explicit model-control mode
+                logger.error("inflight: the engine died and unloading %s failed: %s", self.model_name, exc)
+
+        threading.Thread(target=run, name="inflight-unload", daemon=True).start()
 
     def is_ready(self) -> bool:
         """Readiness for Triton versions that ask the model (the engine thread must be alive)."""
