@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,45 @@ def matmul_tflops(n: int = 8192, iters: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return 2 * n**3 / (start.elapsed_time(end) / 1e3 / iters) / 1e12
+
+
+def cpu_copy_bandwidth_gbs(num_bytes: int = 256 << 20, iters: int = 5) -> float:
+    """Host memory copy bandwidth in GB/s (read + write counted), torch on the CPU."""
+    src = torch.empty(num_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    return 2 * num_bytes * iters / (time.perf_counter() - start) / 1e9
+
+
+def cpu_matmul_gflops(n: int = 1024, iters: int = 5) -> float:
+    """fp32 ``n x n x n`` matmul rate on the CPU in GFLOP/s (the CPU path computes in fp32)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e9
+
+
+def ceilings() -> dict[str, Any]:
+    """The device's measured ceilings, same run: copy bandwidth and matmul rate (GPU: bf16; CPU: fp32)."""
+    if torch.cuda.is_available():
+        return {"kind": "cuda", "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1),
+                "bf16_matmul_tflops": round(matmul_tflops(), 1)}  # fmt: skip
+    return {"kind": "cpu", "threads": torch.get_num_threads(),
+            "copy_bandwidth_gbs": round(cpu_copy_bandwidth_gbs(), 2),
+            "fp32_matmul_gflops": round(cpu_matmul_gflops(), 1)}  # fmt: skip
+
+
+def describe_ceilings(c: dict[str, Any]) -> str:
+    """One line for a log or a table cell."""
+    if c.get("kind") == "cuda":
+        return f"copy {c['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s"
+    return (f"CPU ({c['threads']} threads): copy {c['copy_bandwidth_gbs']:.1f} GB/s, "
+            f"fp32 matmul {c['fp32_matmul_gflops']:.0f} GFLOP/s")  # fmt: skip
 
 
 def environment() -> dict[str, Any]:

@@ -15,18 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from inflight.backend.server import (
-    DEFAULT_MODEL_REPOSITORY,
-    REPO_ROOT,
-    TritonServer,
-    is_ready,
-    write_model_repository,
-)
+from inflight.backend.server import REPO_ROOT, is_ready
 
 from .tools import (
     output_length_matches,
     run_genai_perf,
     run_perf_analyzer,
+    start_server,
     tokens_sent,
     write_input_data,
 )
@@ -59,16 +54,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _start_server(model: Path, work: Path) -> TritonServer:
-    repo = write_model_repository(
-        DEFAULT_MODEL_REPOSITORY, work / "repo", parameters={"model_path": str(model)}
-    )
-    print(f"starting tritonserver (log: {work / 'tritonserver.log'}) ...", flush=True)
-    server = TritonServer.start(repo, log_path=work / "tritonserver.log")
-    server.wait_ready(600)
-    return server
-
-
 def _banner(title: str) -> None:
     print(f"\n=== {title} " + "=" * max(0, 90 - len(title)), flush=True)
 
@@ -85,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_ready(f"localhost:{args.http_port}"):
             print(f"using the server at localhost:{args.http_port} (gRPC {grpc_url})")
         else:
-            server = _start_server(args.model, work)
+            server = start_server(args.model, work, ready_timeout_s=600)
             grpc_url = server.url_grpc
         _banner(f"perf_analyzer --streaming, concurrency {args.concurrency}, {args.max_tokens} tokens")
         data = write_input_data(out / "perf_input.json", PROMPTS, args.max_tokens)

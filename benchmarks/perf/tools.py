@@ -15,12 +15,35 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inflight.backend.server import CACHE_DIR, perf_env
+from inflight.backend.server import (
+    CACHE_DIR,
+    DEFAULT_MODEL_REPOSITORY,
+    TritonServer,
+    perf_env,
+    write_model_repository,
+)
 
 GENAI_PERF_SPEC = "genai-perf==0.0.16"
 GENAI_PERF_VENV = Path(os.environ.get("GENAI_PERF_VENV", CACHE_DIR / "genai-perf-venv"))
 # What installing genai-perf must not move in our own environment (numpy 2 breaks the Triton stub).
 PROTECTED = {"numpy": "1.", "tritonclient": "2.51.0", "nvidia-pytriton": "0.7.0"}
+
+
+def start_server(
+    model: Path, work: Path, parameters: dict[str, str] | None = None, ready_timeout_s: float = 900.0
+) -> TritonServer:
+    """A tritonserver on free ports serving `model` (plus config `parameters`), its log in `work`; ready."""
+    repo = write_model_repository(
+        DEFAULT_MODEL_REPOSITORY, work / "repo", parameters={"model_path": str(model), **(parameters or {})}
+    )
+    print(f"starting tritonserver (log: {work / 'tritonserver.log'}) ...", flush=True)
+    server = TritonServer.start(repo, log_path=work / "tritonserver.log")
+    try:
+        server.wait_ready(ready_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def _venv_bin(name: str) -> Path:

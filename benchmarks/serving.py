@@ -1,0 +1,236 @@
+"""Serving benchmark: streamed requests through Triton (gRPC) and engine-direct, same schedule, same run.
+
+    python -m benchmarks.serving --model /tmp/inflight-llama31-8b-random --isl 467 --osl 256 \\
+        --rate 2 --concurrency 1,16,64,256 --out benchmarks/results/serving-h200.json
+
+For each level (a Poisson request rate, or a fixed number of requests kept in flight) the same
+random-token prompts (sent as token ids: exact lengths), greedy with `ignore_eos` and exactly `osl` output
+tokens, go first into the engine in this process (`EngineService`, engine-direct), then through a
+tritonserver this script starts with the same engine settings (or `--server-url`). Reports TTFT, ITL,
+TPOT and E2E latency (mean, p50, p90, p99, ms) and output tok/s, req/s for both, the ratio
+Triton / engine-direct, and the device's measured ceilings. JSON to `--out`, PNG plots beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import ceilings, describe_ceilings, environment, write_result
+from benchmarks.loadgen import RequestSpec, drive, schedule, summarize
+
+TARGETS = ("engine_direct", "triton")
+
+
+def _levels(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rate levels first (lowest first), then concurrency levels, each with its own request count."""
+    levels = [{"mode": "rate", "value": r, "num_requests": args.rate_requests} for r in args.rate]
+    levels += [
+        {
+            "mode": "concurrency",
+            "value": c,
+            "num_requests": max(args.min_requests, args.requests_per_slot * c),
+        }
+        for c in args.concurrency
+    ]
+    return levels
+
+
+def _specs(level: dict[str, Any], args: argparse.Namespace, vocab: int, index: int) -> list[RequestSpec]:
+    # NOTE: a seed per level, so no level repeats an earlier one's prompts (prefix caching is off anyway).
+    lengths_in = tuple(args.random_lengths) if args.random_lengths else args.isl
+    lengths_out = tuple(args.random_lengths) if args.random_lengths else args.osl
+    rate = level["value"] if level["mode"] == "rate" else None
+    return schedule(level["num_requests"], lengths_in, lengths_out, vocab, rate=rate, seed=1000 + index)
+
+
+def _label(level: dict[str, Any]) -> str:
+    return f"{level['value']} req/s" if level["mode"] == "rate" else f"concurrency {level['value']}"
+
+
+def run_level(target: Any, specs: list[RequestSpec], level: dict[str, Any], timeout_s: float) -> dict:
+    """Drive one level through one target with a progress bar; its summary."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(specs),
+        desc=f"{target.name:>13} {_label(level):>16}",
+        unit="req",
+        leave=False,
+        mininterval=1.0,
+    )
+    lock = threading.Lock()
+
+    def progress(count: int) -> None:
+        with lock:
+            bar.update(count - bar.n)
+
+    try:
+        concurrency = level["value"] if level["mode"] == "concurrency" else None
+        records = drive(specs, target, concurrency=concurrency, progress=progress, timeout_s=timeout_s)
+    finally:
+        bar.close()
+    return summarize(records)
+
+
+def _warm_up(target: Any, vocab: int, osl: int) -> None:
+    specs = schedule(2, 16, min(osl, 8), vocab, seed=999)
+    summary = summarize(drive(specs, target, concurrency=2, timeout_s=900))
+    if summary["failed"]:
+        raise RuntimeError(f"{target.name}: warm-up requests failed: {summary['errors']}")
+
+
+def _line(name: str, s: dict[str, Any]) -> str:
+    failed = f", {s['failed']} FAILED {s['errors']}" if s["failed"] else ""
+    return (
+        f"  {name:>13}: {s['output_tok_s']:9.1f} out tok/s {s['req_s']:7.2f} req/s | TTFT p50 "
+        f"{s['ttft_ms']['p50']} p99 {s['ttft_ms']['p99']} ms | ITL p50 {s['itl_ms']['p50']} p99 "
+        f"{s['itl_ms']['p99']} ms | E2E p50 {s['e2e_ms']['p50']} ms{failed}"
+    )
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings both targets run with (the Triton config parameters, as options)."""
+    longest = max(args.random_lengths) * 2 if args.random_lengths else args.isl + args.osl
+    options: dict[str, Any] = {
+        "dtype": args.dtype, "max_num_seqs": args.max_num_seqs, "max_model_len": longest + 16,
+        "enable_prefix_caching": args.prefix_caching, "max_queue_size": max(1024, 2 * max(args.concurrency or [1])),
+    }  # fmt: skip
+    if args.max_num_batched_tokens:
+        options["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.kv_cache_memory_bytes:
+        options["kv_cache_memory_bytes"] = args.kv_cache_memory_bytes
+    return options
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.serving", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    ints = lambda text: [int(v) for v in text.split(",") if v]
+    floats = lambda text: [float(v) for v in text.split(",") if v]
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--isl", type=int, default=467, help="input tokens per request")
+    parser.add_argument("--osl", type=int, default=256, help="output tokens per request (ignore_eos)")
+    parser.add_argument("--random-lengths", type=int, nargs=2, metavar=("MIN", "MAX"),
+                        help="input and output lengths uniform in MIN..MAX instead")  # fmt: skip
+    parser.add_argument("--rate", type=floats, default=[2.0], help="Poisson request rates (req/s), e.g. 2,8")
+    parser.add_argument("--rate-requests", type=int, default=64, help="requests per rate level")
+    parser.add_argument("--concurrency", type=ints, default=[1, 16, 64, 256], help="e.g. 1,16,64,256")
+    parser.add_argument("--requests-per-slot", type=int, default=2, help="a concurrency level sends this x c")
+    parser.add_argument(
+        "--min-requests", type=int, default=16, help="at least this many per concurrency level"
+    )
+    parser.add_argument("--targets", default=",".join(TARGETS), help="engine_direct,triton (both by default)")
+    parser.add_argument("--server-url", help="gRPC host:port of a running server (its own engine settings)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int)
+    parser.add_argument(
+        "--kv-cache-memory-bytes", type=int, help="fixed KV cache size (default: the engine's)"
+    )
+    parser.add_argument("--prefix-caching", action="store_true", help="leave prefix caching on (default off)")
+    parser.add_argument("--level-timeout", type=float, default=1800.0, help="seconds one level may take")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-plots", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    targets = [t for t in args.targets.split(",") if t]
+    if not targets or set(targets) - set(TARGETS):
+        raise SystemExit(f"--targets must name some of {', '.join(TARGETS)}, got {args.targets!r}")
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    levels = _levels(args)
+    options = engine_options(args)
+    print("measuring the device's ceilings ...", flush=True)
+    ceiling = ceilings()
+    print(f"ceilings: {describe_ceilings(ceiling)}", flush=True)
+    workload = (f"in/out uniform {args.random_lengths[0]}..{args.random_lengths[1]}" if args.random_lengths
+                else f"{args.isl} in / {args.osl} out")  # fmt: skip
+    print(f"workload: {workload}, random-token prompts as input_ids, greedy, ignore_eos; levels: "
+          f"{', '.join(_label(level) for level in levels)}; engine: {options}", flush=True)  # fmt: skip
+    results: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+    for name in [t for t in TARGETS if t in targets]:
+        print(f"\n=== {name} ===", flush=True)
+        target, server, work = _open_target(name, args, options)
+        try:
+            _warm_up(target, vocab, args.osl)
+            for index, level in enumerate(levels):
+                summary = run_level(target, _specs(level, args, vocab, index), level, args.level_timeout)
+                results[name].append(summary)
+                print(f"{_label(level)}:\n" + _line(name, summary), flush=True)
+        finally:
+            target.close()
+            if server is not None:
+                server.stop()
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+    rows = []
+    for index, level in enumerate(levels):
+        row = {**level, **{t: results[t][index] for t in targets}}
+        if len(targets) == 2:
+            direct, triton = row["engine_direct"]["output_tok_s"], row["triton"]["output_tok_s"]
+            row["triton_over_direct"] = round(triton / direct, 4) if direct else None
+        rows.append(row)
+    result = {
+        "benchmark": "serving", **environment(), "model": args.model.name, "workload": workload,
+        "isl": args.isl, "osl": args.osl, "random_lengths": args.random_lengths, "ceilings": ceiling,
+        "engine": options, "server_url": args.server_url, "levels": rows,
+        "method": "streamed gRPC (one ModelStreamInfer stream per request) vs EngineService in-process; "
+                  "times stamped on arrival; ITL splits a multi-token response's gap evenly",
+    }  # fmt: skip
+    write_result(args.out, result)
+    _print_table(result)
+    if not args.no_plots:
+        from benchmarks.plots import plot_serving
+
+        plot_serving(result, args.out)
+    failed = sum(row[t]["failed"] for row in rows for t in targets)
+    if failed:
+        print(f"FAILED: {failed} requests failed (see 'errors' in {args.out})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _open_target(name: str, args: argparse.Namespace, options: dict[str, Any]):
+    """(target, server or None, work folder or None) for `name`."""
+    from benchmarks.targets import EngineDirectTarget, TritonTarget
+
+    if name == "engine_direct":
+        print("loading the engine in this process ...", flush=True)
+        return EngineDirectTarget(str(args.model), options), None, None
+    if args.server_url:
+        print(f"using the server at {args.server_url} (its own engine settings)", flush=True)
+        return TritonTarget(args.server_url), None, None
+    from benchmarks.perf.tools import start_server
+
+    work = Path(tempfile.mkdtemp(prefix="inflight-serving-"))
+    parameters = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
+    server = start_server(args.model, work, parameters)
+    return TritonTarget(server.url_grpc), server, work
+
+
+def _print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['model']}, {result['workload']}; device {result['device']}; ceilings "
+          f"{describe_ceilings(result['ceilings'])}")  # fmt: skip
+    for row in result["levels"]:
+        ratio = row.get("triton_over_direct")
+        print(
+            f"{_label(row)}" + (f" (Triton = {100 * ratio:.1f}% of engine-direct out tok/s)" if ratio else "")
+        )
+        for name in TARGETS:
+            if name in row:
+                print(_line(name, row[name]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
