@@ -5,6 +5,7 @@ from .block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
 from .kv_cache_manager import KVCacheManager, PrefixCacheStats
 from .request import Request, RequestStatus
 from .scheduler import (
+    PENDING_TOKEN_ID,
     QueueFullError,
     ScheduledRequest,
     Scheduler,
@@ -20,6 +21,7 @@ __all__ = [
     "KVCacheBlock",
     "KVCacheManager",
     "PrefixCacheStats",
+    "PENDING_TOKEN_ID",
     "QueueFullError",
     "Request",
     "RequestStatus",

@@ -37,13 +37,21 @@ _FINISHED_STATUSES = frozenset(
 class Request:
     """Token bookkeeping of one generation request.
 
-    `num_computed_tokens` counts the tokens whose KV is in the cache or is being written by the step
-    in flight. `block_hashes` holds the chained hashes of the full blocks of `all_token_ids` and is
-    extended as output tokens fill blocks.
+    `num_computed_tokens` counts the tokens whose KV is in the cache or is being written by a step
+    in flight. `num_pending_tokens` counts the output tokens that steps in flight are sampling (the
+    scheduler plans the next step before the engine has read them: it may compute a pending token's
+    KV, the runner taking its id on the device). `block_hashes` holds the chained hashes of the full
+    blocks of `all_token_ids` and is extended as output tokens fill blocks. `max_output_tokens` (if
+    given) lets the scheduler stop planning a request whose pending tokens already reach its limit.
     """
 
     def __init__(
-        self, request_id: str, prompt_token_ids: list[int], block_size: int, arrival_index: int = 0
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        block_size: int,
+        arrival_index: int = 0,
+        max_output_tokens: int | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
@@ -58,6 +66,8 @@ class Request:
         self.block_size = block_size
         self.arrival_index = arrival_index
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
+        self.max_output_tokens = max_output_tokens
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         # Prefix-cache hit (in tokens) found when the request was first scheduled.
@@ -90,7 +100,10 @@ class Request:
         return self.status.is_finished
 
     def append_output_token(self, token_id: int) -> None:
-        """Append one sampled token; extends `block_hashes` when it completes a block."""
+        """Append one sampled token (a pending one, if any); extends `block_hashes` when it completes a
+        block."""
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
         num_full_blocks = len(self._all_token_ids) // self.block_size

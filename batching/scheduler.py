@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .scheduler_types import (
+    PENDING_TOKEN_ID,
     QueueFullError,
     ScheduledRequest,
     SchedulerConfig,
@@ -21,6 +22,7 @@ from .scheduler_types import (
 )
 
 __all__ = [
+    "PENDING_TOKEN_ID",
     "QueueFullError",
     "ScheduledRequest",
     "Scheduler",
@@ -131,8 +133,9 @@ class Scheduler:
         req_index = 0
         while req_index < len(self.running) and budget > 0:
             request = self.running[req_index]
-            num_uncomputed = min(request.num_tokens, config.max_model_len) - request.num_computed_tokens
-            # NOTE: nothing to compute means its last token is being sampled by the step in flight.
+            num_uncomputed = self._num_schedulable(request) - request.num_computed_tokens
+            # NOTE: nothing to compute means its last token is being sampled by the step in flight (and,
+            # with that token pending, it is either the request's last one or its KV is computed).
             if num_uncomputed <= 0 or (not config.enable_chunked_prefill and num_uncomputed > budget):
                 req_index += 1
                 continue
@@ -161,6 +164,8 @@ class Scheduler:
         ):
             request = self.waiting[0]
             assert request.num_computed_tokens == 0
+            if request.num_pending_tokens:
+                break  # preempted while its token was sampled: re-admitted once the token is known
             computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(
                 request, record_stats=False
             )
@@ -186,14 +191,24 @@ class Scheduler:
         for request, start, num_new_tokens, is_new in chosen:
             end = start + num_new_tokens
             request.num_computed_tokens = end
+            token_ids = request.all_token_ids[start:end]
+            # NOTE: at most one token can be pending when a step is planned, and only as the chunk's last.
+            pending = end - start - len(token_ids)
+            assert pending in (0, 1), f"{request!r}: {pending} pending tokens in one chunk"
+            if pending:
+                token_ids.append(PENDING_TOKEN_ID)
+            needs_sample = end == request.num_tokens + request.num_pending_tokens
+            if needs_sample:
+                request.num_pending_tokens += 1
             scheduled.append(
                 ScheduledRequest(
                     request_id=request.request_id,
-                    token_ids=request.all_token_ids[start:end],
+                    token_ids=token_ids,
                     start_position=start,
                     block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
-                    needs_sample=end == request.num_tokens,
+                    needs_sample=needs_sample,
                     is_new=is_new,
+                    last_token_pending=bool(pending),
                 )
             )
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
@@ -203,6 +218,18 @@ class Scheduler:
             preempted_request_ids=preempted_request_ids,
             finished_request_ids=finished_request_ids,
         )
+
+    def _num_schedulable(self, request: Request) -> int:
+        """How far a running request may be computed: its known tokens and its first pending token (the
+        runner takes that id from the step just before this one), but never the request's last token,
+        the one that reaches ``max_model_len`` or ``max_output_tokens`` (its KV is never needed: the
+        engine finishes the request when it reads that token)."""
+        if request.num_output_tokens + request.num_pending_tokens == 0:
+            return min(request.num_tokens, self.config.max_model_len)  # the prompt
+        limit = self.config.max_model_len
+        if request.max_output_tokens is not None:
+            limit = min(limit, request.num_prompt_tokens + request.max_output_tokens)
+        return min(request.num_tokens + min(request.num_pending_tokens, 1), limit - 1)
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks and put it at the front of the waiting queue."""

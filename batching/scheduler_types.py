@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The placeholder a scheduled chunk carries for a token that the step in flight is still sampling.
+PENDING_TOKEN_ID = -1
+
 
 class QueueFullError(Exception):
     """The waiting queue already holds `max_queue_size` requests."""
@@ -66,8 +69,11 @@ class ScheduledRequest:
         token_ids: the tokens to compute this step (their KV is written, positions start_position...).
         start_position: the request's num_computed_tokens before this step.
         block_ids: the request's whole block table.
-        needs_sample: this chunk reaches the request's last known token: sample one token.
+        needs_sample: this chunk reaches the request's last token: sample one token.
         is_new: first schedule since arrival or preemption (the runner must drop any old state).
+        last_token_pending: the chunk's last token is the one the step in flight samples (its id is
+            not known on the host yet: ``token_ids[-1]`` is ``PENDING_TOKEN_ID``, and the runner takes
+            the id from the previous step's sampled tokens on the device).
     """
 
     request_id: str
@@ -76,6 +82,7 @@ class ScheduledRequest:
     block_ids: list[int]
     needs_sample: bool
     is_new: bool
+    last_token_pending: bool = False
 
     @property
     def num_tokens(self) -> int:

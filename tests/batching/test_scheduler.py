@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 
 from inflight.batching import (
+    PENDING_TOKEN_ID,
     QueueFullError,
     Request,
     RequestStatus,
@@ -34,11 +35,9 @@ def test_lifecycle_prefill_then_decodes() -> None:
     assert (out.num_batched_tokens, out.preempted_request_ids, out.finished_request_ids) == (6, [], [])
     assert a.status == RequestStatus.RUNNING and a.num_computed_tokens == 6 and a.num_cached_tokens == 0
 
-    # Step N+1 planned while step N runs: the decode token is not known yet, nothing to compute.
-    ahead = sched.schedule()
-    assert ahead.scheduled == [] and ahead.num_batched_tokens == 0 and ahead.is_empty
+    assert a.num_pending_tokens == 1  # the step samples a token the host does not know yet
     assert sched.update_from_output(out, {"a": 99}) == []
-    assert a.output_token_ids == [99]
+    assert a.output_token_ids == [99] and a.num_pending_tokens == 0
 
     out = sched.schedule()
     assert out.scheduled == [ScheduledRequest("a", [99], 6, [1, 2], True, False)]
@@ -49,6 +48,71 @@ def test_lifecycle_prefill_then_decodes() -> None:
     out = sched.schedule()  # position 8 starts block 3
     assert out.scheduled == [ScheduledRequest("a", [97], 8, [1, 2, 3], True, False)]
     assert a.all_token_ids == [10, 11, 12, 13, 14, 15, 99, 98, 97]
+
+
+def test_planning_ahead_computes_the_pending_token_on_the_device() -> None:
+    """Step N+1 planned while step N runs: the decode's input is step N's sampled token (a placeholder on
+    the host); the tokens arrive in order afterwards."""
+    sched = make_scheduler()
+    a = Request("a", list(range(10, 16)), block_size=4, max_output_tokens=4)
+    sched.add_request(a)
+    out1 = sched.schedule()
+    out2 = sched.schedule()
+    assert out2.scheduled == [ScheduledRequest("a", [PENDING_TOKEN_ID], 6, [1, 2], True, False, True)]
+    assert a.num_pending_tokens == 2 and a.num_computed_tokens == 7
+    assert sched.schedule().scheduled == []  # one step ahead at most: nothing known to compute
+    sched.update_from_output(out1, {"a": 99})
+    out3 = sched.schedule()
+    assert out3.scheduled == [ScheduledRequest("a", [PENDING_TOKEN_ID], 7, [1, 2], True, False, True)]
+    sched.update_from_output(out2, {"a": 98})
+    out4 = sched.schedule()  # computes output 3 (pending) to sample output 4, the last one
+    assert out4.scheduled == [ScheduledRequest("a", [PENDING_TOKEN_ID], 8, [1, 2, 3], True, False, True)]
+    sched.update_from_output(out3, {"a": 97})
+    # Output 4 is pending and is the last: its KV is never needed, nothing is planned.
+    assert sched.schedule().scheduled == []
+    sched.update_from_output(out4, {"a": 96})
+    assert a.output_token_ids == [99, 98, 97, 96] and a.num_pending_tokens == 0
+    assert sched.schedule().scheduled == []  # max_output_tokens reached: the engine finishes it
+
+
+def test_planning_ahead_stops_before_max_model_len() -> None:
+    sched = make_scheduler(max_model_len=8)
+    a = make_request("a", range(7))
+    sched.add_request(a)
+    out1 = sched.schedule()  # samples token 8 of 8: nothing after it can be planned
+    assert out1.scheduled[0].needs_sample and sched.schedule().scheduled == []
+    assert sched.update_from_output(out1, {"a": 5}) == ["a"]
+    assert a.status == RequestStatus.FINISHED_LENGTH
+
+
+def test_a_request_preempted_with_a_pending_token_waits_for_it() -> None:
+    sched = make_scheduler(num_blocks=9, max_model_len=32)  # 8 usable blocks of 4 tokens
+    a = make_request("a", range(12))  # 3 blocks
+    b = make_request("b", range(100, 116))  # 4 blocks
+    sched.add_request(a)
+    sched.add_request(b)
+    out1 = sched.schedule()
+    assert [r.request_id for r in out1.scheduled] == ["a", "b"]
+    # Planned ahead: a's pending token (position 12) needs a 4th block, b's (16) a 5th: b is preempted.
+    out2 = sched.schedule()
+    assert out2.preempted_request_ids == ["b"] and b.status == RequestStatus.PREEMPTED
+    assert b.num_pending_tokens == 1
+    assert [r.request_id for r in out2.scheduled] == ["a"]
+    # Not re-admitted while its token is pending, even with blocks free again.
+    sched.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    assert sched.schedule().scheduled == []
+    sched.update_from_output(out1, {"a": 1, "b": 2})
+    assert b.output_token_ids == [2] and b.num_pending_tokens == 0
+    out3 = sched.schedule()
+    # Its prompt blocks (written by step 1) are a prefix-cache hit; the known output token is recomputed.
+    (entry,) = out3.scheduled
+    assert (entry.request_id, entry.token_ids, entry.start_position, entry.needs_sample, entry.is_new) == (
+        "b",
+        [2],
+        16,
+        True,
+        True,
+    )
 
 
 def test_chunked_prefill_splits_a_long_prompt_by_the_budget() -> None:
@@ -135,8 +199,11 @@ def test_max_num_seqs_limits_the_running_set() -> None:
     assert [s.block_ids for s in out1.scheduled] == [[1], [2]]
     assert (sched.num_running, sched.num_waiting) == (2, 1)
     sched.finish_requests("a", RequestStatus.FINISHED_STOPPED)
-    out2 = sched.schedule()  # b's token is still in flight; c takes a's seat
-    assert out2.scheduled == [ScheduledRequest("c", [20, 21, 22], 0, [3], True, True)]
+    out2 = sched.schedule()  # b's pending token is computed ahead; c takes a's seat
+    assert out2.scheduled == [
+        ScheduledRequest("b", [PENDING_TOKEN_ID], 3, [2], True, False, True),
+        ScheduledRequest("c", [20, 21, 22], 0, [3], True, True),
+    ]
     assert out2.finished_request_ids == ["a"]
     assert sched.schedule().finished_request_ids == []
 

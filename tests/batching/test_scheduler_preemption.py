@@ -164,19 +164,17 @@ def test_no_request_is_admitted_in_a_step_that_preempted() -> None:
         ("a", 4, [1]),
         ("b", 4, [2]),
     ]
-    out2 = sched.schedule()  # a's token in flight; b finishes its prompt
-    assert out2.scheduled == [ScheduledRequest("b", list(range(104, 112)), 4, [2, 3, 4], True, False)]
     sched.update_from_output(out1, {"a": 40})
-    sched.update_from_output(out2, {"b": 50})
 
-    # a preempts b. Blocks 3, 2 and 7 tokens of budget are left, enough for a chunk of b, but a
-    # step that preempted admits nobody.
+    # a's decode takes block 3; b's next chunk (7 tokens) needs two more blocks, one is free: b (the newest)
+    # is preempted. Blocks 4, 2 and 7 tokens of budget are then left, enough for a chunk of b, but a step
+    # that preempted admits nobody.
+    out2 = sched.schedule()
+    assert out2.scheduled == [ScheduledRequest("a", [40], 4, [1, 3], True, False)]
+    assert out2.preempted_request_ids == ["b"] and sorted(free_ids(sched)) == [2, 4]
+    sched.update_from_output(out2, {"a": 41})
     out3 = sched.schedule()
-    assert out3.scheduled == [ScheduledRequest("a", [40], 4, [1, 4], True, False)]
-    assert out3.preempted_request_ids == ["b"] and free_ids(sched) == [3, 2]
-    sched.update_from_output(out3, {"a": 41})
-    out4 = sched.schedule()
-    assert out4.scheduled == [
-        ScheduledRequest("a", [41], 5, [1, 4], True, False),
-        ScheduledRequest("b", list(range(100, 107)), 0, [3, 2], False, True),
+    assert out3.scheduled == [
+        ScheduledRequest("a", [41], 5, [1, 3], True, False),
+        ScheduledRequest("b", list(range(100, 107)), 0, [4, 2], False, True),
     ]

@@ -1,7 +1,8 @@
 """Randomized add/schedule/update/finish/abort runs that check the pool's invariants every step.
 
-A fake KV store records, for every slot written, the token prefix that produced it; each scheduled
-request must then read back exactly its own prefix through its block table (what attention does).
+A fake KV store records, for every slot written, the request and position that produced it (a token
+still being sampled is known only later: the prefix is read when it is checked); each scheduled request
+must then read back exactly its own prefix through its block table (what attention does).
 """
 
 import random
@@ -12,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from inflight.batching import (
+    PENDING_TOKEN_ID,
     QueueFullError,
     Request,
     RequestStatus,
@@ -46,7 +48,7 @@ class Harness:
         self.prefixes = [[rng.randrange(6) for _ in range(rng.randrange(1, 20))] for _ in range(3)]
         self.max_tokens: dict[str, int] = {}
         self.in_flight: deque[SchedulerOutput] = deque()
-        self.kv_store: dict[int, list[tuple[int, ...] | None]] = {}
+        self.kv_store: dict[int, list[tuple[Request, int] | None]] = {}
         self.admission_seq: dict[str, int] = {}
         self.num_admissions = 0
         self.num_added = 0
@@ -55,7 +57,9 @@ class Harness:
         rng = self.rng
         tokens = rng.choice(self.prefixes)[: rng.randrange(20)] + [rng.randrange(6) for _ in range(8)]
         tokens = tokens[: rng.randint(1, self.config.max_model_len)]
-        req = Request(f"r{self.num_added}", tokens, self.bs, arrival_index=self.num_added)
+        max_tokens = rng.randint(1, 12)
+        req = Request(f"r{self.num_added}", tokens, self.bs, arrival_index=self.num_added,
+                      max_output_tokens=max_tokens if rng.random() < 0.5 else None)  # fmt: skip
         try:
             self.sched.add_request(req)
         except QueueFullError:
@@ -63,7 +67,7 @@ class Harness:
             assert self.sched.num_waiting >= self.config.max_queue_size
             return
         self.num_added += 1
-        self.max_tokens[req.request_id] = rng.randint(1, 12)
+        self.max_tokens[req.request_id] = max_tokens
 
     def step(self) -> None:
         if len(self.in_flight) >= 2:  # the engine plans at most one step ahead
@@ -103,8 +107,13 @@ class Harness:
             req = sched.get_request(s.request_id)
             assert req is not None and req.status == RequestStatus.RUNNING and s.token_ids
             end = s.start_position + len(s.token_ids)
-            assert req.num_computed_tokens == end and s.token_ids == req.all_token_ids[s.start_position : end]
-            assert s.needs_sample == (end == req.num_tokens)
+            known = req.all_token_ids[s.start_position : end]
+            assert s.token_ids == known + [PENDING_TOKEN_ID] * s.last_token_pending
+            assert req.num_computed_tokens == end and len(s.token_ids) == end - s.start_position
+            assert s.needs_sample == (end == req.num_tokens + req.num_pending_tokens - s.needs_sample)
+            assert req.num_pending_tokens <= 2
+            if req.max_output_tokens is not None:  # never the KV of a request's last token
+                assert end < req.num_prompt_tokens + req.max_output_tokens
             assert s.block_ids == sched.kv_cache_manager.get_block_ids(s.request_id)
             if not config.enable_chunked_prefill:
                 assert s.needs_sample
@@ -114,17 +123,22 @@ class Harness:
                 self.num_admissions += 1
             for pos in range(s.start_position, end):
                 slots = self.kv_store.setdefault(s.block_ids[pos // bs], [None] * bs)
-                slots[pos % bs] = tuple(req.all_token_ids[: pos + 1])
+                slots[pos % bs] = (req, pos)
         for s in out.scheduled:  # ... then every scheduled request must read back its own prefix
             req = sched.get_request(s.request_id)
             for pos in range(s.start_position + len(s.token_ids)):
-                assert self.kv_store[s.block_ids[pos // bs]][pos % bs] == tuple(req.all_token_ids[: pos + 1])
+                assert self.read_kv(s.block_ids[pos // bs], pos % bs) == tuple(req.all_token_ids[: pos + 1])
         seqs = [self.admission_seq[r.request_id] for r in sched.running]
         assert seqs == sorted(seqs)  # running order is admission order
         victims = [self.admission_seq[rid] for rid in out.preempted_request_ids]
         assert victims == sorted(victims, reverse=True) and all(v > max(seqs, default=-1) for v in victims)
         for rid in out.preempted_request_ids:
             assert sched.get_request(rid).status == RequestStatus.PREEMPTED
+
+    def read_kv(self, block_id: int, offset: int) -> tuple[int, ...] | None:
+        """The token prefix whose KV a slot holds (a pending token's id appears once it is known)."""
+        entry = self.kv_store[block_id][offset]
+        return None if entry is None else tuple(entry[0].all_token_ids[: entry[1] + 1])
 
     def check_pool(self) -> None:
         manager = self.sched.kv_cache_manager
@@ -146,6 +160,8 @@ class Harness:
         assert pool.null_block.ref_cnt == 0 and pool.null_block.prev_free_block is None
         for block_hash, block in pool.cached_block_hash_to_block.items():
             assert block.block_hash == block_hash and None not in self.kv_store[block.block_id]
+            # every token of a cached block is known (none is still being sampled)
+            assert all(len(entry[0].all_token_ids) > entry[1] for entry in self.kv_store[block.block_id])
         assert sum(b.block_hash is not None for b in pool.blocks) == len(pool.cached_block_hash_to_block)
         if not self.config.enable_prefix_caching:
             assert not pool.cached_block_hash_to_block
