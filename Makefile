@@ -17,8 +17,11 @@ METRICS_PORT ?= 8002
 MODEL ?=
 
 PERF_ARGS ?=
+# `make bench BENCH_MODEL=<HF folder>` on a GPU; BENCH_ARGS="--only serving" etc. (python -m benchmarks.bench -h)
+BENCH_MODEL ?=
+BENCH_ARGS ?=
 
-.PHONY: setup model serve perf test test-gpu gpu-carry lint format clean
+.PHONY: setup model serve perf bench bench-carry test test-gpu gpu-carry lint format clean
 
 setup: $(STAMP)
 
@@ -40,6 +43,17 @@ serve: setup model
 # Throughput and latency through the real server: perf_analyzer, then genai-perf (vllm and tensorrtllm modes).
 perf: setup model
 	$(PY) -m benchmarks.perf --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(if $(MODEL),--model "$(MODEL)") $(PERF_ARGS)
+
+# The benchmark set (benchmarks/bench.py), sized for the device: offline throughput with its HF peers and
+# serving through Triton vs engine-direct; JSON + PNG in benchmarks/results/, then the README table.
+bench: setup model
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
+	$(PY) -m benchmarks.bench $(if $(BENCH_MODEL),--model "$(BENCH_MODEL)") $(BENCH_ARGS)
+
+# What a GPU machine without network needs for the benchmarks, the served one included (git-ignored .gpu/):
+# the tokenizer files, and the Triton server + numpy 1.26 + tritonclient bundle of ../shared/gpu.
+bench-carry: gpu-carry
+	bash ../shared/gpu/make-bundle.sh .gpu
 
 # The CPU suite (CI). tests/gpu needs a CUDA GPU: `make test-gpu` runs it with the kernels on CUDA.
 test: setup model

@@ -176,6 +176,9 @@ def summarize(records: list[RequestRecord]) -> dict[str, Any]:
         "exact_output_lengths": sum(r.num_tokens == r.max_tokens for r in ok),
         "input_tokens": sum(r.input_len for r in ok),
         "output_tokens": output_tokens,
+        # > 1 when responses carry several tokens (text held back: an incomplete character, an id the
+        # tokenizer does not decode): TTFT then waits for the first decodable token.
+        "tokens_per_response": round(output_tokens / max(sum(len(r.token_responses()) for r in ok), 1), 3),
         "duration_s": round(duration, 3),
         "output_tok_s": round(output_tokens / duration, 2),
         "total_tok_s": round((output_tokens + sum(r.input_len for r in ok)) / duration, 2),

@@ -1,6 +1,12 @@
 """Random-weight checkpoints of real model shapes as ordinary HF folders (GPU tests and benchmarks).
 
 python -m benchmarks.random_models --shape llama3-8b --out /tmp/llama3-8b-random
+python -m benchmarks.random_models --out /tmp/inflight-llama31-8b-random --tokenizer-dir .gpu/tok --pad-tokenizer
+
+`--pad-tokenizer` adds plain tokens (`<|pad_N|>`) to the copied tokenizer up to the model's vocabulary, so
+every id the random model samples decodes to text, as with the model's real tokenizer. Without it, ids
+past the smaller tokenizer decode to nothing and a streamed response waits for the next decodable token,
+which inflates time-to-first-token in the serving benchmark.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ SHAPES = {
 
 
 def build_random_model(shape: str, out: Path, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                       tokenizer_dir: Path | None = None) -> Path:  # fmt: skip
+                       tokenizer_dir: Path | None = None, pad_tokenizer: bool = False) -> Path:  # fmt: skip
     """Write a random ``shape`` Llama checkpoint to ``out`` (kept if it is already there)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -44,6 +50,8 @@ def build_random_model(shape: str, out: Path, dtype: torch.dtype = torch.bfloat1
         for name in ("tokenizer.json", "tokenizer_config.json"):
             if (tokenizer_dir / name).is_file():
                 shutil.copy(tokenizer_dir / name, tmp / name)
+        if pad_tokenizer:
+            pad_tokenizer_to(tmp, config.vocab_size)
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -55,13 +63,30 @@ def build_random_model(shape: str, out: Path, dtype: torch.dtype = torch.bfloat1
     return out
 
 
+def pad_tokenizer_to(folder: Path, vocab_size: int) -> int:
+    """Add `<|pad_N|>` tokens to the tokenizer in `folder` until it has `vocab_size`; returns how many."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    missing = vocab_size - len(tokenizer)
+    if missing > 0:
+        tokenizer.add_tokens([f"<|pad_{i}|>" for i in range(missing)])
+        tokenizer.save_pretrained(folder)
+    return max(missing, 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--tokenizer-dir", type=Path)
+    parser.add_argument(
+        "--pad-tokenizer", action="store_true", help="pad the copied tokenizer to the model's vocabulary"
+    )
     args = parser.parse_args()
-    build_random_model(args.shape, args.out, tokenizer_dir=args.tokenizer_dir)
+    build_random_model(
+        args.shape, args.out, tokenizer_dir=args.tokenizer_dir, pad_tokenizer=args.pad_tokenizer
+    )
 
 
 if __name__ == "__main__":

@@ -52,20 +52,64 @@ def _gemv(r: dict) -> list[tuple[str, str, str, str]]:
     ]  # fmt: skip
 
 
+def _ceiling(r: dict) -> str:
+    c = r.get("ceilings")
+    if not c:
+        return "n/a"
+    from benchmarks.common import describe_ceilings
+
+    return describe_ceilings(c)
+
+
+def _peer(name: str, peer: dict | None, ratio: float | None, detail: str) -> str | None:
+    if not peer:
+        return None
+    if peer.get("output_tok_s"):
+        times = f" (inflight {ratio:.1f}x)" if ratio else ""
+        return f"{name} {peer['output_tok_s']:.0f} out tok/s ({detail}){times}"
+    return f"{name} not run ({peer.get('skipped') or peer.get('error', 'no figure')})"
+
+
 def _throughput(r: dict) -> list[tuple[str, str, str, str]]:
-    ours, hf = r["inflight"], r.get("hf_eager")
-    peer = (
-        f"HF eager {hf['output_tok_s']:.0f} out tok/s (static batch {hf['batch_size']})" if hf else "not run"
-    )
+    ours, ratios = r["inflight"], r.get("ratios") or {}
+    hf, cb = r.get("hf_eager"), r.get("hf_continuous_batching")
+    peers = [
+        _peer("HF eager", hf, ratios.get("over_hf_eager"), f"static batch {(hf or {}).get('batch_size')}"),
+        _peer("HF generate_batch", cb, ratios.get("over_hf_continuous_batching"),
+              f"{(cb or {}).get('num_requests')} requests"),
+    ]  # fmt: skip
     return [(
         f"offline throughput, {r['model']}, {r['workload']}, max_num_seqs {r['engine']['max_num_seqs']}",
         f"{ours['output_tok_s']:.0f} out tok/s ({ours['total_tok_s']:.0f} total)",
-        peer,
-        "n/a",
+        "; ".join(p for p in peers if p) or "not run",
+        _ceiling(r),
     )]  # fmt: skip
 
 
-KINDS = {"decode_e2e_batch1": _decode_e2e, "gemv_batch1": _gemv, "offline_throughput": _throughput}
+def _serving(r: dict) -> list[tuple[str, str, str, str]]:
+    """The rate levels and the highest concurrency: Triton's figures next to engine-direct's."""
+    conc = [level for level in r["levels"] if level["mode"] == "concurrency"]
+    shown = [level for level in r["levels"] if level["mode"] == "rate"] + conc[-1:]
+    rows = []
+    for level in shown:
+        triton, direct = level.get("triton"), level.get("engine_direct")
+        if triton is None:
+            continue
+        where = f"{level['value']:g} req/s" if level["mode"] == "rate" else f"concurrency {level['value']}"
+        figures = lambda s: (
+            f"{s['output_tok_s']:.0f} out tok/s, {s['req_s']:.2f} req/s; TTFT p50 {s['ttft_ms']['p50']:.1f} / "
+            f"p99 {s['ttft_ms']['p99']:.1f} ms; ITL p50 {s['itl_ms']['p50']:.1f} / p99 {s['itl_ms']['p99']:.1f} ms"
+        )
+        ratio = level.get("triton_over_direct")
+        peer = (f"engine-direct {figures(direct)}" + (f" (Triton = {100 * ratio:.1f}%)" if ratio else "")
+                if direct else "engine-direct not run")  # fmt: skip
+        rows.append((f"serving via Triton gRPC, {r['model']}, {r['workload']}, {where}, streamed",
+                     figures(triton), peer, _ceiling(r)))  # fmt: skip
+    return rows
+
+
+KINDS = {"decode_e2e_batch1": _decode_e2e, "gemv_batch1": _gemv, "offline_throughput": _throughput,
+         "serving": _serving}  # fmt: skip
 
 
 def table() -> str:

@@ -150,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    tokenizer_size = _tokenizer_size(args.model)
+    if tokenizer_size is not None and tokenizer_size < vocab:
+        print(f"WARNING: the tokenizer has {tokenizer_size} tokens, the model {vocab}: sampled ids past it decode "
+              "to no text and wait in the server, so TTFT is overstated (build the random model with "
+              "`--pad-tokenizer`)", flush=True)  # fmt: skip
     levels = _levels(args)
     options = engine_options(args)
     print("measuring the device's ceilings ...", flush=True)
@@ -185,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "serving", **environment(), "model": args.model.name, "workload": workload,
         "isl": args.isl, "osl": args.osl, "random_lengths": args.random_lengths, "ceilings": ceiling,
+        "vocab_size": vocab, "tokenizer_size": tokenizer_size,
         "engine": options, "server_url": args.server_url, "levels": rows,
         "method": "streamed gRPC (one ModelStreamInfer stream per request) vs EngineService in-process; "
                   "times stamped on arrival; ITL splits a multi-token response's gap evenly",
@@ -199,6 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"FAILED: {failed} requests failed (see 'errors' in {args.out})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _tokenizer_size(model: Path) -> int | None:
+    try:
+        from transformers import AutoTokenizer
+
+        return len(AutoTokenizer.from_pretrained(model))
+    except Exception:  # noqa: BLE001 - only a warning depends on it
+        return None
 
 
 def _open_target(name: str, args: argparse.Namespace, options: dict[str, Any]):

@@ -4,8 +4,12 @@
         --num-requests 1000 --out benchmarks/results/throughput-1000x1000-h200.json
     python -m benchmarks.throughput --random-lengths 100 1024 --num-requests 256 ...   (nano-vllm's set)
 
-Reports output tokens per second over the whole run (first request in to last token out), next to HF
-transformers eager `generate` in static batches measured in the same run on a subset.
+Reports output tokens per second over the whole run (first request in to last token out), next to two
+peers measured in the same run on the same model: HF transformers eager `generate` in one static batch
+(`--hf-batch N`: the first N requests) and transformers' own continuous batching (`generate_batch` with
+paged SDPA attention, `--cb-requests N`: the first N requests; fixed lengths only, since it takes one
+`max_new_tokens` per call), and the ratios inflight / peer (output tok/s). The device's ceilings (copy
+bandwidth and matmul rate) are measured first.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import environment, write_result
+from benchmarks.common import ceilings, describe_ceilings, environment, write_result
 
 
 def make_requests(
@@ -94,6 +98,65 @@ def bench_hf(path: Path, requests, batch_size: int, dtype: str) -> dict:
             "output_tok_s": round(n / seconds, 1)}  # fmt: skip
 
 
+def bench_hf_continuous(path: Path, requests, num: int, dtype: str) -> dict:
+    """transformers' continuous batching (`generate_batch`, paged SDPA) on the first `num` requests.
+
+    NOTE: under `torch.no_grad()` (generate_batch's own), not `inference_mode`, which breaks it (seen with
+    transformers 5.17). `eos_token_id=-1` turns EOS off (ignore_eos). The rate counts from the first
+    request's creation to the last token when the outputs carry timestamps (the manager's start-up and
+    warm-up left out, in the peer's favour), else over the whole call; both are kept.
+    """
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    batch = requests[:num]
+    lengths = {n for _, n in batch}
+    if len(lengths) != 1:
+        return {"skipped": "generate_batch takes one max_new_tokens per call; the output lengths differ"}
+    (osl,) = lengths
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation="paged|sdpa"
+    ).to(device)
+    model.eval()
+    config = GenerationConfig(max_new_tokens=osl, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    kwargs = {"generation_config": config, "progress_bar": True}
+    try:
+        start = time.perf_counter()
+        try:
+            outputs = model.generate_batch(inputs=[p for p, _ in batch], record_timestamps=True, **kwargs)
+        except TypeError:  # an older transformers without record_timestamps
+            outputs = model.generate_batch(inputs=[p for p, _ in batch], **kwargs)
+        wall = time.perf_counter() - start
+    finally:
+        del model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    results = list(outputs.values())
+    tokens = sum(len(r.generated_tokens) for r in results)
+    result = {"num_requests": len(batch), "completed": len(results), "output_tokens": tokens,
+              "wall_seconds": round(wall, 2), "wall_output_tok_s": round(tokens / wall, 1)}  # fmt: skip
+    stamps = [r.timestamps for r in results if getattr(r, "timestamps", None)]
+    if len(stamps) == len(results) and results:
+        seconds = max(s[-1] for s in stamps) - min(r.created_time for r in results)
+        result |= {"seconds": round(seconds, 2), "output_tok_s": round(tokens / seconds, 1)}
+    else:
+        result |= {"seconds": result["wall_seconds"], "output_tok_s": result["wall_output_tok_s"]}
+    if tokens != len(batch) * osl:
+        result["warning"] = f"{tokens} output tokens, expected {len(batch) * osl}"
+    return result
+
+
+def _run_peer(name: str, fn, *args) -> dict | None:
+    """A peer's figures, or why it did not run (a peer failing must not lose the inflight figures)."""
+    print(f"--- peer: {name} ...", flush=True)
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001 - recorded in the result
+        print(f"peer {name} failed: {type(exc).__name__}: {exc}", flush=True)
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,27 +172,57 @@ def main() -> None:
     parser.add_argument(
         "--hf-batch", type=int, default=0, help="also time HF eager on a static batch this big"
     )
+    parser.add_argument(
+        "--cb-requests",
+        type=int,
+        default=0,
+        help="also time transformers generate_batch on this many requests",
+    )
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args()
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
     lengths = tuple(args.random_lengths) if args.random_lengths else None
     requests = make_requests(args.num_requests, args.isl, args.osl, lengths, vocab, seed=0)
-    ours = bench_inflight(args.model, requests, args.max_num_seqs, args.max_num_batched_tokens, args.dtype)
-    hf = bench_hf(args.model, requests, args.hf_batch, args.dtype) if args.hf_batch else None
     workload = f"{args.num_requests} requests, " + (
         f"in/out uniform {lengths[0]}..{lengths[1]}" if lengths else f"{args.isl} in / {args.osl} out"
     )
+    print(
+        f"=== offline throughput: {args.model.name}, {workload} ===\nmeasuring the device's ceilings ...",
+        flush=True,
+    )
+    ceiling = ceilings()
+    print(f"ceilings: {describe_ceilings(ceiling)}\n--- inflight ...", flush=True)
+    ours = bench_inflight(args.model, requests, args.max_num_seqs, args.max_num_batched_tokens, args.dtype)
+    print(f"inflight: {ours['output_tok_s']} out tok/s", flush=True)
+    hf = (
+        _run_peer("HF eager generate", bench_hf, args.model, requests, args.hf_batch, args.dtype)
+        if args.hf_batch
+        else None
+    )
+    cb = (_run_peer("HF generate_batch", bench_hf_continuous, args.model, requests, args.cb_requests, args.dtype)
+          if args.cb_requests else None)  # fmt: skip
+    ratios = {name: round(ours["output_tok_s"] / peer["output_tok_s"], 2)
+              for name, peer in (("over_hf_eager", hf), ("over_hf_continuous_batching", cb))
+              if peer and peer.get("output_tok_s")}  # fmt: skip
     result = {"benchmark": "offline_throughput", **environment(), "model": str(args.model.name),
-              "workload": workload, "inflight": ours, "hf_eager": hf,
+              "workload": workload, "ceilings": ceiling, "inflight": ours, "hf_eager": hf,
+              "hf_continuous_batching": cb, "ratios": ratios,
               "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "dtype": args.dtype}}  # fmt: skip
     write_result(args.out, result)
-    print(
-        f"{workload}: inflight {ours['output_tok_s']} out tok/s ({ours['seconds']} s, "
-        f"{ours['preemptions']} preemptions)" + (f"; HF eager {hf['output_tok_s']} out tok/s" if hf else "")
-    )
+    peers = "".join(
+        f"; {name} {p['output_tok_s']} out tok/s" if p and p.get("output_tok_s") else f"; {name}: {p}"
+        for name, p in (("HF eager", hf), ("HF generate_batch", cb)) if p is not None
+    )  # fmt: skip
+    print(f"{workload}: inflight {ours['output_tok_s']} out tok/s ({ours['seconds']} s, "
+          f"{ours['preemptions']} preemptions){peers}; ratios {ratios}; ceilings {describe_ceilings(ceiling)}")  # fmt: skip
+    if not args.no_plots:
+        from benchmarks.plots import plot_throughput
+
+        plot_throughput(result, args.out)
 
 
 if __name__ == "__main__":
