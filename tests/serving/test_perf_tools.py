@@ -44,3 +44,18 @@ def test_genai_perf_reports_the_output_length_it_asked_for(
     assert tokens_sent(tmp_path / "artifacts") == [OUTPUT_TOKENS] * 3
     assert output_length_matches(stats, OUTPUT_TOKENS), stats["output_sequence_length"]
     assert stats["time_to_first_token"]["avg"] > 0
+
+
+def test_load_generator_through_triton_streams_exact_token_counts(triton_server) -> None:
+    """benchmarks.serving's gRPC transport: token ids in, every token stamped, figures consistent."""
+    from benchmarks.loadgen import drive, schedule, summarize
+    from benchmarks.targets import TritonTarget
+    from tests.benchmarks.test_loadgen import check_consistent
+
+    target = TritonTarget(triton_server.url_grpc)
+    try:
+        specs = schedule(4, 12, 5, vocab_size=49152, rate=20.0, seed=0)
+        summary = summarize(drive(specs, target, concurrency=2, timeout_s=120))
+    finally:
+        target.close()
+    check_consistent(summary, 4, 5)

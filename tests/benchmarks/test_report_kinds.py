@@ -1,0 +1,42 @@
+"""The README table's renderers for the offline throughput (with both peers) and serving results."""
+
+from __future__ import annotations
+
+from benchmarks.report import _serving, _throughput
+
+CPU = {"kind": "cpu", "threads": 2, "copy_bandwidth_gbs": 12.5, "fp32_matmul_gflops": 50.0}
+
+
+def _stats(tok_s: float) -> dict:
+    p = {"mean": 5.0, "p50": 5.0, "p90": 6.0, "p99": 7.0}
+    return {"output_tok_s": tok_s, "req_s": 2.0, "ttft_ms": p, "itl_ms": p, "e2e_ms": p}
+
+
+def test_throughput_row_names_both_peers_and_the_ratios() -> None:
+    result = {
+        "model": "m", "workload": "8 requests, 128 in / 128 out", "engine": {"max_num_seqs": 8}, "ceilings": CPU,
+        "inflight": {"output_tok_s": 100.0, "total_tok_s": 200.0},
+        "hf_eager": {"output_tok_s": 10.0, "batch_size": 8},
+        "hf_continuous_batching": {"skipped": "lengths differ"},
+        "ratios": {"over_hf_eager": 10.0},
+    }  # fmt: skip
+    ((what, ours, peer, ceiling),) = _throughput(result)
+    assert ours == "100 out tok/s (200 total)"
+    assert (
+        peer
+        == "HF eager 10 out tok/s (static batch 8) (inflight 10.0x); HF generate_batch not run (lengths differ)"
+    )
+    assert ceiling == "CPU (2 threads): copy 12.5 GB/s, fp32 matmul 50 GFLOP/s"
+
+
+def test_serving_rows_are_the_rates_and_the_highest_concurrency() -> None:
+    levels = [
+        {"mode": "rate", "value": 2.0, "triton": _stats(50), "engine_direct": _stats(51), "triton_over_direct": 0.98},
+        {"mode": "concurrency", "value": 1, "triton": _stats(20), "engine_direct": _stats(20)},
+        {"mode": "concurrency", "value": 256, "triton": _stats(900), "engine_direct": _stats(1000),
+         "triton_over_direct": 0.9},
+    ]  # fmt: skip
+    rows = _serving({"model": "m", "workload": "467 in / 256 out", "ceilings": CPU, "levels": levels})
+    assert [r[0].split(", ")[-2] for r in rows] == ["2 req/s", "concurrency 256"]
+    assert rows[1][1].startswith("900 out tok/s, 2.00 req/s; TTFT p50 5.0 / p99 7.0 ms")
+    assert rows[1][2].endswith("(Triton = 90.0%)")
