@@ -54,9 +54,12 @@ class DecodeGraphs:
         # NOTE: one pinned host buffer and one asynchronous copy per step instead of five pageable ones:
         # [input_ids n | positions n | slot_mapping n | seq_lens n | block_tables n * max_blocks], int64.
         self.max_blocks_per_seq = max_blocks_per_seq
-        self._host = torch.empty(n * (4 + max_blocks_per_seq), dtype=torch.int64, pin_memory=True)
-        # (the host buffer is rewritten only after the previous step's sync, so the async copy is done)
-        self._staging = torch.empty(self._host.shape, dtype=torch.int64, device=device)
+        # NOTE: two host buffers used in turn: with async scheduling the host fills step N+1's while step
+        # N's copy may still be queued; step N-1's (the other buffer) is done, the engine has read its tokens.
+        self._hosts = [torch.empty(n * (4 + max_blocks_per_seq), dtype=torch.int64, pin_memory=True)
+                       for _ in range(2)]  # fmt: skip
+        self._turn = 0
+        self._staging = torch.empty(self._hosts[0].shape, dtype=torch.int64, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
 
@@ -92,13 +95,18 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
-        """Replay the graph for ``len(inputs.seq_lens)`` sequences; returns their hidden states."""
+    def run(self, inputs: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Replay the graph for ``len(inputs.seq_lens)`` sequences; returns their hidden states.
+
+        ``fill`` (rows, token ids on the device) overwrites input ids that the host does not know yet.
+        """
         n = len(inputs.seq_lens)
         bs = next(s for s in self.sizes if s >= n)
         width = inputs.block_tables.shape[1]
         end = 4 * bs + n * width
-        host = self._host.numpy()
+        host_tensor = self._hosts[self._turn]
+        self._turn ^= 1
+        host = host_tensor.numpy()
         ids, pos, slots, lens = (host[k * bs : (k + 1) * bs] for k in range(4))
         ids[:n], pos[:n], slots[:n], lens[:n] = (
             inputs.input_ids,
@@ -110,8 +118,10 @@ class DecodeGraphs:
         ids[n:], pos[n:], slots[n:], lens[n:] = 0, 0, -1, 0
         host[4 * bs : end] = inputs.block_tables.reshape(-1)
         staging = self._staging[:end]
-        staging.copy_(self._host[:end], non_blocking=True)
+        staging.copy_(host_tensor[:end], non_blocking=True)
         self.input_ids[:bs].copy_(staging[0:bs])
+        if fill is not None:
+            self.input_ids.index_copy_(0, *fill)
         self.positions[:bs].copy_(staging[bs : 2 * bs])
         self.slot_mapping[:bs].copy_(staging[2 * bs : 3 * bs])
         self.seq_lens[:bs].copy_(staging[3 * bs : 4 * bs])

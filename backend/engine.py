@@ -2,6 +2,16 @@
 
 ``add_request`` / ``abort`` / ``step`` are the whole interface; ``inflight.LLM`` loops ``step`` for offline
 use and the Triton model drives it from its engine thread, streaming the per-step deltas.
+
+With ``async_scheduling`` (the default) a step overlaps the host's work with the device's::
+
+    step() call k:   schedule N+1 ─ launch N+1 (forward + sample) ─ wait for N's tokens ─ detokenize N, outputs
+    device:          ... N running ...............│ N+1 running ........................................
+
+Step N+1 is planned before N's tokens are on the host: a decode whose input is N's token carries a
+placeholder that the runner fills from N's sampled tensor on the device. A request N finishes (a stop
+token) may then be computed once more for nothing; requests whose sampling reads their output history
+(penalties, bad words) make the engine read N's tokens before it plans N+1.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from .inputs import Prompt, PromptProcessor
 from .model_config import ModelConfig
 from .model_runner import ModelRunner, kv_cache_bytes_per_block
 from .outputs import RequestOutput, TokenLogprob
-from .sampler import Sampler, SamplingBatch
+from .sampler import Sampler, SamplerOutput, SamplingBatch
 from .sampling_params import SamplingParams
 from .weight_loader import load_model
 
@@ -31,12 +41,52 @@ class EngineDeadError(RuntimeError):
     """A fault the engine cannot recover from: ``step`` re-raises it and the serving layer reports not ready
     (any other exception inside a step ends only that step's requests)."""
 
+
 _FINISH_STATUS = {
     "stop": RequestStatus.FINISHED_STOPPED,
     "length": RequestStatus.FINISHED_LENGTH,
     "abort": RequestStatus.FINISHED_ABORTED,
     "error": RequestStatus.FINISHED_ERROR,
 }
+
+
+@dataclass
+class _StepInFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    scheduled: SchedulerOutput
+    sample_ids: list[str]  # the request of each sampled row
+    sampled: torch.Tensor  # [len(sample_ids)] int64 on the device: the next step's pending inputs
+    rows: dict[str, int]  # request id -> row of `sampled`
+    host: _HostTokens
+
+
+class _HostTokens:
+    """The device-to-host copies of a step's sampler output, started at launch and read once."""
+
+    def __init__(self, out: SamplerOutput, device: torch.device) -> None:
+        tensors = [out.sampled_token_ids, out.logprobs, out.top_logprobs, out.top_token_ids]
+        self._event = None
+        if device.type == "cuda":
+            # NOTE: pinned buffers and non_blocking copies: the host does not wait for the step here.
+            copies = []
+            for t in tensors:
+                if t is None:
+                    copies.append(None)
+                    continue
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                host.copy_(t, non_blocking=True)
+                copies.append(host)
+            tensors = copies
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._tensors = tensors
+
+    def read(self) -> tuple[list[int], list[float] | None, list[list[float]] | None, list[list[int]] | None]:
+        """Waits for the copies (the step's one host synchronisation) and returns them as lists."""
+        if self._event is not None:
+            self._event.synchronize()
+        return tuple(None if t is None else t.tolist() for t in self._tensors)  # type: ignore[return-value]
 
 
 @dataclass
@@ -102,6 +152,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(cfg.eos_token_ids)
         self._requests: dict[str, _RequestState] = {}
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
+        self._inflight: _StepInFlight | None = None
+        self._history_ids: set[str] = set()  # requests whose sampling reads their output tokens
         self._arrivals = 0
         # NOTE: test-only fault injection (the reliability suite): called with each step's SchedulerOutput
         # inside the step, before the forward; whatever it raises is handled like a real fault there.
@@ -155,7 +207,8 @@ class LLMEngine:
         prompt_ids = self.prompts.token_ids(prompt)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals)
+        request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals,
+                          max_output_tokens=max_tokens)  # fmt: skip
         state = _RequestState(
             request=request,
             params=params,
@@ -176,19 +229,30 @@ class LLMEngine:
         self.scheduler.add_request(request)  # may raise QueueFullError; nothing is registered then
         self._arrivals += 1
         self._requests[request_id] = state
+        if (
+            state.bad_words_token_ids
+            or params.repetition_penalty != 1.0
+            or params.presence_penalty
+            or (params.frequency_penalty)
+        ):
+            self._history_ids.add(request_id)
         return len(prompt_ids)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks; its final output comes with the next ``step``."""
-        state = self._requests.pop(request_id, None)
+        state = self._forget(request_id)
         if state is None:
             return False
         self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
         self._pending.append(self._output(state, [], [], "abort", None, finished=True))
         return True
 
+    def _forget(self, request_id: str) -> _RequestState | None:
+        self._history_ids.discard(request_id)
+        return self._requests.pop(request_id, None)
+
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._pending)
+        return bool(self._requests) or bool(self._pending) or self._inflight is not None
 
     @property
     def num_requests(self) -> int:
@@ -196,27 +260,50 @@ class LLMEngine:
 
     # ------------------------------------------------------------------------------------------- a step
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one step; returns a delta for every request that produced a token or finished."""
+        """Run one step; returns a delta for every request that produced a token or finished.
+
+        With ``async_scheduling`` the tokens returned are those of the step launched by the previous call
+        (see the module docstring); otherwise those of this call's step.
+        """
         outputs, self._pending = self._pending, []
+        previous, self._inflight = self._inflight, None
+        if previous is not None and self._history_ids:
+            outputs += self._read_step(previous)  # penalties and bad words need the tokens on the host
+            previous = None
         scheduled = self.scheduler.schedule()
-        if not scheduled.scheduled:
-            return outputs
+        if scheduled.scheduled:
+            self._inflight = self._launch(scheduled, previous, outputs)
+        if previous is not None:
+            outputs += self._read_step(previous)
+        if self._inflight is not None and not self.args.async_scheduling:
+            outputs += self._read_step(self._inflight)
+            self._inflight = None
+        return outputs
+
+    def _launch(
+        self, scheduled: SchedulerOutput, previous: _StepInFlight | None, outputs: list[RequestOutput]
+    ) -> _StepInFlight | None:
+        """Start the forward and the sampler of a step; a failure ends the step's requests (in ``outputs``)."""
         try:
             states = [self._requests[r.request_id] for r in scheduled.scheduled if r.needs_sample]
             # NOTE: built before the forward, so its host-to-device copies do not wait for the GPU.
             batch = self._sampling_batch(states) if states else None
             if self.fault_hook is not None:
                 self.fault_hook(scheduled)
-            model_output = self.runner.execute(scheduled)
+            pending = (previous.sampled, previous.rows) if previous is not None else None
+            model_output = self.runner.execute(scheduled, pending)
             if batch is None:
-                return outputs
-            sampled = self._sample(model_output.logits, states, batch)
+                return None
+            out = self.sampler(model_output.logits, batch)
+            ids = model_output.request_ids
+            return _StepInFlight(scheduled, ids, out.sampled_token_ids, {rid: i for i, rid in enumerate(ids)},
+                                 _HostTokens(out, self.device))  # fmt: skip
         except Exception as exc:  # noqa: BLE001 - a failed step ends its own requests, not the engine
             if isinstance(exc, EngineDeadError):
                 raise
             logger.exception("engine step failed")
             for entry in scheduled.scheduled:
-                state = self._requests.pop(entry.request_id, None)
+                state = self._forget(entry.request_id)
                 if state is not None:
                     self.scheduler.finish_requests(entry.request_id, RequestStatus.FINISHED_ERROR)
                     outputs.append(
@@ -224,13 +311,27 @@ class LLMEngine:
                             state, [], [], "error", None, finished=True, error=f"{type(exc).__name__}: {exc}"
                         )
                     )
-            return outputs
-        token_ids, logprobs = sampled
-        self.scheduler.update_from_output(
-            scheduled, dict(zip(model_output.request_ids, token_ids, strict=True))
-        )
-        for state, token_id, logprob in zip(states, token_ids, logprobs, strict=True):
-            outputs.append(self._process_token(state, token_id, logprob))
+            return None
+
+    def _read_step(self, step: _StepInFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens (waiting for it) and turn them into the requests' deltas."""
+        token_ids, sampled_lp, top_lp, top_ids = step.host.read()
+        self.scheduler.update_from_output(step.scheduled, dict(zip(step.sample_ids, token_ids, strict=True)))
+        outputs = []
+        for i, request_id in enumerate(step.sample_ids):
+            state = self._requests.get(request_id)
+            if state is None:
+                continue  # finished or aborted while the step ran: its token is dropped
+            logprob = None
+            n = state.params.logprobs
+            if n is not None and sampled_lp is not None:
+                top = (
+                    tuple(zip(top_ids[i][:n], top_lp[i][:n], strict=True))
+                    if top_ids is not None and n
+                    else ()
+                )
+                logprob = TokenLogprob(token_ids[i], sampled_lp[i], top)
+            outputs.append(self._process_token(state, token_ids[i], logprob))
         return outputs
 
     def _sampling_batch(self, states: list[_RequestState]) -> SamplingBatch:
@@ -238,31 +339,15 @@ class LLMEngine:
             [s.params for s in states],
             [s.request.prompt_token_ids for s in states],
             [s.request.output_token_ids for s in states],
+            # outputs before this step's token: the known ones and those still being sampled
+            num_output_tokens=[
+                s.request.num_output_tokens + s.request.num_pending_tokens - 1 for s in states
+            ],
             vocab_size=self.model_config.vocab_size,
             device=self.device,
             eos_token_ids=self.eos_token_ids,
             bad_words_token_ids=[s.bad_words_token_ids for s in states],
         )
-
-    def _sample(
-        self, logits: torch.Tensor, states: list[_RequestState], batch: SamplingBatch
-    ) -> tuple[list[int], list[TokenLogprob | None]]:
-        out = self.sampler(logits, batch)
-        token_ids = out.sampled_token_ids.tolist()  # the step's one host synchronisation
-        if out.logprobs is None:
-            return token_ids, [None] * len(token_ids)
-        sampled_lp = out.logprobs.tolist()
-        top_lp = out.top_logprobs.tolist() if out.top_logprobs is not None else None
-        top_ids = out.top_token_ids.tolist() if out.top_token_ids is not None else None
-        logprobs = []
-        for i, state in enumerate(states):
-            n = state.params.logprobs
-            if n is None:
-                logprobs.append(None)
-                continue
-            top = tuple(zip(top_ids[i][:n], top_lp[i][:n], strict=True)) if top_ids is not None and n else ()
-            logprobs.append(TokenLogprob(token_ids[i], sampled_lp[i], top))
-        return token_ids, logprobs
 
     def _process_token(
         self, state: _RequestState, token_id: int, logprob: TokenLogprob | None
@@ -281,7 +366,7 @@ class LLMEngine:
         elif num_out >= state.max_tokens or request.num_tokens >= self.max_model_len:
             finish_reason = "length"
         if finish_reason is not None:
-            self._requests.pop(request.request_id, None)
+            self._forget(request.request_id)
             self.scheduler.finish_requests(request.request_id, _FINISH_STATUS[finish_reason])
         return self._output(
             state,

@@ -36,6 +36,7 @@ class EngineArgs:
     seed: int = 0  # seeds the generator of unseeded sampled requests
     enable_cuda_graphs: bool = True  # replay captured CUDA graphs for decode steps (CUDA only)
     max_cuda_graph_batch_size: int = 256  # decode batches up to this size replay a graph
+    async_scheduling: bool = True  # plan and launch step N+1 before reading step N's tokens
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -60,7 +61,12 @@ class EngineArgs:
         _int(self, "max_queue_size", 0, None, optional=True)
         _int(self, "seed", 0, 2**63 - 1)
         _int(self, "max_cuda_graph_batch_size", 1, None)
-        for name in ("enable_prefix_caching", "enable_chunked_prefill", "enable_cuda_graphs"):
+        for name in (
+            "enable_prefix_caching",
+            "enable_chunked_prefill",
+            "enable_cuda_graphs",
+            "async_scheduling",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

@@ -10,6 +10,7 @@ Pure-decode steps on CUDA replay a captured CUDA graph (``cuda_graphs.DecodeGrap
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import chain
@@ -44,6 +45,8 @@ class StepInputs:
     query_start_loc: list[int]
     logits_rows: list[int]  # rows of the flat batch whose logits are sampled
     sample_ids: list[str]
+    pending_rows: list[int] = dataclasses.field(default_factory=list)  # rows whose id is on the device
+    pending_ids: list[str] = dataclasses.field(default_factory=list)  # the request of each pending row
 
     @property
     def is_decode(self) -> bool:
@@ -85,6 +88,7 @@ def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
         block_tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     )
     sample = [i for i, r in enumerate(scheduled) if r.needs_sample]
+    pending = [i for i, r in enumerate(scheduled) if r.last_token_pending]
     return StepInputs(
         input_ids=input_ids,
         positions=positions,
@@ -94,6 +98,8 @@ def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
         query_start_loc=[0, *ends.tolist()],
         logits_rows=[int(ends[i]) - 1 for i in sample],
         sample_ids=[scheduled[i].request_id for i in sample],
+        pending_rows=[int(ends[i]) - 1 for i in pending],
+        pending_ids=[scheduled[i].request_id for i in pending],
     )
 
 
@@ -136,7 +142,7 @@ class ModelRunner:
         inputs = StepInputs(np.zeros(num_tokens, np.int64), pos, table[pos // self.block_size] * self.block_size
                             + pos % self.block_size, table[None].astype(np.int32), [num_tokens], [0, num_tokens],
                             [num_tokens - 1] * num_sample_rows, [])  # fmt: skip
-        hidden = self._forward_eager(inputs)
+        hidden = self._forward_eager(inputs, None)
         self.model.compute_logits(hidden[-1:].expand(num_sample_rows, -1).contiguous())
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
@@ -155,7 +161,22 @@ class ModelRunner:
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
-    def _forward_eager(self, inputs: StepInputs) -> torch.Tensor:
+    def _pending_tokens(
+        self, inputs: StepInputs, pending: tuple[torch.Tensor, dict[str, int]] | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows of the flat batch, their token ids on the device) for the inputs still being sampled."""
+        if not inputs.pending_rows:
+            return None
+        if pending is None:
+            raise ValueError("the step has pending input tokens but no previous step's tokens were given")
+        sampled, row_of = pending
+        index = np.array([inputs.pending_rows, [row_of[r] for r in inputs.pending_ids]], dtype=np.int64)
+        index = self._to_device(index)
+        return index[0], sampled.index_select(0, index[1])
+
+    def _forward_eager(
+        self, inputs: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         meta = AttentionMetadata(
             slot_mapping=self._to_device(inputs.slot_mapping),
             block_tables=self._to_device(inputs.block_tables),
@@ -168,16 +189,26 @@ class ModelRunner:
             ),
             max_seq_len=max(inputs.seq_lens),
         )
-        return self.model(self._to_device(inputs.input_ids), self._to_device(inputs.positions), meta)
+        input_ids = self._to_device(inputs.input_ids)
+        if fill is not None:
+            input_ids.index_copy_(0, *fill)
+        return self.model(input_ids, self._to_device(inputs.positions), meta)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> ModelOutput:
-        """Run the model on one step; logits only for the rows that end a request's known tokens."""
+    def execute(
+        self, out: SchedulerOutput, pending: tuple[torch.Tensor, dict[str, int]] | None = None
+    ) -> ModelOutput:
+        """Run the model on one step; logits only for the rows that end a request's tokens.
+
+        ``pending`` is the previous step's sampled tokens on the device and the row of each request in
+        them: a chunk whose last token is pending (``last_token_pending``) takes its id from there.
+        """
         inputs = flatten_step(out, self.block_size)
+        fill = self._pending_tokens(inputs, pending)
         if self.graphs is not None and inputs.is_decode and self.graphs.can_run(len(inputs.seq_lens)):
-            hidden = self.graphs.run(inputs)
+            hidden = self.graphs.run(inputs, fill)
         else:
-            hidden = self._forward_eager(inputs)
+            hidden = self._forward_eager(inputs, fill)
         if not inputs.logits_rows:
             return ModelOutput([], hidden.new_empty((0, 0), dtype=torch.float32))
         if len(inputs.logits_rows) != hidden.shape[0]:

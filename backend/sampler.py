@@ -62,16 +62,22 @@ class SamplingBatch:
         device: torch.device | str,
         eos_token_ids: Sequence[set[int]] | set[int] | frozenset[int] = frozenset(),
         bad_words_token_ids: Sequence[Sequence[Sequence[int]]] | None = None,
+        num_output_tokens: Sequence[int] | None = None,
     ) -> SamplingBatch:
         """Gather the batch's parameters into tensors on `device`, once per step.
 
         `eos_token_ids` is one set for all requests or one set per request. `bad_words_token_ids` gives,
         per request, its bad words as token-id sequences: the last token of a sequence is banned when
         the output ends with the rest of it (a one-token word is always banned).
+        `num_output_tokens` gives, per request, how many tokens precede the one sampled now, when that is
+        more than the known `output_token_ids` (tokens of a step in flight): it decides min_tokens and
+        the seeded generators (the penalties and bad words need the known ids: the engine waits for them).
         NOTE: call it before launching the step's forward: its host-to-device copies then wait on nothing.
         """
         num_seqs = len(params)
         assert len(prompt_token_ids) == num_seqs and len(output_token_ids) == num_seqs
+        counts = [len(o) for o in output_token_ids] if num_output_tokens is None else list(num_output_tokens)
+        assert len(counts) == num_seqs
         eos_sets = (
             [eos_token_ids] * num_seqs if isinstance(eos_token_ids, (set, frozenset)) else eos_token_ids
         )
@@ -102,7 +108,7 @@ class SamplingBatch:
         ban_flat_ids: list[int] = []
         for row, (p, output) in enumerate(zip(params, output_token_ids, strict=True)):
             banned: set[int] = set()
-            if len(output) < p.min_tokens:
+            if counts[row] < p.min_tokens:
                 banned.update(p.stop_token_ids)
                 if not p.ignore_eos:
                     banned.update(eos_sets[row])
@@ -112,8 +118,8 @@ class SamplingBatch:
             ban_flat_ids.extend(row * vocab_size + t for t in sorted(banned))
 
         seeds = [
-            None if p.seed is None or p.is_greedy else _step_seed(p.seed, len(output))
-            for p, output in zip(params, output_token_ids, strict=True)
+            None if p.seed is None or p.is_greedy else _step_seed(p.seed, count)
+            for p, count in zip(params, counts, strict=True)
         ]
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(

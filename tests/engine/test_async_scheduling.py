@@ -1,0 +1,110 @@
+"""Async scheduling (step N+1 planned and launched before step N's tokens are read) changes nothing a user
+sees: the same tokens, logprobs and finish reasons as the synchronous engine, also under preemption, stop
+tokens, seeded sampling, penalties and aborts, and no KV block is left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inflight import LLM, SamplingParams
+from inflight.batching import PENDING_TOKEN_ID
+
+from ..conftest import copy_tokenizer
+from .conftest import random_prompts
+from .test_hf_parity import _block_bytes
+from .tiny_models import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory, smollm2_path) -> Path:
+    path = build_tiny_checkpoint("llama", tmp_path_factory.mktemp("async-llama"))
+    copy_tokenizer(smollm2_path, path)
+    return path
+
+
+def _params(stop_token: int) -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0, max_tokens=40),
+        SamplingParams(temperature=0.9, seed=11, max_tokens=33),
+        SamplingParams(temperature=0, max_tokens=50, stop_token_ids=[stop_token], logprobs=3),
+        SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=3, max_tokens=25, min_tokens=20),
+        SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.3),  # reads its history: runs in step
+        SamplingParams(temperature=0, max_tokens=1),
+        SamplingParams(temperature=0.7, seed=9, max_tokens=45, logprobs=1),
+        SamplingParams(temperature=0, max_tokens=37, min_tokens=2),
+    ]
+
+
+def _run(path: Path, async_scheduling: bool, prompts, params, **kwargs) -> tuple[list, LLM, list]:
+    llm = LLM(str(path), max_model_len=112, block_size=16, async_scheduling=async_scheduling, **kwargs)
+    seen = []  # every SchedulerOutput the runner executed
+    execute = llm.engine.runner.execute
+
+    def recording_execute(out, pending=None):
+        seen.append(out)
+        return execute(out, pending)
+
+    llm.engine.runner.execute = recording_execute
+    outputs = llm.generate(prompts, params)
+    return outputs, llm, seen
+
+
+def _view(outputs) -> list[tuple]:
+    return [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in outputs]
+
+
+@pytest.mark.parametrize("tight_kv", [False, True])
+def test_async_matches_sync(tiny_llama: Path, tight_kv: bool) -> None:
+    prompts = random_prompts(5, [7, 30, 16, 50, 3, 21, 64, 12])
+    # The greedy run tells which token request 2 emits 6th: stopping on it ends that request early.
+    probe, _, _ = _run(tiny_llama, False, prompts[2:3], [SamplingParams(temperature=0, max_tokens=6)])
+    params = _params(stop_token=probe[0].token_ids[5])
+    kwargs = {}
+    if tight_kv:  # 8 usable blocks of 16: one max_model_len request; the batch needs far more
+        probe_llm = LLM(str(tiny_llama), max_model_len=112, block_size=16, kv_cache_memory_bytes=1 << 24)
+        kwargs = {"kv_cache_memory_bytes": 9 * _block_bytes(probe_llm), "max_num_batched_tokens": 40}
+    sync, sync_llm, _ = _run(tiny_llama, False, prompts, params, **kwargs)
+    ahead, llm, seen = _run(tiny_llama, True, prompts, params, **kwargs)
+    assert _view(ahead) == _view(sync)
+    assert ahead[2].finish_reason == "stop" and len(ahead[2].token_ids) == 6
+    assert [len(o.token_ids) for o in ahead] == [len(o.token_ids) for o in sync]
+    # It really ran ahead: decodes whose input token was still being sampled.
+    assert sum(e.last_token_pending for out in seen for e in out.scheduled) > 50
+    assert all(
+        e.token_ids[-1] == PENDING_TOKEN_ID for out in seen for e in out.scheduled if e.last_token_pending
+    )
+    if tight_kv:
+        assert llm.engine.scheduler.num_preemptions_total > 0
+        assert sync_llm.engine.scheduler.num_preemptions_total > 0
+    for engine in (llm.engine, sync_llm.engine):
+        assert not engine.has_unfinished_requests()
+        assert engine.scheduler.kv_cache_manager.num_used_blocks == 0
+
+
+def test_abort_while_a_step_is_in_flight_frees_everything(tiny_llama: Path) -> None:
+    llm = LLM(str(tiny_llama), max_model_len=112, block_size=16)
+    engine = llm.engine
+    prompts = random_prompts(6, [9, 40, 17])
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=60))
+    finals: dict[str, int] = {}
+    tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(3)}
+    for step in range(200):
+        if step == 4:
+            assert engine._inflight is not None  # a step is in flight when the abort comes
+            assert engine.abort("r1")
+        for out in engine.step():
+            tokens[out.request_id] += out.new_token_ids
+            if out.finished:
+                finals[out.request_id] = finals.get(out.request_id, 0) + 1
+                assert out.finish_reason == ("abort" if out.request_id == "r1" else "length")
+        if not engine.has_unfinished_requests():
+            break
+    assert finals == {"r0": 1, "r1": 1, "r2": 1}
+    assert len(tokens["r0"]) == len(tokens["r2"]) == 60 and len(tokens["r1"]) < 60
+    assert engine.scheduler.kv_cache_manager.num_used_blocks == 0 and not engine.scheduler.requests
+    # The survivors are unaffected by the abort.
+    alone = llm.generate([prompts[0], prompts[2]], SamplingParams(temperature=0, max_tokens=60))
+    assert [o.token_ids for o in alone] == [tokens["r0"], tokens["r2"]]
