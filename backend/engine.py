@@ -154,6 +154,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._inflight: _StepInFlight | None = None
         self._history_ids: set[str] = set()  # requests whose sampling reads their output tokens
+        self._step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
         self._arrivals = 0
         # NOTE: test-only fault injection (the reliability suite): called with each step's SchedulerOutput
         # inside the step, before the forward; whatever it raises is handled like a real fault there.
@@ -251,6 +252,21 @@ class LLMEngine:
         self._history_ids.discard(request_id)
         return self._requests.pop(request_id, None)
 
+    def start_gpu_timing(self) -> None:
+        """Record CUDA events around each step's device work (benchmarks: see ``gpu_busy_seconds``)."""
+        self._step_events = [] if self.device.type == "cuda" else None
+
+    def gpu_busy_seconds(self) -> float | None:
+        """Device time spent on steps since ``start_gpu_timing`` (waits for the device); None on CPU.
+
+        NOTE: a step's events bracket its work on the stream, so the sum leaves out the time the device
+        sat idle waiting for the host: wall time minus this is the host-bound part of a run.
+        """
+        if self._step_events is None:
+            return None
+        torch.cuda.synchronize(self.device)
+        return sum(a.elapsed_time(b) for a, b in self._step_events) / 1e3
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending) or self._inflight is not None
 
@@ -291,10 +307,16 @@ class LLMEngine:
             if self.fault_hook is not None:
                 self.fault_hook(scheduled)
             pending = (previous.sampled, previous.rows) if previous is not None else None
+            if self._step_events is not None:
+                events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                events[0].record()
             model_output = self.runner.execute(scheduled, pending)
-            if batch is None:
+            out = self.sampler(model_output.logits, batch) if batch is not None else None
+            if self._step_events is not None:
+                events[1].record()
+                self._step_events.append(events)
+            if out is None:
                 return None
-            out = self.sampler(model_output.logits, batch)
             ids = model_output.request_ids
             return _StepInFlight(scheduled, ids, out.sampled_token_ids, {rid: i for i, rid in enumerate(ids)},
                                  _HostTokens(out, self.device))  # fmt: skip

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
 import time
 from pathlib import Path
@@ -38,19 +39,23 @@ def make_requests(
     return out
 
 
-def bench_inflight(path: Path, requests, max_num_seqs: int, max_batched: int, dtype: str) -> dict:
+def bench_inflight(
+    path: Path, requests, max_num_seqs: int, max_batched: int, dtype: str, options: dict | None = None
+) -> dict:
     from inflight import LLM, SamplingParams
 
     max_len = max(len(p) + n for p, n in requests) + 8
     llm = LLM(str(path), dtype=dtype, max_model_len=max_len, max_num_seqs=max_num_seqs,
-              max_num_batched_tokens=max_batched, enable_prefix_caching=False)  # fmt: skip
+              max_num_batched_tokens=max_batched, enable_prefix_caching=False, **(options or {}))  # fmt: skip
     llm.generate([requests[0][0]], SamplingParams(max_tokens=4, ignore_eos=True, temperature=0))  # warm-up
     params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for _, n in requests]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+    llm.engine.start_gpu_timing()
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
     seconds = time.perf_counter() - start
+    busy = llm.engine.gpu_busy_seconds()
     out_tokens = sum(o.num_output_tokens for o in outputs)
     in_tokens = sum(o.num_input_tokens for o in outputs)
     assert out_tokens == sum(n for _, n in requests), "every request must produce exactly its max_tokens"
@@ -58,7 +63,10 @@ def bench_inflight(path: Path, requests, max_num_seqs: int, max_batched: int, dt
     result = {"seconds": round(seconds, 2), "output_tok_s": round(out_tokens / seconds, 1),
               "total_tok_s": round((in_tokens + out_tokens) / seconds, 1), "output_tokens": out_tokens,
               "num_kv_blocks": llm.engine.scheduler.kv_cache_manager.num_usable_blocks,
-              "preemptions": stats.num_preemptions_total}  # fmt: skip
+              "preemptions": stats.num_preemptions_total,
+              # the part of the run the GPU sat idle waiting for the host (None on CPU)
+              "host_bound_fraction": None if busy is None else round(max(0.0, 1 - busy / seconds), 4),
+              "engine_options": options or {}}  # fmt: skip
     del llm, outputs
     gc.collect()
     if torch.cuda.is_available():
@@ -180,7 +188,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra engine option (JSON value), e.g. async_scheduling=false")  # fmt: skip
     args = parser.parse_args()
+    options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
@@ -195,8 +206,13 @@ def main() -> None:
     )
     ceiling = ceilings()
     print(f"ceilings: {describe_ceilings(ceiling)}\n--- inflight ...", flush=True)
-    ours = bench_inflight(args.model, requests, args.max_num_seqs, args.max_num_batched_tokens, args.dtype)
-    print(f"inflight: {ours['output_tok_s']} out tok/s", flush=True)
+    ours = bench_inflight(
+        args.model, requests, args.max_num_seqs, args.max_num_batched_tokens, args.dtype, options
+    )
+    print(
+        f"inflight: {ours['output_tok_s']} out tok/s, host-bound fraction {ours['host_bound_fraction']}",
+        flush=True,
+    )
     hf = (
         _run_peer("HF eager generate", bench_hf, args.model, requests, args.hf_batch, args.dtype)
         if args.hf_batch
