@@ -77,6 +77,15 @@ class LiveRequest:
     cancelled: bool = False
 
 
+def _prompt_field(prompt: object) -> str:
+    """The input a prompt came from, to name it in errors."""
+    if isinstance(prompt, str):
+        return "text_input"
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return "messages"
+    return "input_ids"
+
+
 class EngineService:
     """Owns an ``LLMEngine`` and the two threads that serve it."""
 
@@ -198,11 +207,18 @@ class EngineService:
                 return True
 
     def _add(self, live: LiveRequest) -> None:
+        limit = self.engine.max_model_len
+        max_tokens = live.request.params.max_tokens
+        if max_tokens is not None and max_tokens > limit:
+            message = f"max_tokens is {max_tokens}, more than max_model_len ({limit}) can ever hold"
+            self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, message), True))
+            return
         try:
             ids = self.engine.prompts.token_ids(live.request.prompt)
             self.engine.add_request(live.request_id, ids, live.request.params)
         except ValueError as exc:
-            self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, str(exc)), True))
+            message = f"{_prompt_field(live.request.prompt)}: {exc}"
+            self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, message), True))
             return
         except QueueFullError as exc:
             self._outbox.put((live, None, ServiceError(ErrorKind.UNAVAILABLE, str(exc)), True))

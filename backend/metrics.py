@@ -75,6 +75,7 @@ class EngineMetrics:
             )
             for status in FINAL_STATUSES
         }
+        self.received = counter("inflight_requests_received_total", "Requests that reached the model")
         self.open_requests = gauge(
             "inflight_requests_open", "Requests received whose final response has not been sent yet"
         )

@@ -127,6 +127,7 @@ class TritonPythonModel:
 
     def execute(self, requests: list[Any]) -> None:
         pb = self.pb
+        self.metrics.received.increment(len(requests))
         for request in requests:
             sink = _TritonSink(pb, request.get_response_sender(), self.metrics)
             try:

@@ -60,6 +60,23 @@ class StreamResult:
         return "".join(self.texts)
 
 
+def record_response(r: StreamResult, result: Any) -> bool:
+    """Add one streamed gRPC response (an `InferResult`) to `r`; True when it was the request's FINAL."""
+    response = result.get_response()
+    final = response.parameters["triton_final_response"].bool_param
+    outputs = {o.name: result.as_numpy(o.name) for o in response.outputs}
+    if outputs:
+        r.outputs.append(outputs)
+        if r.first_time is None:
+            r.first_time = time.monotonic()
+        if "text_output" in outputs:
+            r.texts.append(b"".join(outputs["text_output"].reshape(-1)).decode())
+        if "output_ids" in outputs:
+            r.token_ids.extend(int(t) for t in outputs["output_ids"].reshape(-1))
+    r.num_final += int(final)
+    return final
+
+
 def run_streams(
     url: str,
     requests: dict[str, dict[str, Any]],
@@ -81,20 +98,8 @@ def run_streams(
                     r.num_final += 1  # an error response is final
                 events.put(("error", rid))
                 return
-            response = result.get_response()
-            rid = response.id
-            r = results[rid]
-            final = response.parameters["triton_final_response"].bool_param
-            outputs = {o.name: result.as_numpy(o.name) for o in response.outputs}
-            if outputs:
-                r.outputs.append(outputs)
-                if r.first_time is None:
-                    r.first_time = time.monotonic()
-                if "text_output" in outputs:
-                    r.texts.append(b"".join(outputs["text_output"].reshape(-1)).decode())
-                if "output_ids" in outputs:
-                    r.token_ids.extend(int(t) for t in outputs["output_ids"].reshape(-1))
-            r.num_final += int(final)
+            rid = result.get_response().id
+            record_response(results[rid], result)
             events.put(("response", rid))
 
     client = grpcclient.InferenceServerClient(url)

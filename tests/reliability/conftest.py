@@ -1,0 +1,77 @@
+"""Options and fixtures of the reliability suite: sizes, per-scenario numbers, the shared server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from inflight.backend.server import TritonServer
+from tests.reliability.harness import RESULTS, ScenarioStats, start_server
+
+# The server most scenarios share: small settings (CI is a 2-core CPU), ample KV for them.
+SHARED_PARAMETERS = {
+    "max_model_len": "256",
+    "kv_cache_memory_bytes": str(128 << 20),
+    "max_queue_size": "1024",
+    "drain_timeout_s": "5",
+}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-full", action="store_true", help="run the reliability scenarios at full size"
+    )
+
+
+@pytest.fixture(scope="session")
+def full(request) -> bool:
+    """True for `make reliability` (full sizes), False for `make test` (fast sizes)."""
+    return bool(request.config.getoption("--reliability-full"))
+
+
+@pytest.fixture
+def scenario(request) -> Iterator[ScenarioStats]:
+    """This scenario's numbers; the outcome is filled in from the test's report."""
+    stats = ScenarioStats(request.node.name)
+    RESULTS[request.node.nodeid] = stats
+    start = time.monotonic()
+    yield stats
+    stats.seconds = time.monotonic() - start
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    stats = RESULTS.get(item.nodeid)
+    if stats is None:
+        return
+    if report.failed:
+        stats.outcome = "FAILED" if call.when == "call" else f"ERROR ({call.when})"
+        if stats.failures == 0:
+            stats.failures = 1
+        if call.excinfo is not None and len(stats.notes) < 5:
+            stats.notes.append(call.excinfo.exconly()[:300])
+    elif call.when == "call":
+        stats.outcome = "passed"
+
+
+@pytest.fixture(scope="session")
+def rel_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The shared server (explicit model control, stub watchdog on)."""
+    server = start_server(tmp_path_factory.mktemp("rel-shared"), smollm2_path, SHARED_PARAMETERS)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference(smollm2_path: Path):
+    """Engine-direct greedy outputs (ample KV) in this process."""
+    from tests.serving.conftest import GreedyReference
+
+    return GreedyReference(smollm2_path)

@@ -1,0 +1,283 @@
+"""What the reliability scenarios share: per-scenario numbers, servers with special settings, a load driver.
+
+Every scenario records a `ScenarioStats` (requests tried, failures, leaked KV blocks, crashes) in `RESULTS`;
+the runner (`python -m tests.reliability`) prints them as a table.
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from inflight.backend.server import (
+    DEFAULT_MODEL_REPOSITORY,
+    TritonServer,
+    explicit_model_control,
+    stub_pids,
+    write_model_repository,
+)
+from tests.serving.triton_helpers import MODEL, StreamResult, make_inputs, metrics, record_response
+
+# KV bytes of one 16-token block of SmolLM2-135M in float32: 2 (K, V) x 30 layers x 16 x 3 heads x 64 x 4.
+BYTES_PER_BLOCK = 2 * 30 * 16 * 3 * 64 * 4
+
+
+@dataclass
+class ScenarioStats:
+    """One scenario's numbers for the table."""
+
+    name: str
+    requests: int = 0
+    failures: int = 0
+    leaked_blocks: int = 0
+    crashes: int = 0
+    seconds: float = 0.0
+    outcome: str = "?"
+    notes: list[str] = field(default_factory=list)
+
+    def fail(self, message: str) -> None:
+        self.failures += 1
+        if len(self.notes) < 5:
+            self.notes.append(message)
+
+
+RESULTS: dict[str, ScenarioStats] = {}
+
+
+# ------------------------------------------------------------------------------------------------ servers
+def start_server(
+    work: Path, model_path: Path, parameters: dict[str, str], *, explicit: bool = True, ready_timeout_s=300
+) -> TritonServer:
+    """A tritonserver on a fresh repository copy with `parameters`; explicit model control + stub watchdog."""
+    work.mkdir(parents=True, exist_ok=True)
+    repo = write_model_repository(
+        DEFAULT_MODEL_REPOSITORY,
+        work / "model_repository",
+        parameters={"model_path": str(model_path), **parameters},
+    )
+    extra = ["--exit-timeout-secs=20", *(explicit_model_control(MODEL) if explicit else [])]
+    server = TritonServer.start(repo, log_path=work / "tritonserver.log", extra_args=extra)
+    try:
+        server.wait_ready(ready_timeout_s)
+    except RuntimeError:
+        server.stop()
+        raise
+    if explicit:
+        server.watch_stubs(MODEL)
+    return server
+
+
+def stub_pid(server: TritonServer) -> int | None:
+    pids = stub_pids(server.process.pid, MODEL)
+    return pids[0] if len(pids) == 1 else None
+
+
+def stub_rss_bytes(server: TritonServer) -> int:
+    pid = stub_pid(server)
+    if pid is None:
+        return 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def settle(server: TritonServer, timeout_s: float = 30.0) -> dict[str, float]:
+    """Wait until the server holds no request and no KV block (or the timeout); returns the metrics then."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = metrics(server.url_metrics)
+        idle = (
+            m.get("inflight_kv_blocks_used", 0) == 0
+            and m.get("inflight_requests_open", 0) == 0
+            and m.get("inflight_num_requests_running", 0) == 0
+            and m.get("inflight_num_requests_waiting", 0) == 0
+        )
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.2)
+
+
+def finals(m: dict[str, float]) -> float:
+    """All final responses the server sent (any status)."""
+    return sum(v for k, v in m.items() if k.startswith("inflight_final_responses_total"))
+
+
+def received(m: dict[str, float]) -> float:
+    """Requests that reached the model (a request cancelled before that never does)."""
+    return m.get("inflight_requests_received_total", 0.0)
+
+
+def final_count(m: dict[str, float], status: str) -> float:
+    return m.get(f'inflight_final_responses_total{{status="{status}"}}', 0.0)
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+@dataclass
+class Job:
+    """One request to send: its inputs, and when (if at all) the client cancels it."""
+
+    rid: str
+    values: dict[str, Any]
+    cancel_after: int | None = None  # cancel once this many responses arrived (0: right after sending)
+    cancel_delay_s: float = 0.0  # with cancel_after=0: wait this long first (lands in the queue / prefill)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    result: StreamResult
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+class StreamWorker:
+    """One persistent gRPC stream that runs one request at a time; cancelling reopens the stream."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = grpcclient.InferenceServerClient(url)
+        self._open()
+
+    def _open(self) -> None:
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        events = self.events
+        self.client.start_stream(callback=lambda result, error: events.put((result, error)))
+
+    def run(self, job: Job, timeout_s: float) -> Outcome:
+        r = StreamResult()
+        start = time.monotonic()
+        self.client.async_stream_infer(
+            MODEL, make_inputs(job.values), request_id=job.rid, enable_empty_final_response=True
+        )
+        if job.cancel_after == 0:
+            time.sleep(job.cancel_delay_s)
+            return self._cancel(job, r, start)
+        deadline = start + timeout_s
+        while True:
+            try:
+                result, error = self.events.get(timeout=max(deadline - time.monotonic(), 0.001))
+            except queue.Empty:
+                r.errors.append(f"no FINAL within {timeout_s:.0f} s")
+                return self._cancel(job, r, start)
+            if error is not None:
+                r.errors.append(str(error))
+                r.num_final += 1  # an error ends the request
+                break
+            if record_response(r, result):
+                break
+            if job.cancel_after is not None and len(r.outputs) >= job.cancel_after:
+                return self._cancel(job, r, start)
+        # NOTE: anything further for this request would be a second FINAL: look briefly.
+        while not self.events.empty():
+            result, error = self.events.get()
+            r.num_final += 1 if error is not None else int(record_response(r, result))
+        return Outcome(job, r, False, time.monotonic() - start)
+
+    def _cancel(self, job: Job, r: StreamResult, start: float) -> Outcome:
+        self.client.stop_stream(cancel_requests=True)
+        while not self.events.empty():  # responses that arrived before the stream closed
+            result, error = self.events.get()
+            r.num_final += 1 if error is not None else int(record_response(r, result))
+        self._open()
+        return Outcome(job, r, True, time.monotonic() - start)
+
+    def close(self) -> None:
+        self.client.stop_stream(cancel_requests=True)
+        self.client.close()
+
+
+def drive(
+    url: str, jobs: Iterable[Job], concurrency: int, timeout_s: float = 120.0,
+    on_outcome: Callable[[Outcome], None] | None = None,
+) -> list[Outcome]:  # fmt: skip
+    """Run `jobs` over `concurrency` streams (one request in flight per stream); every outcome, in order done."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for job in jobs:
+        todo.put(job)
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        worker = StreamWorker(url)
+        try:
+            while True:
+                try:
+                    job = todo.get_nowait()
+                except queue.Empty:
+                    return
+                outcome = worker.run(job, timeout_s)
+                with lock:
+                    outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
+        finally:
+            worker.close()
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+PROMPTS = [
+    "Name a color.",
+    "What is two plus two?",
+    "Say hello in French.",
+    "Write one word about the sea.",
+    "What is the capital of Italy?",
+    "Count to three.",
+    "Name a fruit.",
+    "What day comes after Monday?",
+]
+
+
+def mixed_jobs(count: int, seed: int, cancel_fraction: float, max_tokens: int, prefix: str) -> list[Job]:
+    """Short requests: streamed or not, greedy or seeded-sampled, a fraction cancelled at random points."""
+    rng = random.Random(seed)
+    jobs = []
+    for i in range(count):
+        values: dict[str, Any] = {
+            "text_input": rng.choice(PROMPTS),
+            "max_tokens": rng.randint(1, max_tokens),
+            "stream": rng.random() < 0.5,
+            "exclude_input_in_output": True,
+        }
+        if rng.random() < 0.5:
+            values.update(temperature=0.0)
+        else:
+            values.update(
+                temperature=0.8, top_p=0.9, seed=np.array([rng.randint(0, 1 << 30)], dtype=np.uint64)
+            )
+        job = Job(f"{prefix}{i}", values)
+        if rng.random() < cancel_fraction:
+            job.cancel_after = rng.choice([0, 0, 1])
+            job.cancel_delay_s = rng.random() * 0.05
+        jobs.append(job)
+    return jobs
+
+
+def check_clean(stats: ScenarioStats, server: TritonServer, stub_before: int | None) -> dict[str, float]:
+    """After a scenario: no KV block or request left (counted as leaks), the same live stub (else a crash)."""
+    m = settle(server)
+    stats.leaked_blocks += int(m.get("inflight_kv_blocks_used", 0))
+    left = int(m.get("inflight_requests_open", 0) + m.get("inflight_num_requests_running", 0))
+    if left:
+        stats.fail(f"{left} requests still open on the server")
+    if server.process.poll() is not None or stub_pid(server) != stub_before:
+        stats.crashes += 1
+    assert stats.leaked_blocks == 0, f"{stats.leaked_blocks} KV blocks leaked"
+    assert stats.crashes == 0, "the server or its backend stub died"
+    assert not left, stats.notes
+    return m
