@@ -112,11 +112,11 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny_path, monk
     real_execute = runner.execute
     calls = {"n": 0}
 
-    def flaky(out):
+    def flaky(out, pending=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected fault")
-        return real_execute(out)
+        return real_execute(out, pending)
 
     monkeypatch.setattr(runner, "execute", flaky)
     try:
