@@ -59,6 +59,11 @@ bench-carry: gpu-carry
 test: setup model
 	$(PY) -m pytest -q tests --ignore=tests/gpu
 
+# Issue 6: every reliability scenario at full size through the real server, then a table; non-zero on any
+# failure (about 30 minutes on a 2-core CPU). `make test` runs the same scenarios at their fast sizes.
+reliability: setup model
+	$(PY) -m tests.reliability
+
 test-gpu: setup
 	$(PY) -m pytest -q tests/gpu tests/kernels
 
