@@ -76,10 +76,14 @@ def paged_attention(
     max_query_len: int,
     max_seq_len: int,
     partition_size: int = DEFAULT_PARTITION_SIZE,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The Triton form of ``paged_attention_reference``: the decode kernel when every sequence has one
     query token this step, the prefill kernel otherwise (mixed batches included).
 
+    ``k_new``/``v_new`` (optional): this step's keys (rotated) and values, ``[num_tokens, num_kv_heads,
+    head_dim]``, which the prefill kernel then reads directly instead of through the cache.
     ``max_query_len`` and ``max_seq_len`` are host-side bounds (``AttentionMetadata`` has them), so no
     device-to-host sync happens here. ``partition_size`` is the decode kernel's split-K partition.
     """
@@ -105,4 +109,6 @@ def paged_attention(
         scale,
         sliding_window,
         max_query_len=max_query_len,
+        k_new=k_new,
+        v_new=v_new,
     )

@@ -1,5 +1,7 @@
 """Paged PREFILL attention: varlen, causal, several query tokens per sequence (chunked prefill,
-prefix-cache hits), every key and value read from the paged cache through the block table.
+prefix-cache hits). Keys and values come from the paged cache through the block table, or (``k_new`` /
+``v_new`` given) the cached prefix from the cache and this step's own keys from the step's contiguous
+K/V rows (on Hopper through TMA descriptors).
 
 Sequence i's queries are ``query[query_start_loc[i] : query_start_loc[i + 1]]``, the last ``q_len``
 positions of its ``seq_len`` cached tokens (this step's K/V already written), so query token t sits at
@@ -8,13 +10,14 @@ with a sliding window w).
 
 Work split (GQA packed into the rows of one tile, so each K/V tile is read once for the group)::
 
-    grid (cdiv(max_query_len, BLOCK_Q), num_kv_heads, num_seqs)     heaviest query blocks first
-      program (b, g, s): rows r = 0 .. BLOCK_M-1  ->  query token b * BLOCK_Q + r // GROUP,
+    grid (num_kv_heads, cdiv(max_query_len, BLOCK_Q), num_seqs)   heads fastest, heaviest blocks first
+      program (g, b, s): rows r = 0 .. BLOCK_M-1  ->  query token b * BLOCK_Q + r // GROUP,
                                                        query head  g * GROUP + r % GROUP
                          (BLOCK_Q = BLOCK_M // GROUP tokens; leftover rows are padding)
-      keys in tiles of BLOCK_N, flash-attention online softmax in fp32 with tl.dot:
-        phase 1: tiles every row may see whole (no causal mask)
-        phase 2: the tiles on the diagonal, masked by absolute position
+      keys in tiles of BLOCK_N, flash-attention online softmax in fp32 with tl.dot (exp2, the scale
+      folded into one FMA):
+        tiles every row may see whole: no causal mask
+        the tiles on the diagonal (and a partial prefix tile): masked by absolute position
 """
 
 from __future__ import annotations
@@ -30,10 +33,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, MASKED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One key tile of the online softmax. ``visible`` is only read when MASKED."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        s = tl.where(visible, s, float("-inf"))
+    # NOTE: scores stay unscaled; scale * log2(e) is folded into one FMA with the max below.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+    if MASKED:  # a row may see nothing in this tile yet: keep -inf - -inf out
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s * scale_log2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM]
     v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM]
+    k_new,  # NEW_KV: [num_tokens, num_kv_heads, HEAD_DIM] pointer, or (USE_TMA) a 2-D tensor descriptor
+    v_new,
     block_tables_ptr,  # [num_seqs, max_blocks] int32
     seq_lens_ptr,  # [num_seqs] int32: cached tokens after this step
     query_start_loc_ptr,  # [num_seqs + 1] int32
@@ -46,6 +69,8 @@ def _paged_prefill_kernel(
     stride_cache_block,
     stride_cache_slot,
     stride_cache_head,
+    stride_new_token,  # NEW_KV without TMA
+    stride_new_head,
     stride_block_table_seq,
     block_size: tl.constexpr,  # NOTE: constexpr: `pos // block_size` becomes a shift
     sliding_window,  # USE_WINDOW only
@@ -55,10 +80,14 @@ def _paged_prefill_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    NEW_KV: tl.constexpr,
+    USE_TMA: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    q_block = tl.num_programs(0) - 1 - tl.program_id(0)  # NOTE: the longest causal rows start first
-    kv_head = tl.program_id(1)
+    # NOTE: KV heads vary fastest and the longest causal rows start first, so the first wave holds the
+    # heaviest query blocks of every head and the short ones fill the tail.
+    kv_head = tl.program_id(0)
+    q_block = tl.num_programs(1) - 1 - tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -67,6 +96,7 @@ def _paged_prefill_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len  # the absolute position of query token 0
+    last_token = tl.minimum(first_token + BLOCK_Q, q_len) - 1
 
     rows = tl.arange(0, BLOCK_M)
     token = first_token + rows // GROUP
@@ -78,13 +108,9 @@ def _paged_prefill_kernel(
     q = tl.load(q_ptr + q_offsets[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0)
 
     min_pos = context_len + first_token
-    max_pos = context_len + tl.minimum(first_token + BLOCK_Q, q_len) - 1
     lo = 0
     if USE_WINDOW:
         lo = tl.maximum(min_pos - sliding_window + 1, 0)
-    # Keys below min_pos + 1 are visible to every row (causally); whole tiles of them need no mask.
-    full_hi = lo + tl.maximum(min_pos + 1 - lo, 0) // BLOCK_N * BLOCK_N
-    hi = max_pos + 1
 
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_block_table_seq
     head_offset = kv_head.to(tl.int64) * stride_cache_head
@@ -93,7 +119,15 @@ def _paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
 
-    # Phase 1: tiles entirely at or below every row's position.
+    # Keys read through the block table: with NEW_KV the cached prefix [lo, context_len), which every
+    # query sees whole; else every key, diagonal included.
+    if NEW_KV:
+        cache_hi = tl.maximum(context_len, lo)
+        full_hi = lo + (cache_hi - lo) // BLOCK_N * BLOCK_N
+    else:
+        cache_hi = context_len + last_token + 1
+        # Keys below min_pos + 1 are visible to every row (causally); whole tiles of them need no mask.
+        full_hi = lo + tl.maximum(min_pos + 1 - lo, 0) // BLOCK_N * BLOCK_N
     for start in range(lo, full_hi, BLOCK_N):
         pos = start + offs_n
         block_ids = tl.load(block_table_row + pos // block_size).to(tl.int64)
@@ -101,41 +135,60 @@ def _paged_prefill_kernel(
             :, None
         ] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        if USE_WINDOW:
-            s = tl.where(pos[None, :] > q_pos[:, None] - sliding_window, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if USE_WINDOW:  # a row may see nothing in this tile yet: keep -inf - -inf out
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_ptrs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
-
-    # Phase 2: the diagonal tiles, masked by absolute position.
-    for start in range(full_hi, hi, BLOCK_N):
+        visible = pos[None, :] > q_pos[:, None] - sliding_window
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, USE_WINDOW, DOT_PRECISION)
+    for start in range(full_hi, cache_hi, BLOCK_N):  # the masked tail (the diagonal without NEW_KV)
         pos = start + offs_n
-        key_valid = pos < hi
+        key_valid = pos < cache_hi
         block_ids = tl.load(block_table_row + pos // block_size, mask=key_valid, other=0).to(tl.int64)
         kv_ptrs = (block_ids * stride_cache_block + (pos % block_size) * stride_cache_slot + head_offset)[
             :, None
         ] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-        visible = pos[None, :] <= q_pos[:, None]
+        v = tl.load(v_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
+        visible = key_valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded rows see nothing
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, True, DOT_PRECISION)
+
+    if NEW_KV:
+        # This step's keys, read from the step's own K/V rows: token j of the sequence is row q_start + j.
+        j_lo = tl.maximum(lo - context_len, 0)
+        j_full = j_lo + tl.maximum(first_token + 1 - j_lo, 0) // BLOCK_N * BLOCK_N
+        new_offset = kv_head.to(tl.int64) * stride_new_head
+        for j in range(j_lo, j_full, BLOCK_N):
+            if USE_TMA:
+                k = k_new.load([q_start + j, kv_head * HEAD_DIM])
+                v = v_new.load([q_start + j, kv_head * HEAD_DIM])
+            else:
+                new_ptrs = ((q_start + j + offs_n).to(tl.int64) * stride_new_token + new_offset)[
+                    :, None
+                ] + dims[None, :]
+                k = tl.load(k_new + new_ptrs)
+                v = tl.load(v_new + new_ptrs)
+            pos = context_len + j + offs_n
+            visible = pos[None, :] > q_pos[:, None] - sliding_window
+            acc, m_i, l_i = _softmax_step(
+                q, k, v, acc, m_i, l_i, visible, scale_log2, USE_WINDOW, DOT_PRECISION
+            )
+        for j in range(j_full, last_token + 1, BLOCK_N):  # the diagonal
+            key_valid = j + offs_n <= last_token
+            if USE_TMA:
+                # Rows past the step's tokens read as zeros; rows of the next sequence are masked below.
+                k = k_new.load([q_start + j, kv_head * HEAD_DIM])
+                v = v_new.load([q_start + j, kv_head * HEAD_DIM])
+            else:
+                new_ptrs = ((q_start + j + offs_n).to(tl.int64) * stride_new_token + new_offset)[
+                    :, None
+                ] + dims[None, :]
+                k = tl.load(k_new + new_ptrs, mask=key_valid[:, None], other=0.0)
+                v = tl.load(v_new + new_ptrs, mask=key_valid[:, None], other=0.0)
+            pos = context_len + j + offs_n
+            visible = key_valid[None, :] & (pos[None, :] <= q_pos[:, None])
+            if USE_WINDOW:
+                visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
+            acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_offsets = (q_start + token).to(tl.int64) * stride_out_token + heads * stride_out_head
@@ -146,9 +199,21 @@ def _paged_prefill_kernel(
     )
 
 
+def _tma_ok(k_new: torch.Tensor, v_new: torch.Tensor, on_gpu: bool) -> bool:
+    """Whether the step's K/V rows can be read through 2-D TMA descriptors ``[num_tokens, kv_heads * D]``."""
+    if not on_gpu or torch.cuda.get_device_capability(k_new.device)[0] < 9:
+        return False
+    size = k_new.element_size()
+    return all(
+        t.stride(1) == t.shape[2] and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
+        for t in (k_new, v_new)
+    )
+
+
 def default_prefill_blocks(head_dim: int, group: int, on_gpu: bool, dtype_bytes: int = 2) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)``. GPU: 128 x 128 for 16-bit inputs up to head_dim 128 (the fastest of the sweep
-    in benchmarks/results/attention-h200.json), 64 x 32 for fp32 or head_dim 256 (shared memory).
+    """``(BLOCK_M, BLOCK_N)``. GPU: 128 x 128 for 16-bit inputs up to head_dim 128 (with 3 stages the fastest
+    of the sweep in benchmarks/results/attention-h200.json, step K/V through TMA or all through the cache),
+    64 x 32 for fp32 or head_dim 256 (shared memory).
     Interpreted: 16-row tiles, which the interpreter runs fastest."""
     if not on_gpu:
         return max(16, triton.next_power_of_2(group)), 16
@@ -156,6 +221,15 @@ def default_prefill_blocks(head_dim: int, group: int, on_gpu: bool, dtype_bytes:
     if dtype_bytes > 2 or head_dim > 128:
         block_m, block_n = 64, 32
     return max(block_m, triton.next_power_of_2(group)), block_n
+
+
+def _default_stages(block_m: int, block_n: int, head_dim: int, dtype_bytes: int, on_gpu: bool) -> int:
+    """3 pipeline stages where the K/V tiles of 3 stages and the Q tile fit in Hopper's 227 KB of shared
+    memory (128 x 128 16-bit tiles at d128: 3 x 64 KB + 32 KB), else 2; 1 interpreted."""
+    if not on_gpu:
+        return 1
+    smem = (3 * 2 * block_n + block_m) * head_dim * dtype_bytes
+    return 3 if smem <= 227 * 1024 else 2
 
 
 def paged_prefill_attention(
@@ -174,12 +248,20 @@ def paged_prefill_attention(
     num_warps: int | None = None,
     num_stages: int | None = None,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim], query's dtype
+    k_new: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: this step's keys (rotated)
+    v_new: torch.Tensor | None = None,  # [num_tokens, num_kv_heads, head_dim]: this step's values
+    use_tma: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged K/V (Triton, flash-attention style).
 
     Same result as ``paged_attention_reference``. ``max_query_len`` (an upper bound of the query
     lengths) sets the grid; without it one device-to-host sync reads it. Queries whose sequence has
     fewer keys than queries (``seq_len < q_len``) are a caller bug and are not detected.
+
+    ``k_new``/``v_new``: the step's own keys and values (the rows the cache write stored, same values),
+    read from these contiguous rows instead of through the block table; the cache then serves only the
+    prefix before the step. ``use_tma`` (default: on Hopper and newer when the rows are 16-byte aligned)
+    reads them with the tensor-memory accelerator through host-side descriptors.
     """
     who = "paged_prefill_attention"
     num_seqs, num_heads, head_dim = check_paged_inputs(who, query, k_cache, v_cache, block_tables, seq_lens)
@@ -205,11 +287,39 @@ def paged_prefill_attention(
     if max_query_len is None:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     block_q = block_m // group
-    grid = (triton.cdiv(max_query_len, block_q), num_kv_heads, num_seqs)
+    new_kv = k_new is not None
+    if new_kv != (v_new is not None):
+        raise ValueError(f"{who}: k_new and v_new go together")
+    if new_kv:
+        for name, t in (("k_new", k_new), ("v_new", v_new)):
+            if t.shape != (query.shape[0], num_kv_heads, head_dim) or t.dtype != query.dtype:
+                raise ValueError(f"{who}: {name} must be [{query.shape[0]}, {num_kv_heads}, {head_dim}] "
+                                 f"{query.dtype}, got {tuple(t.shape)} {t.dtype}")  # fmt: skip
+            if t.stride(2) != 1 or t.device != query.device:
+                raise ValueError(f"{who}: {name} must be on the query's device with a contiguous last dim")
+        if v_new.stride() != k_new.stride():
+            raise ValueError(f"{who}: k_new and v_new must have the same strides")
+        if use_tma is None:
+            use_tma = _tma_ok(k_new, v_new, on_gpu)
+        elif use_tma and not _tma_ok(k_new, v_new, on_gpu):
+            raise ValueError(f"{who}: use_tma needs a CUDA device of compute capability 9+, rows of "
+                             "[num_kv_heads * head_dim] contiguous elements and 16-byte aligned rows")  # fmt: skip
+    use_tma = bool(new_kv and use_tma)
+    k_arg, v_arg = (k_new, v_new) if new_kv else (query, query)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_arg, v_arg = (
+            TensorDescriptor(t, [t.shape[0], num_kv_heads * head_dim], [t.stride(0), 1], [block_n, head_dim])
+            for t in (k_new, v_new)
+        )
+    grid = (num_kv_heads, triton.cdiv(max_query_len, block_q), num_seqs)
     launcher(_paged_prefill_kernel, query.device)[grid](
         query,
         k_cache,
         v_cache,
+        k_arg,
+        v_arg,
         block_tables,
         seq_lens,
         query_start_loc,
@@ -222,6 +332,8 @@ def paged_prefill_attention(
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
+        k_new.stride(0) if new_kv else 0,
+        k_new.stride(1) if new_kv else 0,
         block_tables.stride(0),
         k_cache.shape[1],
         sliding_window or 0,
@@ -231,8 +343,10 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
         USE_WINDOW=sliding_window is not None,
+        NEW_KV=new_kv,
+        USE_TMA=use_tma,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (8 if block_m >= 128 else 4),
-        num_stages=num_stages or (2 if on_gpu else 1),
+        num_stages=num_stages or _default_stages(block_m, block_n, head_dim, query.element_size(), on_gpu),
     )
     return out

@@ -49,10 +49,14 @@ def rotary_embedding_write_kv_cache_reference(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; negative = padding, skipped
+    rotate_k_in_place: bool = False,
 ) -> torch.Tensor:
-    """Rotate q and k, store the rotated k and v at their slots (in place); return the rotated q."""
+    """Rotate q and k, store the rotated k and v at their slots (in place); return the rotated q.
+    ``rotate_k_in_place``: ``k`` itself also becomes the rotated keys."""
     q_rot, k_rot = rotary_embedding_reference(positions, q, k, cos_sin_cache)
     write_kv_cache_reference(k_rot, v, k_cache, v_cache, slot_mapping)
+    if rotate_k_in_place:
+        k.copy_(k_rot)
     return q_rot
 
 
@@ -83,6 +87,7 @@ def _rotary_kernel(
     half,  # head_dim // 2
     block_size,
     WRITE_CACHE: tl.constexpr,
+    STORE_K: tl.constexpr,  # WRITE_CACHE: also overwrite k with the rotated keys
     BLOCK_H: tl.constexpr,  # >= max(num_heads, num_kv_heads), a power of two
     BLOCK_HALF: tl.constexpr,  # >= half, a power of two
 ):
@@ -130,6 +135,9 @@ def _rotary_kernel(
         cache_ty = k_cache_ptr.dtype.element_ty
         tl.store(k_cache_ptr + cache_row, k1_rot.to(k_ty).to(cache_ty), mask=store_mask)
         tl.store(k_cache_ptr + cache_row + half, k2_rot.to(k_ty).to(cache_ty), mask=store_mask)
+        if STORE_K:  # NOTE: this thread loaded these elements above: no other reader of the old keys
+            tl.store(k_row, k1_rot.to(k_ty), mask=kv_mask)
+            tl.store(k_row + half, k2_rot.to(k_ty), mask=kv_mask)
         v_row = v_ptr + token * stride_v_token + heads * stride_v_head + cols
         v1 = tl.load(v_row, mask=store_mask, other=0.0)
         v2 = tl.load(v_row + half, mask=store_mask, other=0.0)
@@ -170,7 +178,8 @@ def _check_rotary_inputs(
             raise ValueError(f"{who}: {name} is on {t.device}, q on {q.device}")
 
 
-def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, slot_mapping) -> None:
+def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, slot_mapping,
+            store_k: bool = False) -> None:  # fmt: skip
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     write_cache = k_cache is not None
@@ -199,6 +208,7 @@ def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, s
         head_dim // 2,
         k_cache.shape[1] if write_cache else 1,
         WRITE_CACHE=write_cache,
+        STORE_K=store_k,
         BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)),
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         num_warps=4,
@@ -232,8 +242,11 @@ def rotary_embedding_write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; negative = padding, nothing written
+    rotate_k_in_place: bool = False,
 ) -> torch.Tensor:
     """RoPE fused with the cache write: returns the rotated q; stores rotated k and v at their slots.
+    ``rotate_k_in_place``: ``k`` itself is overwritten with the rotated keys too (prefill attention then
+    reads the step's keys from there).
 
     Same results as ``rotary_embedding_write_kv_cache_reference``; one launch instead of two and the
     rotated key never goes through memory. Padded rows (negative slot) still get a rotated q.
@@ -251,5 +264,7 @@ def rotary_embedding_write_kv_cache(
             raise ValueError(f"{who}: {name} is on {t.device}, q on {q.device}")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens > 0:
-        _launch(positions, q, k, v, cos_sin_cache, q_out, None, k_cache, v_cache, slot_mapping)
+        _launch(
+            positions, q, k, v, cos_sin_cache, q_out, None, k_cache, v_cache, slot_mapping, rotate_k_in_place
+        )
     return q_out

@@ -67,8 +67,11 @@ class Attention(nn.Module):
         from ...kernels.paged_attention import paged_attention
         from ...kernels.rotary import rotary_embedding_write_kv_cache
 
+        # Prefill reads this step's keys from the rotated k rows (and v) rather than through the cache.
+        # (Not after a q/k norm, which makes k contiguous and v not: the kernel takes one stride for both.)
+        step_kv = meta.max_query_len > 1 and k.dtype == self.k_cache.dtype and k.stride() == v.stride()
         q = rotary_embedding_write_kv_cache(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
-                                            meta.slot_mapping)  # fmt: skip
+                                            meta.slot_mapping, rotate_k_in_place=step_kv)  # fmt: skip
         return paged_attention(
             q,
             self.k_cache,
@@ -81,6 +84,8 @@ class Attention(nn.Module):
             max_query_len=meta.max_query_len,
             max_seq_len=meta.max_seq_len,
             partition_size=decode_partition_size(q.shape[0], self.num_kv_heads, meta.max_seq_len, q.device),
+            k_new=k if step_kv else None,
+            v_new=v if step_kv else None,
         )
 
 

@@ -29,10 +29,7 @@ from inflight.kernels.paged_decode_attention import (  # noqa: E402
     DEFAULT_PARTITION_SIZE,
     paged_decode_attention,
 )
-from inflight.kernels.paged_prefill_attention import (  # noqa: E402
-    default_prefill_blocks,
-    paged_prefill_attention,
-)
+from inflight.kernels.paged_prefill_attention import paged_prefill_attention  # noqa: E402
 
 
 def bench_ms(fn) -> float:
@@ -156,14 +153,33 @@ def bench_decode(args, copy_gbs: float) -> dict:
     }
 
 
+PREFILL_CONFIGS = (  # (block_m, block_n, num_warps, num_stages)
+    (128, 64, 8, 2),
+    (128, 64, 8, 3),
+    (128, 128, 8, 2),
+    (128, 128, 8, 3),
+    (128, 64, 4, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+)
+
+
 def bench_prefill(args, matmul_rate: float) -> dict:
+    """One causal sequence of ``prefill_tokens`` new tokens. The engine's call (``default``) reads this
+    step's K/V from the rows the qkv projection wrote (strided views of one ``[T, q | k | v]`` buffer,
+    TMA on Hopper); ``cache_only`` reads every key through the shuffled block table instead."""
     t, h, kvh, d, bs = args.prefill_tokens, args.heads, args.kv_heads, args.head_dim, args.block_size
     scale = d**-0.5
     k_cache, v_cache, block_tables, k, v = paged_cache(1, t, kvh, d, bs, shuffle=True)
-    q = torch.randn(t, h, d, dtype=torch.bfloat16, device="cuda")
+    qkv = torch.randn(t, (h + 2 * kvh) * d, dtype=torch.bfloat16, device="cuda")
+    q = qkv[:, : h * d].view(t, h, d)
+    k_new = qkv[:, h * d : (h + kvh) * d].view(t, kvh, d)
+    v_new = qkv[:, (h + kvh) * d :].view(t, kvh, d)
+    k_new.copy_(k[0].transpose(0, 1))
+    v_new.copy_(v[0].transpose(0, 1))
     seq_lens = torch.tensor([t], dtype=torch.int32, device="cuda")
     query_start_loc = torch.tensor([0, t], dtype=torch.int32, device="cuda")
-    flops = 4 * t * t / 2 * h * d
+    flops = 4 * t * t / 2 * h * d  # the causal half of dense attention's 4*T^2*H*D, as flash-attention counts
 
     def row(ms: float, **extra) -> dict:
         tflops = flops / (ms / 1e3) / 1e12
@@ -174,78 +190,46 @@ def bench_prefill(args, matmul_rate: float) -> dict:
             "pct_matmul": round(100 * tflops / matmul_rate, 1),
         }
 
+    def call(source: str, **kw):
+        step = {} if source == "cache" else dict(k_new=k_new, v_new=v_new, use_tma=source == "step_kv_tma")
+        return paged_prefill_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=t, **step, **kw
+        )
+
     configs = []
-    for block_m, block_n, num_warps, num_stages in (
-        (128, 64, 8, 2),
-        (128, 64, 8, 3),
-        (128, 128, 8, 2),
-        (64, 64, 4, 3),
-        (128, 32, 4, 3),
-        (64, 128, 4, 2),
-    ):
-
-        def run(m=block_m, n=block_n, w=num_warps, s=num_stages):
-            return paged_prefill_attention(
-                q,
-                k_cache,
-                v_cache,
-                block_tables,
-                seq_lens,
-                query_start_loc,
-                scale,
-                max_query_len=t,
-                block_m=m,
-                block_n=n,
-                num_warps=w,
-                num_stages=s,
-            )
-
-        try:
-            configs.append(
-                row(
-                    bench_ms(run),
-                    block_m=block_m,
-                    block_n=block_n,
-                    num_warps=num_warps,
-                    num_stages=num_stages,
+    for source in ("cache", "step_kv", "step_kv_tma"):
+        for block_m, block_n, num_warps, num_stages in PREFILL_CONFIGS:
+            knobs = dict(block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+            try:
+                configs.append(
+                    row(bench_ms(lambda s=source, kw=knobs: call(s, **kw)), source=source, **knobs)
                 )
-            )
-        except Exception as e:  # e.g. out of shared memory: record it, keep going
-            configs.append(
-                dict(
-                    block_m=block_m,
-                    block_n=block_n,
-                    num_warps=num_warps,
-                    num_stages=num_stages,
-                    error=str(e).splitlines()[0][:200],
-                )
-            )
+            except Exception as e:  # e.g. out of shared memory: record it, keep going
+                configs.append(dict(source=source, **knobs, error=str(e).splitlines()[0][:200]))
     ran = [c for c in configs if "ms" in c]
-    default_m, default_n = default_prefill_blocks(d, h // kvh, on_gpu=True)
-    default = next(
-        (
-            c
-            for c in ran
-            if c["block_m"] == default_m
-            and c["block_n"] == default_n
-            and c["num_warps"] == 8
-            and c["num_stages"] == 2
-        ),
-        None,
-    )
-    out = paged_prefill_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=t
-    )
+
+    def engine_call():  # what the attention layer runs: the step's K/V given, every knob at its default
+        return paged_prefill_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, max_query_len=t,
+            k_new=k_new, v_new=v_new,
+        )  # fmt: skip
+
+    default = row(bench_ms(engine_call), source="engine default")
+    cache_only = row(bench_ms(lambda: call("cache")), source="cache, default knobs")
+    out = engine_call()
     backend, sdpa_ms, sdpa_out = sdpa(q.transpose(0, 1).unsqueeze(0), k, v, causal=True)
     max_diff = (out.float() - sdpa_out[0].transpose(0, 1).float()).abs().max().item()
+    cache_diff = (call("cache").float() - out.float()).abs().max().item()
     return {
         "shape": dict(tokens=t, heads=h, kv_heads=kvh, head_dim=d, block_size=bs, dtype="bf16", causal=True),
         "flops": flops,
         "default": default,
+        "cache_only": cache_only,
         "best": min(ran, key=lambda c: c["ms"]),
         "sweep": configs,
         "sdpa": row(sdpa_ms, backend=backend),
         "max_abs_diff_vs_sdpa": max_diff,
+        "max_abs_diff_cache_vs_step_kv": cache_diff,
     }
 
 
@@ -294,21 +278,27 @@ def main() -> None:
     ):
         print(f"{name:28}{r['ms']:9.3f}{r['kv_gbs']:10,.0f}{r['pct_copy']:7.1f}%")
     print(f"max |triton - sdpa| = {decode['max_abs_diff_vs_sdpa']:.2e}")
+    print("\nprefill sweep:")
+    for c in prefill["sweep"]:
+        knobs = f"{c['source']:12} m{c['block_m']} n{c['block_n']} w{c['num_warps']} s{c['num_stages']}"
+        print(f"  {knobs:32}" + (f"{c['ms']:9.3f}{c['tflops']:8.1f}" if "ms" in c else c["error"][:80]))
     s = prefill["shape"]
     print(f"\nprefill {s['tokens']} tokens causal, {s['heads']}/{s['kv_heads']} heads, d{s['head_dim']}")
-    print(f"{'':28}{'ms':>9}{'TFLOP/s':>10}{'% mm':>8}")
+    print(f"{'':40}{'ms':>9}{'TFLOP/s':>10}{'% mm':>8}")
     best = prefill["best"]
     rows = [
-        ("triton (default)", prefill["default"]),
+        ("triton (engine default)", prefill["default"]),
+        ("triton, all keys via cache", prefill["cache_only"]),
         (
-            f"triton best m{best['block_m']} n{best['block_n']} w{best['num_warps']} s{best['num_stages']}",
+            f"best {best['source']} m{best['block_m']} n{best['block_n']} w{best['num_warps']} "
+            f"s{best['num_stages']}",
             best,
         ),
         (f"torch SDPA ({prefill['sdpa']['backend'].lower()})", prefill["sdpa"]),
     ]
     for name, r in rows:
         if r is not None:
-            print(f"{name:28}{r['ms']:9.3f}{r['tflops']:10,.1f}{r['pct_matmul']:7.1f}%")
+            print(f"{name:40}{r['ms']:9.3f}{r['tflops']:10,.1f}{r['pct_matmul']:7.1f}%")
     print(f"max |triton - sdpa| = {prefill['max_abs_diff_vs_sdpa']:.2e}")
 
 

@@ -61,6 +61,63 @@ def test_matches_reference(device, dtype, name) -> None:
     assert_close(out, ref, ATTENTION_TOL[dtype])
 
 
+def step_kv(case, poison_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's K/V rows as strided views of one ``[T, q | k | v]`` buffer (like the qkv projection's
+    output); with ``poison_cache`` their cache slots become NaN, so reading them there fails the test."""
+    num_kv_heads, head_dim = case.k_cache.shape[2:]
+    block_size = case.k_cache.shape[1]
+    num_tokens = case.query.shape[0]
+    buf = torch.randn(
+        num_tokens, 3 * num_kv_heads * head_dim, dtype=case.query.dtype, device=case.query.device
+    )
+    k_new = buf[:, num_kv_heads * head_dim : 2 * num_kv_heads * head_dim].view(
+        num_tokens, num_kv_heads, head_dim
+    )
+    v_new = buf[:, 2 * num_kv_heads * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    poisoned = []
+    for i, seq_len in enumerate(case.seq_lens):
+        start, end = case.query_start_loc[i], case.query_start_loc[i + 1]
+        for t in range(start, end):
+            pos = seq_len - (end - start) + (t - start)
+            block = int(case.block_tables[i, pos // block_size])
+            k_new[t] = case.k_cache[block, pos % block_size]
+            v_new[t] = case.v_cache[block, pos % block_size]
+            poisoned.append((block, pos % block_size))
+    ref = paged_attention_reference(case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens,
+                                    case.query_start_loc, case.query.shape[2] ** -0.5, case.window)  # fmt: skip
+    if poison_cache:
+        for block, slot in poisoned:
+            case.k_cache[block, slot] = float("nan")
+            case.v_cache[block, slot] = float("nan")
+    return k_new, v_new, ref
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_step_kv_matches_reference(device, dtype, name) -> None:
+    """The step's own keys read from its contiguous (strided) K/V rows, the prefix from the cache."""
+    num_heads, num_kv_heads, head_dim, block_size, seq_lens, query_lens, window, block_m, block_n = CASES[
+        name
+    ]
+    case = make_paged_case(num_heads, num_kv_heads, head_dim, block_size, seq_lens, query_lens, dtype, device)
+    case.window = window
+    k_new, v_new, ref = step_kv(case)
+    out = paged_prefill_attention(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens_t(),
+        case.query_start_loc_t(),
+        head_dim**-0.5,
+        window,
+        block_m=block_m,
+        block_n=block_n,
+        k_new=k_new,
+        v_new=v_new,
+    )
+    assert_close(out, ref, ATTENTION_TOL[dtype])
+
+
 @pytest.mark.parametrize("query_lens", [[1, 1, 1], [1, 4, 1]], ids=["decode", "mixed"])
 def test_dispatch_matches_reference(device, query_lens) -> None:
     """`paged_attention` takes the decode kernel for one token per sequence, the prefill one otherwise."""
@@ -113,6 +170,32 @@ def test_model_sized_on_cuda(dtype, window) -> None:
     assert_close(out, ref, ATTENTION_TOL[dtype])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("use_tma", [False, None], ids=["pointers", "auto-tma"])
+def test_model_sized_step_kv_on_cuda(dtype, window, use_tma) -> None:
+    """As above with the step's K/V rows given (TMA on Hopper): chunks after prefixes, a decode row."""
+    seq_lens, query_lens = [1000, 1500, 700, 260], [1000, 512, 1, 259]
+    case = make_paged_case(32, 8, 128, 16, seq_lens, query_lens, dtype, torch.device("cuda"))
+    case.window = window
+    k_new, v_new, ref = step_kv(case)
+    out = paged_prefill_attention(
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens_t(),
+        case.query_start_loc_t(),
+        128**-0.5,
+        window,
+        k_new=k_new,
+        v_new=v_new,
+        use_tma=use_tma,
+    )
+    assert_close(out, ref, ATTENTION_TOL[dtype])
+
+
 def test_bad_inputs_raise_value_error() -> None:
     case = make_paged_case(4, 2, 64, 16, [20, 5], [3, 5], torch.float32, torch.device("cpu"))
     args = (case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t())
@@ -125,3 +208,8 @@ def test_bad_inputs_raise_value_error() -> None:
     with pytest.raises(ValueError, match="contiguous last dimension"):
         q = case.query.transpose(1, 2).contiguous().transpose(1, 2)
         paged_prefill_attention(q, *args[1:], case.query_start_loc_t(), 0.125)
+    k_new = torch.zeros(8, 2, 64)
+    with pytest.raises(ValueError, match="k_new and v_new go together"):
+        paged_prefill_attention(*args, case.query_start_loc_t(), 0.125, k_new=k_new)
+    with pytest.raises(ValueError, match="k_new must be"):
+        paged_prefill_attention(*args, case.query_start_loc_t(), 0.125, k_new=k_new[:7], v_new=k_new[:7])

@@ -94,6 +94,32 @@ def test_rotary_write_kv_cache_matches_reference(device, dtype, heads) -> None:
     assert torch.equal(v_cache, ref_v_cache)  # a plain copy: exact
 
 
+@pytest.mark.parametrize("heads", HEADS, ids=lambda h: "x".join(map(str, h)))
+def test_rotary_write_kv_cache_rotates_k_in_place(device, dtype, heads) -> None:
+    """``rotate_k_in_place``: k (a view of the fused qkv rows) becomes exactly the keys the cache got."""
+    num_heads, num_kv_heads, head_dim = heads
+    q, k, v = fused_qkv(8, num_heads, num_kv_heads, head_dim, dtype, device)
+    positions = torch.tensor([0, 1, 2, 0, 40, 41, 0, 7], device=device)
+    slot_mapping = torch.tensor([17, 18, 19, -1, 3, 4, -1, 31], device=device)
+    cache = cos_sin_cache(head_dim, device)
+    k_cache, v_cache = _caches(8, 5, num_kv_heads, head_dim, dtype, device)
+    ref_k, ref_k_cache, ref_v_cache = k.clone(), k_cache.clone(), v_cache.clone()
+    q_before, v_before = q.clone(), v.clone()
+    q_rot = rotary_embedding_write_kv_cache(
+        positions, q, k, v, cache, k_cache, v_cache, slot_mapping, rotate_k_in_place=True
+    )
+    ref_q = rotary_embedding_write_kv_cache_reference(
+        positions, q_before, ref_k, v_before, cache, ref_k_cache, ref_v_cache, slot_mapping, True
+    )
+    assert_close(q_rot, ref_q, ELEMENTWISE_TOL[dtype])
+    assert_close(k, ref_k, ELEMENTWISE_TOL[dtype])
+    assert torch.equal(q, q_before) and torch.equal(v, v_before), "only k is overwritten"
+    written = slot_mapping >= 0
+    slots = slot_mapping[written]
+    cached = k_cache.reshape(-1, num_kv_heads, head_dim)[slots]
+    assert torch.equal(cached, k[written]), "k and the cache must hold the same rotated keys"
+
+
 @pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 128), (2, 1, 96)], ids=lambda h: "x".join(map(str, h)))
 def test_write_kv_cache_matches_reference_exactly(device, dtype, heads) -> None:
     _, num_kv_heads, head_dim = heads
