@@ -12,13 +12,18 @@ row-parallel one ``input_size / tp_size`` columns, followed by an all-reduce::
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels import ops
 from ..parallel import SINGLE_RANK, ParallelConfig, divide
+
+# Rows up to which a CUDA decode step takes the fused small-M Triton GEMV (kernels/fused_gemv.py).
+FUSED_GEMV_MAX_M = 4
 
 
 class LinearMethod(ABC):
@@ -32,15 +37,58 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias`` in the layer's format."""
 
+    def apply_rmsnorm(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                      norm_weight: torch.Tensor, eps: float, bias: torch.Tensor | None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(rmsnorm(x + residual) * norm_weight @ W.T + bias, x + residual)`` (``x`` as the residual
+        when ``residual`` is None). This default runs the two steps; a format may fuse them."""
+        normed, new_residual = ops.rms_norm(x, norm_weight, eps, residual)
+        return self.apply(layer, normed, bias), (x if residual is None else new_residual)
+
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """``silu(x[:, :d]) * x[:, d:] @ W.T + bias``. This default runs the two steps; a format may fuse them."""
+        return self.apply(layer, ops.silu_and_mul(x), bias)
+
 
 class UnquantizedLinearMethod(LinearMethod):
-    """A dense ``[output_size, input_size]`` weight in the model dtype."""
+    """A dense ``[output_size, input_size]`` weight in the model dtype.
+
+    On CUDA with at most ``FUSED_GEMV_MAX_M`` rows (batch-1..4 decode) the product runs as a Triton GEMV
+    (``kernels.fused_gemv``, faster than cuBLAS's GEMV for these shapes in CUDA graphs) with the RMSNorm
+    before qkv / gate_up fused into its input load (one kernel instead of two). The SiLU-and-mul stays a
+    separate kernel before down_proj: fused, it measured slower than the two kernels (its exp/div on the
+    16-row padded tile each chunk).
+    ``INFLIGHT_FUSED_GEMV=0`` in the environment (read when the layer is built) keeps cuBLAS and the
+    separate kernels, for comparison.
+    """
+
+    def __init__(self) -> None:
+        self.fused_small_m = os.environ.get("INFLIGHT_FUSED_GEMV", "1") != "0"
 
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         layer.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=dtype), requires_grad=False)
 
+    def _fused(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        return (self.fused_small_m and x.is_cuda and x.dim() == 2 and x.shape[0] <= FUSED_GEMV_MAX_M
+                and x.shape[0] > 0 and layer.weight.stride(1) == 1 and x.dtype == layer.weight.dtype)  # fmt: skip
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._fused(layer, x) and x.stride(-1) == 1:
+            from ...kernels.fused_gemv import fused_gemv
+
+            y, _ = fused_gemv(x, layer.weight)
+            return y if bias is None else y + bias
         return F.linear(x, layer.weight, bias)
+
+    def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):  # noqa: D102 (see LinearMethod)
+        if not (self._fused(layer, x) and x.stride(-1) == 1 and norm_weight.is_contiguous()
+                and (residual is None or residual.stride(-1) == 1)):  # fmt: skip
+            return super().apply_rmsnorm(layer, x, residual, norm_weight, eps, bias)
+        from ...kernels.fused_gemv import fused_gemv
+
+        y, new_residual = fused_gemv(x, layer.weight, "rmsnorm", residual=residual, norm_weight=norm_weight,
+                                     eps=eps)  # fmt: skip
+        return (y if bias is None else y + bias), new_residual
 
 
 class LinearBase(nn.Module):
@@ -96,6 +144,15 @@ class ColumnParallelLinear(LinearBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear_method.apply(self, x, self.bias)
         return self.parallel.all_gather_last_dim(y) if self.gather_output else y
+
+    def forward_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor | None, norm: nn.Module,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """``(self(norm(x + residual)), x + residual)``; ``residual`` None: ``(self(norm(x)), x)``.
+        ``norm`` is an RMSNorm (``weight``, ``eps``); the weight format may fuse it into the product."""
+        y, new_residual = self.linear_method.apply_rmsnorm(
+            self, x, residual, norm.weight, norm.eps, self.bias
+        )
+        return (self.parallel.all_gather_last_dim(y) if self.gather_output else y), new_residual
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -190,4 +247,9 @@ class RowParallelLinear(LinearBase):
         y = self.linear_method.apply(self, x, None)
         y = self.parallel.all_reduce(y)
         # NOTE: the bias is added once, after the reduction, not once per rank.
+        return y + self.bias if self.bias is not None else y
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """``self(silu(x[:, :d]) * x[:, d:])`` over this rank's gate | up columns (may run fused)."""
+        y = self.parallel.all_reduce(self.linear_method.apply_silu_mul(self, x, None))
         return y + self.bias if self.bias is not None else y
