@@ -154,7 +154,8 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._inflight: _StepInFlight | None = None
         self._history_ids: set[str] = set()  # requests whose sampling reads their output tokens
-        self._step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        # (start, end, is_decode, num_tokens) per step while timing (benchmarks)
+        self._step_events: list[tuple[torch.cuda.Event, torch.cuda.Event, bool, int]] | None = None
         self._arrivals = 0
         # NOTE: test-only fault injection (the reliability suite): called with each step's SchedulerOutput
         # inside the step, before the forward; whatever it raises is handled like a real fault there.
@@ -262,10 +263,23 @@ class LLMEngine:
         NOTE: a step's events bracket its work on the stream, so the sum leaves out the time the device
         sat idle waiting for the host: wall time minus this is the host-bound part of a run.
         """
+        breakdown = self.gpu_step_breakdown()
+        return None if breakdown is None else sum(k["gpu_seconds"] for k in breakdown.values())
+
+    def gpu_step_breakdown(self) -> dict[str, dict[str, float]] | None:
+        """Per kind of step ("decode": one token per sequence; "prefill_or_mixed"): steps, tokens and device
+        seconds since ``start_gpu_timing``; None on CPU."""
         if self._step_events is None:
             return None
         torch.cuda.synchronize(self.device)
-        return sum(a.elapsed_time(b) for a, b in self._step_events) / 1e3
+        kinds: dict[str, dict[str, float]] = {}
+        for start, end, is_decode, num_tokens in self._step_events:
+            kind = kinds.setdefault("decode" if is_decode else "prefill_or_mixed",
+                                    {"steps": 0, "tokens": 0, "gpu_seconds": 0.0})  # fmt: skip
+            kind["steps"] += 1
+            kind["tokens"] += num_tokens
+            kind["gpu_seconds"] += start.elapsed_time(end) / 1e3
+        return kinds
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending) or self._inflight is not None
@@ -314,7 +328,8 @@ class LLMEngine:
             out = self.sampler(model_output.logits, batch) if batch is not None else None
             if self._step_events is not None:
                 events[1].record()
-                self._step_events.append(events)
+                num_tokens = scheduled.num_batched_tokens
+                self._step_events.append((*events, num_tokens == len(scheduled.scheduled), num_tokens))
             if out is None:
                 return None
             ids = model_output.request_ids

@@ -55,7 +55,8 @@ def bench_inflight(
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
     seconds = time.perf_counter() - start
-    busy = llm.engine.gpu_busy_seconds()
+    breakdown = llm.engine.gpu_step_breakdown()
+    busy = None if breakdown is None else sum(k["gpu_seconds"] for k in breakdown.values())
     out_tokens = sum(o.num_output_tokens for o in outputs)
     in_tokens = sum(o.num_input_tokens for o in outputs)
     assert out_tokens == sum(n for _, n in requests), "every request must produce exactly its max_tokens"
@@ -66,6 +67,7 @@ def bench_inflight(
               "preemptions": stats.num_preemptions_total,
               # the part of the run the GPU sat idle waiting for the host (None on CPU)
               "host_bound_fraction": None if busy is None else round(max(0.0, 1 - busy / seconds), 4),
+              "gpu_steps": breakdown,
               "engine_options": options or {}}  # fmt: skip
     del llm, outputs
     gc.collect()
@@ -210,7 +212,8 @@ def main() -> None:
         args.model, requests, args.max_num_seqs, args.max_num_batched_tokens, args.dtype, options
     )
     print(
-        f"inflight: {ours['output_tok_s']} out tok/s, host-bound fraction {ours['host_bound_fraction']}",
+        f"inflight: {ours['output_tok_s']} out tok/s, host-bound fraction {ours['host_bound_fraction']}, "
+        f"GPU steps {ours['gpu_steps']}",
         flush=True,
     )
     hf = (
