@@ -1,4 +1,4 @@
-"""Per-kernel GPU time of batch-1 decode steps of the random Llama-3-8B-shaped model (torch.profiler).
+"""Per-kernel GPU time of decode steps (batch 1 unless --batch) of the random Llama-3-8B-shaped model (torch.profiler).
 
     python benchmarks/kernels/profile_decode.py [--steps 10]
 
@@ -26,16 +26,17 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path("/tmp/inflight-llama31-8b-random"))
     parser.add_argument("--tokenizer-dir", type=Path, default=Path(".gpu/tok"))
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     args = parser.parse_args()
     from inflight import LLM, SamplingParams
 
     build_random_model("llama3-8b", args.model, tokenizer_dir=args.tokenizer_dir)
-    llm = LLM(str(args.model), dtype="bfloat16", max_model_len=400, max_num_seqs=8,
-              kv_cache_memory_bytes=2 << 30, enable_cuda_graphs=False)  # fmt: skip
+    llm = LLM(str(args.model), dtype="bfloat16", max_model_len=400, max_num_seqs=max(8, args.batch),
+              kv_cache_memory_bytes=(2 + args.batch // 8) << 30, enable_cuda_graphs=False)  # fmt: skip
     engine = llm.engine
-    engine.add_request(
-        "p", list(range(1000, 1128)), SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
-    )
+    for i in range(args.batch):
+        engine.add_request(f"p{i}", list(range(1000 + i, 1128 + i)),
+                           SamplingParams(max_tokens=300, temperature=0, ignore_eos=True))  # fmt: skip
     for _ in range(10):
         engine.step()
     torch.cuda.synchronize()
