@@ -23,6 +23,10 @@ _bench_setup() {
   case "$site" in /tmp/inflight-venv/*) ;; *) _bench_fail "python3 is not the bundle's venv ($site)"; return 1 ;; esac
   ln -sfn /tmp/inflight-tritonserver/pytriton "$site/pytriton"
   ln -sfn /tmp/inflight-tritonserver/nvidia_pytriton.libs "$site/nvidia_pytriton.libs"
+  # The image's scikit-learn and SciPy are built for numpy 2; transformers imports sklearn when it finds it
+  # (generation/candidate_generator), which breaks under this venv's numpy 1.26: hide both from every
+  # interpreter of the venv (the Triton stub included). A None entry makes find_spec say "not installed".
+  echo "import sys; [sys.modules.setdefault(m, None) for m in ('sklearn', 'scipy')]" > "$site/inflight_hide_numpy2_builds.pth"
   if ! (cd / && env -u PYTHONPATH python3 -c 'import inflight.backend.engine' 2>/dev/null); then
     echo "$(pwd)" > "$site/inflight_checkout.pth"
   fi
@@ -32,6 +36,8 @@ import os, sys
 os.chdir("/")  # import as the stub will: from site-packages, not from the current directory
 import numpy, torch, tritonclient.grpc  # noqa: F401
 import inflight.backend.engine  # noqa: F401
+from transformers import AutoTokenizer  # noqa: F401  (the engine's first import of transformers)
+import transformers.generation.utils  # noqa: F401
 from inflight.backend.server import backend_directory, find_triton
 install = find_triton()
 backend_directory(install)
