@@ -10,6 +10,6 @@ from __future__ import annotations
 
 from .client import InflightClient
 from .stream import TokenStream
-from .types import Delta, InflightError, Result
+from .types import Delta, InflightError, ModelUnavailableError, Result
 
-__all__ = ["Delta", "InflightClient", "InflightError", "Result", "TokenStream"]
+__all__ = ["Delta", "InflightClient", "InflightError", "ModelUnavailableError", "Result", "TokenStream"]

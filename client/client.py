@@ -28,6 +28,10 @@ class InflightClient:
     `ignore_eos`, `stop`, `bad_words`, `logprobs`, `stop_token_ids`, `skip_special_tokens`,
     `include_stop_str_in_output`, `exclude_input_in_output` (default True), and `sampling_parameters`
     (a dict sent as the model's JSON input). `timeout_s` bounds each whole request.
+
+    `liveness_s` (gRPC; None turns it off): when a stream got no response for that many seconds, the client
+    checks that the server is live and the model ready, and ends the request with `ModelUnavailableError`
+    if not (Triton never ends the requests of a backend process that died; docs/serving.md).
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class InflightClient:
         model: str = "llm",
         protocol: Literal["grpc", "http"] = "grpc",
         timeout_s: float | None = 600.0,
+        liveness_s: float | None = 5.0,
     ) -> None:
         if protocol not in DEFAULT_URLS:
             raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
@@ -43,6 +48,7 @@ class InflightClient:
         for scheme in ("http://", "https://", "grpc://"):
             url = url.removeprefix(scheme)
         self.url, self.model, self.protocol, self.timeout_s = url.rstrip("/"), model, protocol, timeout_s
+        self.liveness_s = liveness_s
 
     def stream(
         self,
@@ -114,5 +120,5 @@ class InflightClient:
         if self.protocol == "grpc":
             from .grpc_stream import GrpcTokenStream  # NOTE: lazy: tritonclient.grpc and numpy load slowly.
 
-            return GrpcTokenStream(self.url, self.model, inputs, timeout_s)
+            return GrpcTokenStream(self.url, self.model, inputs, timeout_s, self.liveness_s)
         return HttpTokenStream(self.url, self.model, inputs, stream, timeout_s)

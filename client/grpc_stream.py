@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import queue
+import threading
+import time
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from . import liveness
 from .request import RequestInput, delta_from_outputs
 from .stream import TokenStream
-from .types import Delta, InflightError
+from .types import Delta, InflightError, ModelUnavailableError
+
+DEFAULT_LIVENESS_S = 5.0
 
 _NUMPY_TYPES = {
     "BYTES": np.object_,
@@ -36,21 +41,52 @@ class GrpcTokenStream(TokenStream):
 
     NOTE: a client object holds one stream at a time, so each request gets its own client; that keeps
     concurrent requests independent and lets `cancel` stop exactly this request.
+
+    `liveness_s` (None: off): when no response arrived for that long, the server's liveness and the model's
+    readiness are checked (`liveness.py`); a model that is not ready ends the request with
+    `ModelUnavailableError` instead of leaving it hanging (Triton never ends the requests of a dead stub).
     """
 
-    def __init__(self, url: str, model: str, inputs: list[RequestInput], timeout_s: float | None) -> None:
+    def __init__(
+        self, url: str, model: str, inputs: list[RequestInput], timeout_s: float | None,
+        liveness_s: float | None = DEFAULT_LIVENESS_S,
+    ) -> None:  # fmt: skip
         super().__init__(timeout_s)
+        self.url, self.model = url, model
         self._responses: queue.Queue[tuple[Any, InferenceServerException | None]] = queue.Queue()
         self._client = grpcclient.InferenceServerClient(url)
+        self._event_lock = threading.Lock()
+        self._liveness_failed = False
+        self.last_event = time.monotonic()
+        self.liveness_s = liveness_s if liveness_s is not None else float("inf")
         try:
             # NOTE: the stream's gRPC deadline makes the server cancel the request when the timeout passes.
-            self._client.start_stream(callback=self._on_response, stream_timeout=timeout_s)
+            self._client.start_stream(callback=self._on_stream_event, stream_timeout=timeout_s)
             self._client.async_stream_infer(
                 model, [to_infer_input(s) for s in inputs], enable_empty_final_response=True
             )
         except InferenceServerException as err:
             self._client.close()
             raise self._first_error(err) from None
+        if liveness_s is not None:
+            liveness.watch(self)
+
+    def _on_stream_event(self, result: Any, error: InferenceServerException | None) -> None:
+        with self._event_lock:
+            if self._liveness_failed:
+                return  # the guard already ended this request
+            self.last_event = time.monotonic()
+        if error is not None or result.get_response().parameters["triton_final_response"].bool_param:
+            liveness.unwatch(self)
+        self._on_response(result, error)
+
+    def fail_liveness(self, message: str) -> None:
+        """The guard found the model not ready: end the request with an error (once)."""
+        with self._event_lock:
+            if self._liveness_failed:
+                return
+            self._liveness_failed = True
+        self._on_response(None, liveness.LivenessFailure(message))
 
     def _first_error(self, err: InferenceServerException) -> InflightError:
         """When the stream fails at once (no server), the real error reached the callback before `err`."""
@@ -70,6 +106,8 @@ class GrpcTokenStream(TokenStream):
             result, error = self._responses.get(timeout=None if remaining is None else remaining + 1.0)
         except queue.Empty:
             raise InflightError("no response before the request's timeout", "DEADLINE_EXCEEDED") from None
+        if isinstance(error, liveness.LivenessFailure):
+            raise ModelUnavailableError(error.message())
         if error is not None:
             raise InflightError.from_grpc(error.message(), error.status())
         response = result.get_response()
@@ -81,6 +119,7 @@ class GrpcTokenStream(TokenStream):
         return delta_from_outputs(outputs, finished=final)
 
     def _shutdown(self, cancel: bool) -> None:
+        liveness.unwatch(self)
         try:
             self._client.stop_stream(cancel_requests=cancel)
         finally:

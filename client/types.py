@@ -54,6 +54,15 @@ class InflightError(Exception):
         return cls(message, _GRPC_STATUS.get(grpc_status, grpc_status.removeprefix("StatusCode.")))
 
 
+class ModelUnavailableError(InflightError):
+    """A streamed request was ended by the client: no response came for a while and the model is not ready
+    (or the server not live): Triton does not end the requests of a backend that died, so this is raised
+    instead of waiting forever (gRPC streams; `liveness_s` of `InflightClient`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "UNAVAILABLE")
+
+
 @dataclass
 class Delta:
     """One streamed response: the new text and token ids since the previous one.

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from inflight.backend.server import TritonServer
-from tests.reliability.harness import RESULTS, ScenarioStats, start_server
+from tests.reliability.harness import BYTES_PER_BLOCK, RESULTS, ScenarioStats, start_server
 
 # The server most scenarios share: small settings (CI is a 2-core CPU), ample KV for them.
 SHARED_PARAMETERS = {
@@ -18,12 +18,34 @@ SHARED_PARAMETERS = {
     "max_queue_size": "1024",
     "drain_timeout_s": "5",
 }
+# Token ids that trigger the test-only fault injection (backend/faults.py) on the small server: a step that
+# computes STEP_FAULT_TOKEN fails (its requests end with INTERNAL), FATAL_TOKEN kills the engine thread.
+# No other request contains them, so the other scenarios on that server are unaffected.
+STEP_FAULT_TOKEN, FATAL_TOKEN = 49000, 49001
+SMALL_MAX_LEN = 128
+# The small server: KV for about 1.5 requests of max_model_len 128 (12 usable blocks of 16 tokens), the
+# fault-injection markers, a short drain. Shared by KV pressure, same-seed, faults, stub kill and unload.
+SMALL_PARAMETERS = {
+    "max_model_len": str(SMALL_MAX_LEN),
+    "kv_cache_memory_bytes": str(13 * BYTES_PER_BLOCK),
+    "fault_injection": f"step:token={STEP_FAULT_TOKEN};fatal:token={FATAL_TOKEN}",
+    "drain_timeout_s": "3",
+}
+# Tests that end a shared server's model the hard way (the stub kill, on the small server) run last.
+RUN_LAST = ("test_stub_killed",)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--reliability-full", action="store_true", help="run the reliability scenarios at full size"
     )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        return next((i + 1 for i, prefix in enumerate(RUN_LAST) if item.name.startswith(prefix)), 0)
+
+    items.sort(key=rank)  # NOTE: stable: the other tests keep their order
 
 
 @pytest.fixture(scope="session")
@@ -67,6 +89,17 @@ def rel_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """The small server (SMALL_PARAMETERS; explicit model control, stub watchdog on)."""
+    server = start_server(tmp_path_factory.mktemp("rel-small"), smollm2_path, SMALL_PARAMETERS)
+    try:
+        yield server
+    finally:
+        # NOTE: after a stub kill Triton waits its whole exit timeout for the dead stub's requests.
+        server.stop(timeout_s=2 if any(w.deaths for w in server.watchdogs) else 30)
 
 
 @pytest.fixture(scope="session")

@@ -65,44 +65,35 @@ def test_config_that_cannot_hold_one_request_fails_to_load(scenario, smollm2_pat
         assert expected in text, text[-3000:]
 
 
-@pytest.fixture(scope="module")
-def tiny_kv_server(smollm2_path, tmp_path_factory):
-    """KV for about 1.5 requests of max_model_len 128 (12 usable blocks of 16 tokens)."""
-    params = {"max_model_len": "128", "kv_cache_memory_bytes": str(13 * BYTES_PER_BLOCK)}
-    server = start_server(tmp_path_factory.mktemp("rel-tiny-kv"), smollm2_path, params)
-    yield server
-    server.stop()
-
-
-def test_kv_pressure_preempts_and_every_request_matches(scenario, tiny_kv_server, reference, full) -> None:
+def test_kv_pressure_preempts_and_every_request_matches(scenario, small_server, reference, full) -> None:
     max_tokens = 100 if full else 24
-    stub = stub_pid(tiny_kv_server)
-    before = metrics(tiny_kv_server.url_metrics)
+    stub = stub_pid(small_server)
+    before = metrics(small_server.url_metrics)
     jobs = [Job(f"kv{i}", {"text_input": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "stream": i % 2 == 0,
                           "temperature": 0.0, "exclude_input_in_output": True}) for i in range(32)]  # fmt: skip
-    outcomes = drive(tiny_kv_server.url_grpc, jobs, concurrency=32, timeout_s=600)
+    outcomes = drive(small_server.url_grpc, jobs, concurrency=32, timeout_s=600)
     scenario.requests = len(outcomes)
     for o in outcomes:
         exp = reference(o.job.values["text_input"], max_tokens)
         if o.result.errors or o.result.num_final != 1 or o.result.token_ids != list(exp.token_ids):
             scenario.fail(f"{o.job.rid}: {o.result.errors} {o.result.text!r} != {exp.text!r}")
-    after = check_clean(scenario, tiny_kv_server, stub)
+    after = check_clean(scenario, small_server, stub)
     preempted = after.get("inflight_preemptions_total", 0) - before.get("inflight_preemptions_total", 0)
     scenario.notes.append(f"{preempted:.0f} preemptions")
     assert preempted > 0, "no preemption happened: the scenario did not test anything"
     assert scenario.failures == 0, scenario.notes
 
 
-def test_same_seed_same_output_alone_batched_and_preempted(scenario, rel_server, tiny_kv_server) -> None:
+def test_same_seed_same_output_alone_batched_and_preempted(scenario, rel_server, small_server) -> None:
     probe = {"text_input": "Write a short poem about rain.", "max_tokens": 24, "temperature": 0.9, "top_p": 0.95,
              "seed": np.array([1234], dtype=np.uint64), "exclude_input_in_output": True}  # fmt: skip
     (alone,) = drive(rel_server.url_grpc, [Job("seed-alone", probe)], concurrency=1)
     fill = [Job(f"seed-fill{i}", {"text_input": PROMPTS[i % 8], "max_tokens": 24, "temperature": 0.7,
                                   "exclude_input_in_output": True}) for i in range(15)]  # fmt: skip
     batched = drive(rel_server.url_grpc, [*fill[:8], Job("seed-batched", probe), *fill[8:]], concurrency=16)
-    before = metrics(tiny_kv_server.url_metrics)["inflight_preemptions_total"]
-    pressure = drive(tiny_kv_server.url_grpc, [*fill, Job("seed-preempted", probe), *fill], concurrency=31)
-    preempted = metrics(tiny_kv_server.url_metrics)["inflight_preemptions_total"] - before
+    before = metrics(small_server.url_metrics)["inflight_preemptions_total"]
+    pressure = drive(small_server.url_grpc, [*fill, Job("seed-preempted", probe), *fill], concurrency=31)
+    preempted = metrics(small_server.url_metrics)["inflight_preemptions_total"] - before
     scenario.requests = 1 + len(batched) + len(pressure)
     got = {o.job.rid: o.result for o in [alone, *batched, *pressure] if o.job.rid.startswith("seed-")
            and not o.job.rid.startswith("seed-fill")}  # fmt: skip
