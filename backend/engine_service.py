@@ -35,6 +35,9 @@ from .triton_inputs import GenerateRequest
 logger = logging.getLogger("inflight")
 
 
+_STREAM = object()  # an outbox entry's outputs: build the stream's response from its unsent tokens
+
+
 class ErrorKind(enum.Enum):
     INVALID_ARG = "INVALID_ARG"
     UNAVAILABLE = "UNAVAILABLE"
@@ -71,6 +74,10 @@ class LiveRequest:
     text: list[str] = field(default_factory=list)  # non-streamed: all text so far
     token_ids: list[int] = field(default_factory=list)  # non-streamed: all ids; streamed: ids not yet sent
     logprobs: list = field(default_factory=list)
+    # Streamed: text not yet sent, the newest delta, and whether the response thread has it queued.
+    unsent_text: list[str] = field(default_factory=list)
+    last_delta: RequestOutput | None = None
+    send_queued: bool = False
     num_output_tokens: int = 0
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -106,6 +113,7 @@ class EngineService:
         self._next_id = 0
         self._num_open = 0  # submitted requests whose final response has not been sent yet
         self._lock = threading.Lock()
+        self._stream_lock = threading.Lock()  # guards the unsent parts of streamed requests
         self._accepting = True
         self._stop = threading.Event()
         self.fatal_error: str | None = None
@@ -283,42 +291,41 @@ class EngineService:
         live.last_token_time = now
 
     def _queue_response(self, live: LiveRequest, out: RequestOutput) -> None:
+        if live.request.stream:
+            # NOTE: the response thread builds and sends a stream's response from everything unsent when it
+            # gets to it, so a busy sender coalesces tokens (fewer, larger responses) instead of falling
+            # behind and holding the engine thread. A token whose text is still incomplete (part of a UTF-8
+            # character, a held-back possible stop string) waits for the next text, so no response carries
+            # empty text but the last.
+            with self._stream_lock:
+                live.token_ids.extend(out.new_token_ids)
+                if out.new_logprobs:
+                    live.logprobs.extend(out.new_logprobs)
+                live.unsent_text.append(out.new_text)
+                live.last_delta = out
+                if (not out.new_text and not out.finished) or live.send_queued:
+                    return
+                live.send_queued = True
+            self._outbox.put((live, _STREAM, None, False))
+            return
         live.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
             live.logprobs.extend(out.new_logprobs)
-        if live.request.stream:
-            # NOTE: a token whose text is still incomplete (part of a UTF-8 character, a held-back possible
-            # stop string) is sent with the next text, so no response carries empty text but the last.
-            if not out.new_text and not out.finished:
-                return
-            outputs = build_outputs(
-                live.request,
-                out.new_text,
-                live.token_ids,
-                live.logprobs,
-                out,
-                len(live.prompt_token_ids),
-                len(live.token_ids),
-            )
-            live.token_ids, live.logprobs = [], []
-        else:
-            live.text.append(out.new_text)
-            if not out.finished:
-                return
-            ids = (
-                live.token_ids
-                if live.request.exclude_input_in_output
-                else live.prompt_token_ids + live.token_ids
-            )
-            outputs = build_outputs(
-                live.request,
-                live.prompt_text + "".join(live.text),
-                ids,
-                live.logprobs,
-                out,
-                len(live.prompt_token_ids),
-                live.num_output_tokens,
-            )
+        live.text.append(out.new_text)
+        if not out.finished:
+            return
+        ids = (
+            live.token_ids if live.request.exclude_input_in_output else live.prompt_token_ids + live.token_ids
+        )
+        outputs = build_outputs(
+            live.request,
+            live.prompt_text + "".join(live.text),
+            ids,
+            live.logprobs,
+            out,
+            len(live.prompt_token_ids),
+            live.num_output_tokens,
+        )
         self._outbox.put((live, outputs, None, out.finished))
 
     def _fail_all(self, error: ServiceError) -> None:
@@ -345,6 +352,8 @@ class EngineService:
             if item is None:
                 return
             live, outputs, error, final = item
+            if outputs is _STREAM:
+                outputs, final = self._take_stream_response(live)
             try:
                 live.sink.send(outputs, error, final)
             except Exception:  # noqa: BLE001 - a client that went away must not stop the others
@@ -357,6 +366,21 @@ class EngineService:
                 with self._lock:
                     self._num_open -= 1
                     self._set_open_gauge()
+
+    def _take_stream_response(self, live: LiveRequest) -> tuple[dict[str, np.ndarray], bool]:
+        """One response with every token of a stream not sent yet; final if the newest delta finished it."""
+        with self._stream_lock:
+            text, ids, logprobs, out = (
+                "".join(live.unsent_text),
+                live.token_ids,
+                live.logprobs,
+                live.last_delta,
+            )
+            live.unsent_text, live.token_ids, live.logprobs = [], [], []
+            live.send_queued = False
+        assert out is not None
+        outputs = build_outputs(live.request, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids))
+        return outputs, out.finished
 
     def _set_open_gauge(self) -> None:
         metrics = self.metrics

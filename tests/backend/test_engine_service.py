@@ -173,3 +173,34 @@ def test_shutdown_drains_then_ends_the_rest(tiny_path) -> None:
     refused = FakeSink()
     service.submit(GenerateRequest([5], SamplingParams(max_tokens=3)), refused)
     assert refused.num_final == 1 and refused.error.kind is ErrorKind.UNAVAILABLE
+
+
+class SlowSink(FakeSink):
+    """A sender that takes 20 ms per response (a saturated Triton response path)."""
+
+    def send(self, outputs, error, final) -> None:
+        time.sleep(0.02)
+        super().send(outputs, error, final)
+
+
+def test_a_slow_sender_gets_coalesced_responses_with_every_token(tiny_path) -> None:
+    from inflight import LLM
+
+    prompt, n = [5, 6, 7, 8], 60
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    reference = LLM(str(tiny_path), max_model_len=128).generate([prompt], params)[0]
+    service = _service(tiny_path)
+    try:
+        slow, fast = SlowSink(), FakeSink()
+        service.submit(GenerateRequest(prompt, params, stream=True), slow)
+        service.submit(GenerateRequest(prompt, params, stream=True), fast)
+        _wait([slow, fast])
+    finally:
+        service.shutdown()
+    for sink in (slow, fast):
+        ids = [i for o, _, _ in sink.responses for i in o["output_ids"].tolist()]
+        assert ids == reference.token_ids and sink.text == reference.text
+        assert sink.num_final == 1 and sink.responses[-1][2] and sink.error is None
+        assert all(o["text_output"][0] for o, _, final in sink.responses if not final)  # no empty text
+    # The steps outpace a 20 ms sender: it gets fewer, larger responses instead of falling behind.
+    assert len(slow.responses) < n // 2
