@@ -204,3 +204,21 @@ def test_a_slow_sender_gets_coalesced_responses_with_every_token(tiny_path) -> N
         assert all(o["text_output"][0] for o, _, final in sink.responses if not final)  # no empty text
     # The steps outpace a 20 ms sender: it gets fewer, larger responses instead of falling behind.
     assert len(slow.responses) < n // 2
+
+
+def test_cancellation_polling_reaches_every_stream_in_turn(tiny_path) -> None:
+    args = EngineArgs.from_options(str(tiny_path), {"max_model_len": 128})
+    service = EngineService(LLMEngine(args), None, cancel_poll_s=0.0, cancel_poll_batch=2)
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+    try:
+        sinks = [FakeSink() for _ in range(5)] + [FakeSink(cancel_after=3)]
+        for sink in sinks:
+            service.submit(GenerateRequest([5, 6, 7], params, stream=True), sink)
+        _wait(sinks)
+    finally:
+        service.shutdown()
+    cancelled = sinks[-1]
+    assert cancelled.num_final == 1 and cancelled.responses[-1] == (None, None, True)
+    # Checked 2 at a time among 6 streams: it is found within a few polls, long before its 100 tokens.
+    assert 3 <= len(cancelled.responses) <= 20
+    assert all(s.num_final == 1 and len(s.text) > 0 and s.error is None for s in sinks[:-1])
