@@ -127,9 +127,83 @@ def table() -> str:
     return "\n".join(lines)
 
 
+TARGETS_BEGIN, TARGETS_END = "<!-- targets:begin -->", "<!-- targets:end -->"
+
+
+def _load(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _check(what: str, value: float | None, target: float, unit: str, higher: bool, source: str) -> str:
+    """One row: measured value, target, met or missed by how much."""
+    if value is None:
+        return f"| {what} | not measured | {'≥' if higher else '≤'} {target:g}{unit} | - | {source} |"
+    met = value >= target if higher else value <= target
+    gap = (value / target - 1) * 100
+    verdict = "met" if met else f"missed by {abs(gap):.1f}%"
+    return (
+        f"| {what} | {value:,.1f}{unit} | {'≥' if higher else '≤'} {target:g}{unit} | {verdict} | {source} |"
+    )
+
+
+def targets(tag: str = "h200") -> str:
+    """The issues' must-show figures on one device, from the newest JSON of each kind (targets as stated)."""
+    rows = ["| target | measured | goal | verdict | result |", "|---|---|---|---|---|"]
+    att = _load(f"attention-{tag}.json")
+    e2e = sorted(RESULTS.glob(f"decode_e2e-{tag}-*.json"))
+    thr128, thr1000 = _load(f"throughput-128x128-{tag}.json"), _load(f"throughput-1000x1000-{tag}.json")
+    serving = _load(f"serving-{tag}.json")
+    if att:
+        rows.append(_check("decode attention, % of copy bandwidth", att["decode"]["default"]["pct_copy"], 80,
+                           "%", True, f"attention-{tag}.json"))  # fmt: skip
+        rows.append(_check("prefill attention 4k, % of bf16 matmul", att["prefill"]["default"]["pct_matmul"], 50,
+                           "%", True, f"attention-{tag}.json"))  # fmt: skip
+    if e2e:
+        newest = json.loads(e2e[-1].read_text())
+        rows.append(_check("batch-1 decode 8B, % of weight-read roofline",
+                           100 * newest["inflight"]["fraction_of_roofline"], 75, "%", True, e2e[-1].name))  # fmt: skip
+    for name, result, goal in (("1000/1000", thr1000, 10_000), ("128/128", thr128, 20_000)):
+        value = result["inflight"]["output_tok_s"] if result else None
+        rows.append(
+            _check(
+                f"{name} offline, out tok/s",
+                value,
+                goal,
+                "",
+                True,
+                f"throughput-{name.replace('/', 'x')}-{tag}.json",
+            )
+        )
+    ratios = (thr128 or {}).get("ratios") or {}
+    rows.append(_check("128/128: x HF eager (same run)", ratios.get("over_hf_eager"), 10, "x", True,
+                       f"throughput-128x128-{tag}.json"))  # fmt: skip
+    rows.append(_check("128/128: x transformers generate_batch (same run)",
+                       ratios.get("over_hf_continuous_batching"), 1, "x", True, f"throughput-128x128-{tag}.json"))  # fmt: skip
+    if serving:
+        levels = serving["levels"]
+        c256 = next((lv for lv in levels if lv["mode"] == "concurrency" and lv["value"] == 256), None)
+        rate2 = next((lv for lv in levels if lv["mode"] == "rate" and lv["value"] == 2), None)
+        ratio = c256.get("triton_over_direct") if c256 else None
+        rows.append(_check("Triton / engine-direct out tok/s at concurrency 256",
+                           None if ratio is None else 100 * ratio, 95, "%", True, f"serving-{tag}.json"))  # fmt: skip
+        for key, goal in (("ttft_ms", 20), ("itl_ms", 7)):
+            value = rate2["triton"][key]["p50"] if rate2 and rate2.get("triton") else None
+            rows.append(_check(f"2 req/s 467/256 via Triton: {key[:-3].upper()} p50 (the goal is H100's)", value, goal,
+                               " ms", False, f"serving-{tag}.json"))  # fmt: skip
+    return "\n".join(rows)
+
+
+def _replace(text: str, begin: str, end: str, body: str) -> str:
+    head, rest = text.split(begin, 1)
+    return head + f"{begin}\n{body}\n{end}" + rest.split(end, 1)[1]
+
+
 def main() -> None:
     readme = ROOT / "README.md"
     text = readme.read_text()
+    if TARGETS_BEGIN in text:
+        text = _replace(text, TARGETS_BEGIN, TARGETS_END, targets())
     block = f"{BEGIN}\n{table()}\n{END}"
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)
