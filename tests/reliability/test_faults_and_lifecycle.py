@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from inflight.backend.server import stub_pids
 from inflight.client import InflightClient, InflightError, ModelUnavailableError
 from tests.reliability.conftest import FATAL_TOKEN, STEP_FAULT_TOKEN
 from tests.reliability.harness import PROMPTS, Job, check_clean, drive, start_server, stub_pid
@@ -84,8 +85,9 @@ def test_stub_killed_readiness_false_clients_get_errors_reload_restores(scenario
     ModelUnavailableError within a few seconds (Triton itself never ends them), a reload restores service."""
     if not small_server.model_ready():
         small_server.load_model()
-    pid = stub_pid(small_server)
-    assert pid is not None
+    # NOTE: an earlier model version's stub may linger (the fatal fault's self-unload): kill them all.
+    pids = stub_pids(small_server.process.pid, "llm")
+    assert pids, "no live backend stub"
     client = InflightClient(small_server.url_grpc, timeout_s=300, liveness_s=LIVENESS_S)
     started = threading.Semaphore(0)
     ended: dict[int, tuple[str, float, int]] = {}  # stream -> (how it ended, when, tokens received)
@@ -109,7 +111,8 @@ def test_stub_killed_readiness_false_clients_get_errors_reload_restores(scenario
         t.start()
     for _ in threads:  # every stream has streamed (a preempted one may pause later: still live)
         assert started.acquire(timeout=120), "a stream never started"
-    os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
     took = _until_not_ready(small_server, 10)
     for t in threads:
@@ -170,6 +173,7 @@ def test_unload_and_shutdown_with_live_streams(scenario, smollm2_path, tmp_path)
                 server.process.wait(60)
             took = time.monotonic() - start
             t.join(60)
+            assert not t.is_alive(), f"{phase}: live streams still open 60 s after the {phase}"
             scenario.requests += len(results) + 1
             assert new.result.errors, f"{phase}: a new request was accepted"
             for o in results:

@@ -171,13 +171,15 @@ def _run_mixed(
 
 
 def test_mixed_requests_one_final_each(scenario, rel_server, reference, full) -> None:
-    _run_mixed(scenario, rel_server, reference, 10_000 if full else 300, 0.1, seed=8)
+    _run_mixed(scenario, rel_server, reference, 10_000 if full else 150, 0.1, seed=8)
     assert scenario.failures == 0, scenario.notes
 
 
 def test_soak_returns_to_baseline(scenario, rel_server, reference, full) -> None:
-    counts = [200, 2_000, 20_000] if full else [100, 300]
-    _run_mixed(scenario, rel_server, reference, 50, 0.2, seed=11)  # warm-up: allocator pools, caches
+    counts = [200, 2_000, 20_000] if full else [60, 180]
+    _run_mixed(
+        scenario, rel_server, reference, 50 if full else 30, 0.2, seed=11
+    )  # warm-up: allocator pools, caches
     base = stub_rss_bytes(rel_server)
     growth = []
     for i, count in enumerate(counts):
