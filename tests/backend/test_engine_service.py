@@ -95,7 +95,8 @@ def test_every_path_ends_with_exactly_one_final(tiny_path) -> None:
         _wait([*ok, bad, cancelled, *burst])
         for sink in [*ok, bad, cancelled, *burst]:
             assert sink.num_final == 1 and sink.responses[-1][2]
-        assert all(len(s.responses) == 40 and s.error is None for s in ok)
+        for sink in ok:  # every token exactly once (a busy sender may coalesce several in one response)
+            assert sum(len(o["output_ids"]) for o, _, _ in sink.responses) == 40 and sink.error is None
         assert bad.error.kind is ErrorKind.INVALID_ARG and "max_model_len" in bad.error.message
         assert cancelled.responses[-1] == (None, None, True) and len(cancelled.responses) < 100
         refused = [s for s in burst if s.error is not None]
