@@ -19,7 +19,11 @@ from inflight.kernels.paged_decode_attention import (
     _paged_decode_partition_kernel,
     _paged_decode_reduce_kernel,
 )
-from inflight.kernels.paged_prefill_attention import _paged_prefill_kernel, default_prefill_blocks
+from inflight.kernels.paged_prefill_attention import (
+    _default_stages,
+    _paged_prefill_kernel,
+    default_prefill_blocks,
+)
 from inflight.kernels.rms_norm import _rms_norm_kernel
 from inflight.kernels.rotary import _rotary_kernel
 
@@ -33,8 +37,11 @@ FLOAT_ARGS = {"eps", "scale_log2"}
 TYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
 
-def compile_for_hopper(kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, int_ptrs=()):
-    """Compile ``kernel`` for sm_90: pointers ``*dtype`` (or as ``int_ptrs`` says), other ints i32."""
+def compile_for_hopper(
+    kernel, dtype: str, constexprs: dict, num_warps: int, num_stages: int, int_ptrs=(), pointers=()
+):
+    """Compile ``kernel`` for sm_90: pointers (``*_ptr`` and ``pointers``) ``*dtype`` (or as ``int_ptrs``
+    says), other ints i32."""
     # NOTE: no skip if these move in a future triton: the test must then fail and be updated.
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -44,7 +51,7 @@ def compile_for_hopper(kernel, dtype: str, constexprs: dict, num_warps: int, num
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
+        elif name.endswith("_ptr") or name in pointers:
             signature[name] = "*" + dict(int_ptrs).get(name, TYPE[dtype])
         elif name in FLOAT_ARGS:
             signature[name] = "fp32"
@@ -55,7 +62,9 @@ def compile_for_hopper(kernel, dtype: str, constexprs: dict, num_warps: int, num
     divisible = [
         i
         for i, name in enumerate(fn.arg_names)
-        if name.endswith("_ptr") or (name.startswith("stride_") and name != "stride_block_table_seq")
+        if name.endswith("_ptr")
+        or name in pointers
+        or (name.startswith("stride_") and name != "stride_block_table_seq")
     ]
     attrs = {(i,): [["tt.divisibility", 16]] for i in divisible if fn.arg_names[i] not in constexprs}
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
@@ -67,11 +76,13 @@ ATTN_INDEX_PTRS = (("block_tables_ptr", "i32"), ("seq_lens_ptr", "i32"), ("query
 STAT_PTRS = (("part_acc_ptr", "fp32"), ("part_max_ptr", "fp32"), ("part_sum_ptr", "fp32"))
 
 
+@pytest.mark.parametrize("new_kv", [False, True], ids=["cache-kv", "step-kv"])
 @pytest.mark.parametrize(
     "dtype,head_dim,group,window",
     [("bf16", 128, 4, False), ("fp16", 64, 3, True), ("fp32", 128, 8, False)],
 )
-def test_prefill_compiles(dtype, head_dim, group, window) -> None:
+def test_prefill_compiles(dtype, head_dim, group, window, new_kv) -> None:
+    """The cache-only path and the step-K/V path through pointers (the TMA path runs in the CUDA tests)."""
     block_m, block_n = default_prefill_blocks(
         head_dim, group, on_gpu=True, dtype_bytes=4 if dtype == "fp32" else 2
     )
@@ -82,10 +93,19 @@ def test_prefill_compiles(dtype, head_dim, group, window) -> None:
         BLOCK_N=block_n,
         HEAD_DIM=head_dim,
         USE_WINDOW=window,
+        NEW_KV=new_kv,
+        USE_TMA=False,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
     )
+    dtype_bytes = 4 if dtype == "fp32" else 2
     compiled = compile_for_hopper(
-        _paged_prefill_kernel, dtype, constexprs, 8 if block_m >= 128 else 4, 2, ATTN_INDEX_PTRS
+        _paged_prefill_kernel,
+        dtype,
+        constexprs,
+        8 if block_m >= 128 else 4,
+        _default_stages(block_m, block_n, head_dim, dtype_bytes, on_gpu=True),
+        ATTN_INDEX_PTRS,
+        pointers=("k_new", "v_new"),
     )
     assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY
     if dtype != "fp32":
