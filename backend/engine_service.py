@@ -78,6 +78,19 @@ def _record_step(metrics: EngineMetrics, num_tokens: int, ttfts: list[float], it
         metrics.itl.observe(value)
 
 
+class _ClosedSink:
+    """What a request's sink becomes after its final response (its response sender is released)."""
+
+    def send(self, outputs: object, error: object, final: bool) -> None:
+        raise RuntimeError("the final response was already sent")
+
+    def is_cancelled(self) -> bool:
+        return True
+
+
+_CLOSED_SINK = _ClosedSink()
+
+
 class ErrorKind(enum.Enum):
     INVALID_ARG = "INVALID_ARG"
     UNAVAILABLE = "UNAVAILABLE"
@@ -418,25 +431,27 @@ class EngineService:
 
     # -------------------------------------------------------------------------------- response thread
     def _response_loop(self) -> None:
-        while True:
-            item = self._outbox.get()
-            if item is None:
-                return
-            live, outputs, error, final = item
-            if outputs is _STREAM:
-                outputs, final = self._take_stream_response(live)
-            try:
-                live.sink.send(outputs, error, final)
-            except Exception:  # noqa: BLE001 - a client that went away must not stop the others
-                logger.warning(
-                    "sending a response for %s failed; cancelling it", live.request_id, exc_info=True
-                )
-                if not final:
-                    self._inbox.put(("abort", live.request_id))
-            if final:
-                with self._lock:
-                    self._num_open -= 1
-                    self._set_open_gauge()
+        while (item := self._outbox.get()) is not None:
+            self._send(*item)
+            # NOTE: no reference to a request may outlive its final response: Triton keeps the model (it
+            # cannot unload) while any response sender is alive, and `item` would otherwise hold the last
+            # one while this thread waits for the next.
+            del item
+
+    def _send(self, live: LiveRequest, outputs: object, error: ServiceError | None, final: bool) -> None:
+        if outputs is _STREAM:
+            outputs, final = self._take_stream_response(live)
+        try:
+            live.sink.send(outputs, error, final)
+        except Exception:  # noqa: BLE001 - a client that went away must not stop the others
+            logger.warning("sending a response for %s failed; cancelling it", live.request_id, exc_info=True)
+            if not final:
+                self._inbox.put(("abort", live.request_id))
+        if final:
+            live.sink = _CLOSED_SINK  # drop the response sender now (see _response_loop)
+            with self._lock:
+                self._num_open -= 1
+                self._set_open_gauge()
 
     def _take_stream_response(self, live: LiveRequest) -> tuple[dict[str, np.ndarray], bool]:
         """One response with every token of a stream not sent yet; final if the newest delta finished it."""
