@@ -55,7 +55,13 @@ RESULTS: dict[str, ScenarioStats] = {}
 
 # ------------------------------------------------------------------------------------------------ servers
 def start_server(
-    work: Path, model_path: Path, parameters: dict[str, str], *, explicit: bool = True, ready_timeout_s=300
+    work: Path,
+    model_path: Path,
+    parameters: dict[str, str],
+    *,
+    explicit: bool = True,
+    ready_timeout_s=300,
+    exit_timeout_s: int = 20,
 ) -> TritonServer:
     """A tritonserver on a fresh repository copy with `parameters`; explicit model control + stub watchdog."""
     work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +70,7 @@ def start_server(
         work / "model_repository",
         parameters={"model_path": str(model_path), **parameters},
     )
-    extra = ["--exit-timeout-secs=20", *(explicit_model_control(MODEL) if explicit else [])]
+    extra = [f"--exit-timeout-secs={exit_timeout_s}", *(explicit_model_control(MODEL) if explicit else [])]
     server = TritonServer.start(repo, log_path=work / "tritonserver.log", extra_args=extra)
     try:
         server.wait_ready(ready_timeout_s)

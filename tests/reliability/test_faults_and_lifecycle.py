@@ -153,11 +153,13 @@ def test_unload_and_shutdown_with_live_streams(scenario, smollm2_path, tmp_path,
 
     Triton 2.51 keeps a decoupled model until every live stream has ended (each response sender holds
     the model), so both drain: new requests are refused at once, live streams run to their end with
-    exactly one FINAL, then the model unloads (its stub exits) or the server exits, in bounded time.
+    exactly one FINAL, then the model unloads (its stub exits) or the server exits, in bounded time (a
+    SIGINT drains for at most --exit-timeout-secs; then Triton exits and open streams fail).
     """
     params = {"max_model_len": "256", "kv_cache_memory_bytes": str(64 << 20), "drain_timeout_s": "3"}
     max_tokens = 120 if full else 24
-    server = start_server(tmp_path, smollm2_path, params)
+    # Triton exits regardless after --exit-timeout-secs: long enough here for the streams to drain on CPU.
+    server = start_server(tmp_path, smollm2_path, params, exit_timeout_s=240)
     try:
         for phase in ("unload", "sigint"):
             results: list = []
