@@ -170,7 +170,10 @@ class TritonPythonModel:
     def finalize(self) -> None:
         service = getattr(self, "service", None)
         if service is not None:
+            logger.info("inflight: finalize: %d requests open, draining up to %.0f s", service.num_open,
+                        self.drain_timeout_s)  # fmt: skip
             service.shutdown(self.drain_timeout_s)
+            logger.info("inflight: finalize: engine stopped")
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             self.service.metrics = None
