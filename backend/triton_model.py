@@ -93,9 +93,13 @@ class _TritonSink:
         else:
             tensors = [self.pb.Tensor(name, value) for name, value in outputs.items()]
             self.sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
+        if final:
+            # NOTE: nothing may use the sender after the final response; release it at once (Triton ties a
+            # decoupled model's lifetime to its response senders).
+            self.sender = None
 
     def is_cancelled(self) -> bool:
-        return self.sender.is_cancelled()
+        return self.sender is None or self.sender.is_cancelled()
 
 
 class TritonPythonModel:
