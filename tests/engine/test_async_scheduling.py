@@ -30,7 +30,9 @@ def _params(stop_token: int) -> list[SamplingParams]:
         SamplingParams(temperature=0.9, seed=11, max_tokens=33),
         SamplingParams(temperature=0, max_tokens=50, stop_token_ids=[stop_token], logprobs=3),
         SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=3, max_tokens=25, min_tokens=20),
-        SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.3),  # reads its history: runs in step
+        SamplingParams(
+            temperature=0, max_tokens=8, repetition_penalty=1.3
+        ),  # reads its history: runs in step
         SamplingParams(temperature=0, max_tokens=1),
         SamplingParams(temperature=0.7, seed=9, max_tokens=45, logprobs=1),
         SamplingParams(temperature=0, max_tokens=37, min_tokens=2),
