@@ -231,12 +231,7 @@ class LLMEngine:
         self.scheduler.add_request(request)  # may raise QueueFullError; nothing is registered then
         self._arrivals += 1
         self._requests[request_id] = state
-        if (
-            state.bad_words_token_ids
-            or params.repetition_penalty != 1.0
-            or params.presence_penalty
-            or (params.frequency_penalty)
-        ):
+        if state.bad_words_token_ids or params.uses_penalties:
             self._history_ids.add(request_id)
         return len(prompt_ids)
 
@@ -254,21 +249,16 @@ class LLMEngine:
         return self._requests.pop(request_id, None)
 
     def start_gpu_timing(self) -> None:
-        """Record CUDA events around each step's device work (benchmarks: see ``gpu_busy_seconds``)."""
+        """Record CUDA events around each step's device work (benchmarks: see ``gpu_step_breakdown``)."""
         self._step_events = [] if self.device.type == "cuda" else None
 
-    def gpu_busy_seconds(self) -> float | None:
-        """Device time spent on steps since ``start_gpu_timing`` (waits for the device); None on CPU.
+    def gpu_step_breakdown(self) -> dict[str, dict[str, float]] | None:
+        """Per kind of step ("decode": one token per sequence; "prefill_or_mixed"): steps, tokens and device
+        seconds since ``start_gpu_timing``; None on CPU.
 
         NOTE: a step's events bracket its work on the stream, so the sum leaves out the time the device
         sat idle waiting for the host: wall time minus this is the host-bound part of a run.
         """
-        breakdown = self.gpu_step_breakdown()
-        return None if breakdown is None else sum(k["gpu_seconds"] for k in breakdown.values())
-
-    def gpu_step_breakdown(self) -> dict[str, dict[str, float]] | None:
-        """Per kind of step ("decode": one token per sequence; "prefill_or_mixed"): steps, tokens and device
-        seconds since ``start_gpu_timing``; None on CPU."""
         if self._step_events is None:
             return None
         torch.cuda.synchronize(self.device)

@@ -47,7 +47,8 @@ class _MetricsWriter:
     batch per step instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: EngineMetrics) -> None:
+        self.metrics = metrics
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="inflight-metrics", daemon=True)
         self._thread.start()
@@ -175,7 +176,7 @@ class EngineService:
         self._accepting = True
         self._stop = threading.Event()
         self.fatal_error: str | None = None
-        self._metrics_writer = _MetricsWriter() if metrics is not None else None
+        self._metrics_writer = _MetricsWriter(metrics) if metrics is not None else None
         self._step_tokens, self._step_ttfts, self._step_itls = 0, [], []  # this step's, for the writer
         self._last_stats_time = 0.0
         self._engine_thread = threading.Thread(target=self._engine_loop, name="inflight-engine", daemon=True)
@@ -298,8 +299,8 @@ class EngineService:
             prompt = live.request.prompt
             live.prompt_text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
         self._live[live.request_id] = live
-        if self._metrics_writer is not None and self.metrics is not None:
-            self._metrics_writer.put(self.metrics.prompt_tokens.increment, len(ids))
+        if self._metrics_writer is not None:
+            self._metrics_writer.put(self._metrics_writer.metrics.prompt_tokens.increment, len(ids))
 
     def _abort(self, request_id: str, client_gone: bool) -> None:
         live = self._live.get(request_id)
@@ -319,9 +320,10 @@ class EngineService:
                 self._abort(live.request_id, client_gone=True)
 
     def _publish_step_metrics(self) -> None:
-        writer, metrics = self._metrics_writer, self.metrics
-        if writer is None or metrics is None:
+        writer = self._metrics_writer
+        if writer is None:
             return
+        metrics = writer.metrics
         if self._step_tokens:
             writer.put(_record_step, metrics, self._step_tokens, self._step_ttfts, self._step_itls)
             self._step_tokens, self._step_ttfts, self._step_itls = 0, [], []
@@ -342,9 +344,9 @@ class EngineService:
             self._record_tokens(live, out, now)
             if out.finished:
                 del self._live[out.request_id]
-                if self._metrics_writer is not None and self.metrics is not None:
+                if self._metrics_writer is not None:
                     self._metrics_writer.put(
-                        self.metrics.request_finished,
+                        self._metrics_writer.metrics.request_finished,
                         out.finish_reason or "error",
                         len(live.prompt_token_ids),
                         live.num_output_tokens,

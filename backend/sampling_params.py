@@ -116,6 +116,11 @@ class SamplingParams:
                 raise ValueError(f"stop_token_ids must hold token ids >= 0, got {token_id}")
 
     @property
+    def uses_penalties(self) -> bool:
+        """A repetition, presence or frequency penalty is on (sampling reads the output so far)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def is_greedy(self) -> bool:
         """True when the request takes the argmax (temperature below 1e-5)."""
         return self.temperature < GREEDY_TEMPERATURE
