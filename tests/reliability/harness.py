@@ -198,7 +198,10 @@ class StreamWorker:
         return Outcome(job, r, True, time.monotonic() - start)
 
     def close(self) -> None:
-        self.client.stop_stream(cancel_requests=True)
+        # NOTE: nothing is in flight here, so end the stream gracefully. Cancelling the RPC right after a final
+        # response hits a Triton 2.51 gRPC frontend race (docs/serving.md, "Closing streams") that keeps the
+        # model from ever unloading.
+        self.client.stop_stream(cancel_requests=False)
         self.client.close()
 
 

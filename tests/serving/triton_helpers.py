@@ -104,6 +104,7 @@ def run_streams(
 
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=callback)
+    done = False
     try:
         for rid, values in requests.items():
             client.async_stream_infer(
@@ -121,7 +122,8 @@ def run_streams(
             except queue.Empty:
                 pass
     finally:
-        client.stop_stream(cancel_requests=cancel_after_responses is not None)
+        # NOTE: cancel only what is still in flight (see docs/serving.md, "Closing streams").
+        client.stop_stream(cancel_requests=cancel_after_responses is not None and not done)
         client.close()
     return results
 
