@@ -105,6 +105,16 @@ def environment() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def add_engine_option_argument(parser: Any) -> None:
+    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra engine option (JSON value), e.g. async_scheduling=false")  # fmt: skip
+
+
+def engine_option_values(items: list[str]) -> dict[str, Any]:
+    """``--engine-option KEY=VALUE`` arguments (JSON values) as a dict."""
+    return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+
+
 def write_result(path: Path | str, result: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

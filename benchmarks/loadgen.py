@@ -7,9 +7,10 @@
     drive(specs, open_request, concurrency) sends each request at its arrival time (rate mode) or when one
           │                                  of `concurrency` slots frees (concurrency mode)
           ▼
-    open_request(spec, record, done)         a transport: TritonTarget (one gRPC stream per request, the
-                                             project's client) or EngineDirectTarget (EngineService in this
-                                             process); each stamps every response as it arrives
+    open_request(spec, record, done)         a transport: TritonTarget (a pool of persistent gRPC streams,
+                                             one request in flight on each) or EngineDirectTarget
+                                             (EngineService in this process); each stamps every response
+                                             as it arrives
           ▼
     summarize(records) -> TTFT / ITL / TPOT / E2E percentiles, output tok/s, req/s
 

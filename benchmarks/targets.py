@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Any
 
-from inflight.client.grpc_stream import GrpcTokenStream
+import tritonclient.grpc as grpcclient
+
+from inflight.client.grpc_stream import to_infer_input
 from inflight.client.request import build_inputs
 
 from .loadgen import OnResponse, RequestSpec
@@ -22,66 +24,96 @@ def sampling_options(spec: RequestSpec) -> dict[str, Any]:
     return {"max_tokens": spec.max_tokens, "ignore_eos": True, "temperature": 0.0}
 
 
-class _TimedGrpcStream(GrpcTokenStream):
-    """The client's gRPC stream, stamping each response in the stream's callback (not when it is read).
+class _StreamSlot:
+    """One gRPC stream kept open across requests, one request at a time (as perf_analyzer keeps one per slot).
 
-    NOTE: the stream cannot be stopped from its own callback thread (stop_stream joins that thread), so a
-    finished stream is handed to the target's closer thread.
+    NOTE: a stream per request would put a channel set-up and a stream start into every TTFT; real clients
+    keep their connection. A slot goes back to the pool when its request's final response arrives.
     """
 
-    def __init__(self, url: str, model: str, spec: RequestSpec, on_response: OnResponse, closed: queue.Queue):
+    def __init__(self, url: str, model: str, pool: queue.SimpleQueue) -> None:
+        self.model, self._pool = model, pool
+        self.client = grpcclient.InferenceServerClient(url)
+        self._on_timed: OnResponse | None = None
+        self.broken = False
+        self.client.start_stream(callback=self._on_response)
+
+    def send(self, spec: RequestSpec, on_response: OnResponse) -> None:
         self._on_timed = on_response
-        self._closed = closed
-        self._ended = False
         inputs = build_inputs(None, None, spec.prompt_ids, True, sampling_options(spec))
-        super().__init__(url, model, inputs, timeout_s=None)
+        self.client.async_stream_infer(
+            self.model, [to_infer_input(s) for s in inputs], enable_empty_final_response=True
+        )
 
     def _on_response(self, result: Any, error: Any) -> None:
         now = time.monotonic()
-        if self._ended:
+        on_timed = self._on_timed
+        if on_timed is None:
             return
         if error is not None:
-            self._ended = True
-            self._on_timed(now, 0, True, str(error.message()))
-            self._closed.put(self)
+            # A stream-level error ends the stream itself: this slot is not reused.
+            self.broken, self._on_timed = True, None
+            on_timed(now, 0, True, str(error.message()))
             return
         response = result.get_response()
         final = response.parameters["triton_final_response"].bool_param
         ids = result.as_numpy("output_ids")
-        self._on_timed(now, 0 if ids is None else int(ids.size), final, None)
         if final:
-            self._ended = True
-            self._closed.put(self)
+            self._on_timed = None
+            self._pool.put(self)  # before the callback: it may let the next request go at once
+        on_timed(now, 0 if ids is None else int(ids.size), final, None)
+
+    def close(self) -> None:
+        try:
+            # Nothing is in flight: end the stream gracefully (docs/serving.md, "Closing streams").
+            self.client.stop_stream(cancel_requests=self.broken)
+        finally:
+            self.client.close()
 
 
 class TritonTarget:
-    """Sends each request on its own gRPC stream to the `model` of the Triton server at `url`."""
+    """Sends requests to the `model` of the Triton server at `url` over a pool of persistent gRPC streams."""
 
     name = "triton"
 
     def __init__(self, url: str, model: str = "llm") -> None:
         self.url, self.model = url, model
-        self._closed: queue.Queue = queue.Queue()
-        self._closer = threading.Thread(target=self._close_loop, name="loadgen-closer", daemon=True)
-        self._closer.start()
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots: list[_StreamSlot] = []
+        self._lock = threading.Lock()
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._slots)
+
+    def prewarm(self, n: int) -> None:
+        """Open streams until `n` exist (so a level's first requests do not pay for a connection)."""
+        while len(self._slots) < n:
+            self._idle.put(self._new_slot())
+
+    def _new_slot(self) -> _StreamSlot:
+        slot = _StreamSlot(self.url, self.model, self._idle)
+        with self._lock:
+            self._slots.append(slot)
+        return slot
 
     def __call__(self, spec: RequestSpec, on_response: OnResponse) -> None:
-        _TimedGrpcStream(self.url, self.model, spec, on_response, self._closed)
-
-    def _close_loop(self) -> None:
         while True:
-            stream = self._closed.get()
-            if stream is None:
-                return
-            stream.done = True
             try:
-                stream._shutdown(cancel=False)
-            except Exception:  # noqa: BLE001 - the request has ended; closing is best effort
-                pass
+                slot = self._idle.get_nowait()
+            except queue.Empty:
+                slot = self._new_slot()
+            if not slot.broken:
+                break
+        slot.send(spec, on_response)
 
     def close(self) -> None:
-        self._closed.put(None)
-        self._closer.join(timeout=30)
+        for slot in self._slots:
+            try:
+                slot.close()
+            except Exception:  # noqa: BLE001 - every request has ended; closing is best effort
+                pass
+        self._slots.clear()
 
 
 class _TimedSink:

@@ -16,14 +16,20 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import random
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import ceilings, describe_ceilings, environment, write_result
+from benchmarks.common import (
+    add_engine_option_argument,
+    ceilings,
+    describe_ceilings,
+    engine_option_values,
+    environment,
+    write_result,
+)
 
 
 def make_requests(
@@ -190,10 +196,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra engine option (JSON value), e.g. async_scheduling=false")  # fmt: skip
+    add_engine_option_argument(parser)
     args = parser.parse_args()
-    options = {k: json.loads(v) for k, v in (o.split("=", 1) for o in args.engine_option)}
+    options = engine_option_values(args.engine_option)
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(args.model).vocab_size

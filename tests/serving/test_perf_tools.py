@@ -47,7 +47,7 @@ def test_genai_perf_reports_the_output_length_it_asked_for(
 
 
 def test_load_generator_through_triton_streams_exact_token_counts(triton_server) -> None:
-    """benchmarks.serving's gRPC transport: token ids in, every token stamped, figures consistent."""
+    """benchmarks.serving's gRPC transport: token ids in, every token stamped, figures consistent, streams reused."""
     from benchmarks.loadgen import drive, schedule, summarize
     from benchmarks.targets import TritonTarget
     from tests.benchmarks.test_loadgen import check_consistent
@@ -56,6 +56,8 @@ def test_load_generator_through_triton_streams_exact_token_counts(triton_server)
     try:
         specs = schedule(4, 12, 5, vocab_size=49152, rate=20.0, seed=0)
         summary = summarize(drive(specs, target, concurrency=2, timeout_s=120))
+        # Streams are kept and reused: one per request in flight, not one per request.
+        assert target.num_streams <= 2, target.num_streams
     finally:
         target.close()
     check_consistent(summary, 4, 5)
