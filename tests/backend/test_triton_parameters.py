@@ -27,6 +27,15 @@ def test_the_shipped_config_parses() -> None:
     assert args.max_model_len is None and args.kv_cache_memory_bytes is None  # empty = default
 
 
+def test_the_shipped_config_lists_every_engine_option() -> None:
+    """A user sets every engine option in config.pbtxt: none may be missing from the shipped file."""
+    from inflight.backend.engine_args import EngineArgs
+
+    # `model` and `tokenizer` come from model_path and tokenizer_path.
+    options = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer"}
+    assert options - set(_shipped_parameters()) == set()
+
+
 def test_values_are_converted_by_type() -> None:
     params = {
         **_shipped_parameters(),
