@@ -6,7 +6,8 @@ Triton; ``triton_model`` passes one built on ``triton_python_backend_utils.Metri
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..batching import SchedulerStats
@@ -29,6 +30,43 @@ class Metric(Protocol):
 MetricFactory = Callable[[str, str, str, dict[str, str], "list[float] | None"], Metric]
 
 
+class BatchedHistogram:
+    """A histogram fed a batch of observations at a time, exposed in Prometheus's histogram layout.
+
+    NOTE: behind Triton every metric update is a round trip from the stub to the server. A per-token
+    ``observe`` (10,000 a second at 256 streams) kept the stub's metrics thread busy and queued ahead of
+    the server's other messages from the stub. This one costs at most one update per bucket per batch: its
+    series are counters named ``<name>_bucket{le=...}`` (cumulative), ``<name>_sum`` and ``<name>_count``,
+    which ``histogram_quantile()`` reads like any histogram.
+    """
+
+    def __init__(
+        self, counter: Callable[[str, dict[str, str]], Metric], name: str, buckets: list[float]
+    ) -> None:
+        self.bounds = list(buckets)
+        self.buckets = [counter(f"{name}_bucket", {"le": _le(b)}) for b in [*self.bounds, float("inf")]]
+        self.sum = counter(f"{name}_sum", {})
+        self.count = counter(f"{name}_count", {})
+
+    def observe_many(self, values: Sequence[float]) -> None:
+        if not values:
+            return
+        per_bucket = [0] * (len(self.bounds) + 1)
+        for value in values:
+            per_bucket[bisect.bisect_left(self.bounds, value)] += 1
+        cumulative = 0
+        for metric, n in zip(self.buckets, per_bucket, strict=True):
+            cumulative += n
+            if cumulative:
+                metric.increment(cumulative)
+        self.sum.increment(float(sum(values)))
+        self.count.increment(len(values))
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
 class EngineMetrics:
     """The ``inflight_*`` metric families of one model."""
 
@@ -44,6 +82,9 @@ class EngineMetrics:
 
         def histogram(name: str, desc: str, buckets: list[float]) -> Metric:
             return factory(name, desc, "histogram", labels, buckets)
+
+        def batched_histogram(name: str, desc: str, buckets: list[float]) -> BatchedHistogram:
+            return BatchedHistogram(lambda n, extra: counter(n, desc, extra), name, buckets)
 
         self.healthy = gauge("inflight_engine_healthy", "1 while the engine thread runs; 0 once it has died")
         self.healthy.set(1)
@@ -79,8 +120,12 @@ class EngineMetrics:
         self.open_requests = gauge(
             "inflight_requests_open", "Requests received whose final response has not been sent yet"
         )
-        self.ttft = histogram("inflight_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS)
-        self.itl = histogram("inflight_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS)
+        self.ttft = batched_histogram(
+            "inflight_time_to_first_token_seconds", "Time to first token", LATENCY_BUCKETS
+        )
+        self.itl = batched_histogram(
+            "inflight_inter_token_latency_seconds", "Time between tokens", LATENCY_BUCKETS
+        )
         self.e2e = histogram(
             "inflight_e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS
         )
