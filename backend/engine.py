@@ -279,11 +279,12 @@ class LLMEngine:
         return len(self._requests)
 
     # ------------------------------------------------------------------------------------------- a step
-    def step(self) -> list[RequestOutput]:
+    def step(self, while_gpu_runs: Callable[[], None] | None = None) -> list[RequestOutput]:
         """Run one step; returns a delta for every request that produced a token or finished.
 
         With ``async_scheduling`` the tokens returned are those of the step launched by the previous call
-        (see the module docstring); otherwise those of this call's step.
+        (see the module docstring); otherwise those of this call's step. ``while_gpu_runs`` is called once
+        the step is launched, before the host waits for tokens: host work there overlaps the GPU's.
         """
         outputs, self._pending = self._pending, []
         previous, self._inflight = self._inflight, None
@@ -293,6 +294,8 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if scheduled.scheduled:
             self._inflight = self._launch(scheduled, previous, outputs)
+        if while_gpu_runs is not None:
+            while_gpu_runs()
         if previous is not None:
             outputs += self._read_step(previous)
         if self._inflight is not None and not self.args.async_scheduling:

@@ -72,12 +72,17 @@ def _convert(key: str, text: str, annotation: Any) -> Any:
 
 
 class _TritonSink:
-    """A request's response sender as a ``ResponseSink``."""
+    """A request's response sender as a ``ResponseSink`` (``send`` and ``is_cancelled`` from any threads)."""
 
     def __init__(self, pb_utils: Any, sender: Any, metrics: EngineMetrics | None = None) -> None:
         self.pb = pb_utils
         self.sender = sender
         self.metrics = metrics
+        # NOTE: Triton 2.51 frees a request's response factory with its final response, and
+        # `is_cancelled()` then reads freed memory: tritonserver itself died of SIGSEGV in
+        # TRITONBACKEND_ResponseFactoryIsCancelled when a poll raced a final send. So no poll may run
+        # while a response is being sent, nor after the final one.
+        self._lock = threading.Lock()
 
     def send(self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
@@ -85,21 +90,33 @@ class _TritonSink:
             self.metrics.final_sent(error.kind.value if error is not None else "OK" if outputs else "EMPTY")
         if error is not None:
             code = getattr(self.pb.TritonError, error.kind.value, self.pb.TritonError.INTERNAL)
-            self.sender.send(
-                self.pb.InferenceResponse(error=self.pb.TritonError(error.message, code)), flags=flags
-            )
+            response = self.pb.InferenceResponse(error=self.pb.TritonError(error.message, code))
         elif outputs is None:
-            self.sender.send(flags=flags)
+            response = None
         else:
             tensors = [self.pb.Tensor(name, value) for name, value in outputs.items()]
-            self.sender.send(self.pb.InferenceResponse(output_tensors=tensors), flags=flags)
-        if final:
-            # NOTE: nothing may use the sender after the final response; release it at once (Triton ties a
-            # decoupled model's lifetime to its response senders).
-            self.sender = None
+            response = self.pb.InferenceResponse(output_tensors=tensors)
+        with self._lock:
+            sender = self.sender
+            if sender is None:
+                raise RuntimeError("the final response was already sent")
+            if final:
+                # Nothing may use the sender after the final response: release it at once (Triton ties a
+                # decoupled model's lifetime to its response senders), even if the send fails.
+                self.sender = None
+            if response is None:
+                sender.send(flags=flags)
+            else:
+                sender.send(response, flags=flags)
 
     def is_cancelled(self) -> bool:
-        return self.sender is None or self.sender.is_cancelled()
+        """True once the client cancelled; False while a response is being sent (asked again later)."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            return self.sender is None or self.sender.is_cancelled()
+        finally:
+            self._lock.release()
 
 
 class TritonPythonModel:

@@ -193,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
             if work is not None:
+                if any(r["failed"] for r in results[name]):
+                    kept = args.out.with_name(args.out.stem + f".{name}.tritonserver.log")
+                    shutil.copy(work / "tritonserver.log", kept)
+                    print(f"requests failed: the server's log is kept as {kept}", flush=True)
                 shutil.rmtree(work, ignore_errors=True)
     rows = []
     for index, level in enumerate(levels):
