@@ -80,14 +80,39 @@ def run_level(target: Any, specs: list[RequestSpec], level: dict[str, Any], time
         with lock:
             bar.update(count - bar.n)
 
+    metrics_url = getattr(target, "metrics_url", None)
     try:
         concurrency = level["value"] if level["mode"] == "concurrency" else None
         if hasattr(target, "prewarm"):
             target.prewarm(concurrency or _RATE_STREAMS)
+        before = _server_ttft(metrics_url) if metrics_url else None
         records = drive(specs, target, concurrency=concurrency, progress=progress, timeout_s=timeout_s)
+        after = _server_ttft(metrics_url) if metrics_url else None
     finally:
         bar.close()
-    return summarize(records)
+    summary = summarize(records)
+    if before is not None and after is not None and after[1] > before[1]:
+        # The server's own TTFT (request in the model -> first token out of the engine): the rest of the
+        # client's TTFT is the way through Triton and back.
+        summary["server_ttft_mean_ms"] = round(1e3 * (after[0] - before[0]) / (after[1] - before[1]), 3)
+    return summary
+
+
+def _server_ttft(url: str) -> tuple[float, float] | None:
+    """(sum, count) of the server's inflight_time_to_first_token_seconds, or None if unreadable."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{url}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for line in text.splitlines():
+        for suffix in totals:
+            if line.startswith(f"inflight_time_to_first_token_seconds{suffix}"):
+                totals[suffix] += float(line.rsplit(" ", 1)[1])
+    return totals["_sum"], totals["_count"]
 
 
 def _warm_up(target: Any, vocab: int, osl: int) -> None:
@@ -99,9 +124,11 @@ def _warm_up(target: Any, vocab: int, osl: int) -> None:
 
 def _line(name: str, s: dict[str, Any]) -> str:
     failed = f", {s['failed']} FAILED {s['errors']}" if s["failed"] else ""
+    server = (f" (mean {s['ttft_ms']['mean']}, server-side mean {s['server_ttft_mean_ms']})"
+              if "server_ttft_mean_ms" in s else "")  # fmt: skip
     return (
         f"  {name:>13}: {s['output_tok_s']:9.1f} out tok/s {s['req_s']:7.2f} req/s | TTFT p50 "
-        f"{s['ttft_ms']['p50']} p99 {s['ttft_ms']['p99']} ms | ITL p50 {s['itl_ms']['p50']} p99 "
+        f"{s['ttft_ms']['p50']} p99 {s['ttft_ms']['p99']} ms{server} | ITL p50 {s['itl_ms']['p50']} p99 "
         f"{s['itl_ms']['p99']} ms | E2E p50 {s['e2e_ms']['p50']} ms{failed}"
     )
 
@@ -249,7 +276,9 @@ def _open_target(name: str, args: argparse.Namespace, options: dict[str, Any]):
     work = Path(tempfile.mkdtemp(prefix="inflight-serving-"))
     parameters = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in options.items()}
     server = start_server(args.model, work, parameters)
-    return TritonTarget(server.url_grpc), server, work
+    target = TritonTarget(server.url_grpc)
+    target.metrics_url = server.url_metrics
+    return target, server, work
 
 
 def _print_table(result: dict[str, Any]) -> None:

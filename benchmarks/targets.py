@@ -78,6 +78,7 @@ class TritonTarget:
 
     def __init__(self, url: str, model: str = "llm") -> None:
         self.url, self.model = url, model
+        self.metrics_url: str | None = None  # set when the benchmark started the server (its metrics port)
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
         self._slots: list[_StreamSlot] = []
         self._lock = threading.Lock()
