@@ -11,7 +11,9 @@ With ``async_scheduling`` (the default) a step overlaps the host's work with the
 Step N+1 is planned before N's tokens are on the host: a decode whose input is N's token carries a
 placeholder that the runner fills from N's sampled tensor on the device. A request N finishes (a stop
 token) may then be computed once more for nothing; requests whose sampling reads their output history
-(penalties, bad words) make the engine read N's tokens before it plans N+1.
+(penalties, bad words) make the engine read N's tokens before it plans N+1. A step of fewer than
+``async_scheduling_min_batch`` requests is read at once: at small batches the host's work is short, and
+a request that arrives during step N then gets into N+1 instead of N+2.
 """
 
 from __future__ import annotations
@@ -298,7 +300,9 @@ class LLMEngine:
             while_gpu_runs()
         if previous is not None:
             outputs += self._read_step(previous)
-        if self._inflight is not None and not self.args.async_scheduling:
+        if self._inflight is not None and (
+            not self.args.async_scheduling or len(scheduled.scheduled) < self.args.async_scheduling_min_batch
+        ):
             outputs += self._read_step(self._inflight)
             self._inflight = None
         return outputs

@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +35,17 @@ from .response_builder import build_outputs
 from .triton_inputs import GenerateRequest
 
 logger = logging.getLogger("inflight")
+
+
+# NOTE: a serving process runs several Python threads (engine, responses, metrics, Triton's request thread)
+# and a thread waiting for the GIL gets it after at most this long (CPython's default is 5 ms). Measured
+# through Triton (H200, 8B, 2 req/s): TTFT p50 26.9 -> 22.9 ms; throughput at 256 streams unchanged.
+SERVING_SWITCH_INTERVAL_S = 0.0005
+
+
+def tune_interpreter_for_serving() -> None:
+    """Set the process's GIL switch interval for serving (see SERVING_SWITCH_INTERVAL_S)."""
+    sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
 
 
 _STREAM = object()  # an outbox entry's outputs: build the stream's response from its unsent tokens

@@ -17,7 +17,7 @@ import numpy as np
 
 from .engine import LLMEngine
 from .engine_args import EngineArgs
-from .engine_service import EngineService, ErrorKind, ServiceError
+from .engine_service import EngineService, ErrorKind, ServiceError, tune_interpreter_for_serving
 from .faults import FaultInjector, parse_fault_spec
 from .metrics import EngineMetrics, triton_metric_factory
 from .triton_inputs import FLAG_INPUTS, LIST_INPUTS, PROMPT_INPUTS, SAMPLING_INPUTS, parse_request
@@ -127,6 +127,7 @@ class TritonPythonModel:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         self.pb = pb_utils
+        tune_interpreter_for_serving()
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise ValueError("model_transaction_policy { decoupled: true } is required in config.pbtxt")

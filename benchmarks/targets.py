@@ -141,8 +141,9 @@ class EngineDirectTarget:
     def __init__(self, model: str, options: dict[str, Any]) -> None:
         from inflight.backend.engine import LLMEngine
         from inflight.backend.engine_args import EngineArgs
-        from inflight.backend.engine_service import EngineService
+        from inflight.backend.engine_service import EngineService, tune_interpreter_for_serving
 
+        tune_interpreter_for_serving()  # as the Triton model does in its stub
         self.service = EngineService(LLMEngine(EngineArgs.from_options(model, options)))
 
     def __call__(self, spec: RequestSpec, on_response: OnResponse) -> None:

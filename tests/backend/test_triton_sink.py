@@ -54,7 +54,7 @@ def test_polls_never_overlap_a_send_or_follow_the_final() -> None:
         sink = _TritonSink(PB, sender)
         done = threading.Event()
 
-        def poll() -> None:
+        def poll(sink: _TritonSink = sink, done: threading.Event = done) -> None:
             while not done.is_set():
                 sink.is_cancelled()
 

@@ -39,8 +39,11 @@ def _params(stop_token: int) -> list[SamplingParams]:
     ]
 
 
-def _run(path: Path, async_scheduling: bool, prompts, params, **kwargs) -> tuple[list, LLM, list]:
-    llm = LLM(str(path), max_model_len=112, block_size=16, async_scheduling=async_scheduling, **kwargs)
+def _run(
+    path: Path, async_scheduling: bool, prompts, params, min_batch: int = 0, **kwargs
+) -> tuple[list, LLM, list]:
+    llm = LLM(str(path), max_model_len=112, block_size=16, async_scheduling=async_scheduling,
+              async_scheduling_min_batch=min_batch, **kwargs)  # fmt: skip
     seen = []  # every SchedulerOutput the runner executed
     execute = llm.engine.runner.execute
 
@@ -85,8 +88,32 @@ def test_async_matches_sync(tiny_llama: Path, tight_kv: bool) -> None:
         assert engine.scheduler.kv_cache_manager.num_used_blocks == 0
 
 
+def test_small_steps_read_at_once_and_outputs_match_sync(tiny_llama: Path) -> None:
+    """With a minimum batch, steps of fewer requests run synchronously, bigger ones ahead: same outputs."""
+    prompts = random_prompts(6, [7, 30, 16, 50, 3, 21, 64, 12])
+    probe, _, _ = _run(tiny_llama, False, prompts[2:3], [SamplingParams(temperature=0, max_tokens=9)])
+    params = _params(stop_token=probe[0].token_ids[8])
+    sync, _, _ = _run(tiny_llama, False, prompts, params)
+    mixed, llm, seen = _run(tiny_llama, True, prompts, params, min_batch=5)
+    # Tokens, text and finish reasons are exact. The batches differ (a request that stopped is computed
+    # once more when its step ran ahead), so a log-probability may differ in the last float32 bit.
+    assert [v[:3] for v in _view(mixed)] == [v[:3] for v in _view(sync)]
+    for a, b in zip(mixed, sync, strict=True):
+        for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert abs(x.logprob - y.logprob) < 1e-5 and all(
+                abs(p - q) < 1e-5 for (_, p), (_, q) in zip(x.top, y.top, strict=True)
+            )
+    # A step's tokens are pending in the next one only when it ran ahead (it had 5 or more requests).
+    pending_after = [any(e.last_token_pending for e in out.scheduled) for out in seen[1:]]
+    sizes = [len(out.scheduled) for out in seen[:-1]]
+    assert any(pending_after) and not all(pending_after)
+    assert all(size >= 5 for size, pending in zip(sizes, pending_after, strict=True) if pending)
+    assert llm.engine.scheduler.kv_cache_manager.num_used_blocks == 0
+
+
 def test_abort_while_a_step_is_in_flight_frees_everything(tiny_llama: Path) -> None:
-    llm = LLM(str(tiny_llama), max_model_len=112, block_size=16)
+    llm = LLM(str(tiny_llama), max_model_len=112, block_size=16, async_scheduling_min_batch=0)
     engine = llm.engine
     prompts = random_prompts(6, [9, 40, 17])
     for i, prompt in enumerate(prompts):
