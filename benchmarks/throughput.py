@@ -30,6 +30,7 @@ from benchmarks.common import (
     environment,
     write_result,
 )
+from benchmarks.roofline import ideal_for_run
 
 
 def make_requests(
@@ -228,11 +229,14 @@ def main() -> None:
     )
     cb = (_run_peer("HF generate_batch", bench_hf_continuous, args.model, requests, args.cb_requests, args.dtype)
           if args.cb_requests else None)  # fmt: skip
+    ideal = ideal_for_run(AutoConfig.from_pretrained(args.model), [(len(p), n) for p, n in requests], ceiling)
+    ours["fraction_of_ideal"] = round(ours["output_tok_s"] / ideal["ideal_out_tok_s"], 4)
+    print(f"ideal at the measured ceilings (benchmarks/roofline.py): {ideal}", flush=True)
     ratios = {name: round(ours["output_tok_s"] / peer["output_tok_s"], 2)
               for name, peer in (("over_hf_eager", hf), ("over_hf_continuous_batching", cb))
               if peer and peer.get("output_tok_s")}  # fmt: skip
     result = {"benchmark": "offline_throughput", **environment(), "model": str(args.model.name),
-              "workload": workload, "ceilings": ceiling, "inflight": ours, "hf_eager": hf,
+              "workload": workload, "ceilings": ceiling, "ideal": ideal, "inflight": ours, "hf_eager": hf,
               "hf_continuous_batching": cb, "ratios": ratios,
               "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
                          "dtype": args.dtype}}  # fmt: skip

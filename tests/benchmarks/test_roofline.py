@@ -1,0 +1,37 @@
+"""benchmarks.roofline against a token-by-token count for a tiny shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.roofline import offline_ideal
+
+TINY = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 10}  # fmt: skip
+
+
+def _count(lengths: list[tuple[int, int]]) -> tuple[float, float, float]:
+    """FLOPs of prefill and of decode matmuls, and bytes of K/V read by decode, one token at a time."""
+    h, m, layers, heads, d, kv = 8, 16, 2, 2, 4, 4
+    weights = layers * (h * h + 2 * h * kv + h * h + 3 * h * m) + h * 10  # q, k, v, o, gate/up/down; lm_head
+    prefill = decode = kv_bytes = 0.0
+    for n_in, n_out in lengths:
+        for q in range(n_in):  # the query at position q attends to keys 0..q
+            prefill += 2 * weights + layers * heads * (q + 1) * 2 * (2 * d)
+        for j in range(n_out):  # output j reads the K and V of n_in + j positions, every layer, bf16
+            decode += 2 * weights
+            kv_bytes += (n_in + j) * layers * 2 * kv * 2
+    return prefill, decode, kv_bytes
+
+
+@pytest.mark.parametrize("lengths", [[(2, 2)], [(5, 3), (1, 7), (9, 1)]])
+def test_matches_a_token_by_token_count(lengths) -> None:
+    prefill, decode, kv_bytes = _count(lengths)
+    # Ceilings of 1 FLOP/s and 1 byte/s: the seconds are the counts.
+    ideal = offline_ideal(TINY, lengths, matmul_tflops=1e-12, copy_gbs=1e-9)
+    assert ideal["prefill_matmul_s"] == pytest.approx(prefill, rel=1e-9)
+    assert ideal["decode_matmul_s"] == pytest.approx(decode, rel=1e-9)
+    assert ideal["decode_kv_read_s"] == pytest.approx(kv_bytes, rel=1e-9)
+    assert ideal["ideal_out_tok_s"] == pytest.approx(
+        sum(n for _, n in lengths) / (prefill + decode + kv_bytes), rel=1e-9
+    )
