@@ -202,7 +202,8 @@ def main() -> None:
     options = engine_option_values(args.engine_option)
     from transformers import AutoConfig
 
-    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    config = AutoConfig.from_pretrained(args.model)
+    vocab = config.vocab_size
     lengths = tuple(args.random_lengths) if args.random_lengths else None
     requests = make_requests(args.num_requests, args.isl, args.osl, lengths, vocab, seed=0)
     workload = f"{args.num_requests} requests, " + (
@@ -229,7 +230,7 @@ def main() -> None:
     )
     cb = (_run_peer("HF generate_batch", bench_hf_continuous, args.model, requests, args.cb_requests, args.dtype)
           if args.cb_requests else None)  # fmt: skip
-    ideal = ideal_for_run(AutoConfig.from_pretrained(args.model), [(len(p), n) for p, n in requests], ceiling)
+    ideal = ideal_for_run(config, [(len(p), n) for p, n in requests], ceiling)
     ours["fraction_of_ideal"] = round(ours["output_tok_s"] / ideal["ideal_out_tok_s"], 4)
     print(f"ideal at the measured ceilings (benchmarks/roofline.py): {ideal}", flush=True)
     ratios = {name: round(ours["output_tok_s"] / peer["output_tok_s"], 2)
