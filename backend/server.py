@@ -307,17 +307,29 @@ class TritonServer:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.is_file() else ""
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        """Poll `/v2/health/ready`; RuntimeError (with the log's tail) if the server exits or times out."""
+        """Poll `/v2/health/ready` and the metrics port; RuntimeError (with the log's tail) if the server
+        exits or times out.
+
+        NOTE: Triton starts its metrics service after it reports ready (44 ms later in one CI run, where a
+        metrics read right after readiness was refused), so both are waited for.
+        """
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(
                     f"tritonserver exited ({self.process.returncode}):\n{self.log_text()[-6000:]}"
                 )
-            if is_ready(self.url_http):
+            if is_ready(self.url_http) and self._metrics_up():
                 return
             time.sleep(0.25)
         raise RuntimeError(f"tritonserver not ready after {timeout_s:.0f}s:\n{self.log_text()[-6000:]}")
+
+    def _metrics_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.url_metrics}/metrics", timeout=2.0) as response:
+                return response.status == 200
+        except OSError:
+            return False
 
     def model_ready(self, model: str = "llm", timeout_s: float = 2.0) -> bool:
         """True when `GET /v2/models/<model>/ready` answers 200."""
