@@ -14,7 +14,7 @@ import numpy as np
 from inflight.backend.server import stub_pids
 from inflight.client import InflightClient, InflightError, ModelUnavailableError
 from tests.reliability.conftest import FATAL_TOKEN, STEP_FAULT_TOKEN
-from tests.reliability.harness import PROMPTS, Job, check_clean, drive, start_server, stub_pid
+from tests.reliability.harness import PROMPTS, Job, check_clean, drive, metrics, received, start_server, stub_pid
 
 LIVE_TOKENS = 100  # a long request on the small server (max_model_len 128)
 LIVENESS_S = 2.0  # the client's liveness guard in the stub-kill scenario
@@ -70,13 +70,32 @@ def test_step_fault_ends_that_steps_requests_only(scenario, small_server, refere
 
 
 def test_fatal_fault_makes_the_model_not_ready_and_reload_restores(scenario, small_server) -> None:
+    # NOTE: the fatal request is sent once the live ones reached the model, so they are open when it kills the
+    # engine (they ignore EOS, so none ends early). The small KV pool runs about one at a time: one may still
+    # finish normally before the fatal request is scheduled, which is right, but not all of them.
+    lives = [Job(f"live{i}", _long(i, LIVE_TOKENS) | {"ignore_eos": True}) for i in range(3)]
+    base = received(metrics(small_server.url_metrics))
+    live_outcomes: list = []
+    driver = threading.Thread(
+        target=lambda: live_outcomes.extend(drive(small_server.url_grpc, lives, concurrency=3, timeout_s=60))
+    )
+    driver.start()
+    deadline = time.monotonic() + 30
+    while received(metrics(small_server.url_metrics)) < base + len(lives) and time.monotonic() < deadline:
+        time.sleep(0.02)
     fatal = Job("fatal", {"input_ids": np.array([1, 2, FATAL_TOKEN], dtype=np.int32), "max_tokens": 4})
-    outcomes = drive(small_server.url_grpc, [Job(f"live{i}", _long(i, LIVE_TOKENS)) for i in range(3)] + [fatal],
-                     concurrency=4, timeout_s=60)  # fmt: skip
+    (fatal_outcome,) = drive(small_server.url_grpc, [fatal], concurrency=1, timeout_s=60)
+    driver.join()
+    outcomes = [*live_outcomes, fatal_outcome]
     scenario.requests = len(outcomes)
+    assert fatal_outcome.result.errors, "the fatal fault's own request did not end with an error"
     for o in outcomes:
-        if o.result.num_final != 1 or not o.result.errors:
-            scenario.fail(f"{o.job.rid}: {o.result.num_final} FINALs, errors {o.result.errors}")
+        finished = not o.result.errors and len(o.result.token_ids) == LIVE_TOKENS
+        if o.result.num_final != 1 or not (o.result.errors or finished):
+            scenario.fail(f"{o.job.rid}: {o.result.num_final} FINALs, errors {o.result.errors}, "
+                          f"{len(o.result.token_ids)} tokens")  # fmt: skip
+    if all(not o.result.errors for o in live_outcomes):
+        scenario.fail("every live request finished before the fatal fault: none was open when it fired")
     took = _until_not_ready(small_server, 10)
     assert took is not None, "the model still reports ready 10 s after a fatal engine fault"
     scenario.notes.append(f"not ready {took:.2f} s after the fatal fault's answer")
