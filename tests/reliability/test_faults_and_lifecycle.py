@@ -14,7 +14,16 @@ import numpy as np
 from inflight.backend.server import stub_pids
 from inflight.client import InflightClient, InflightError, ModelUnavailableError
 from tests.reliability.conftest import FATAL_TOKEN, STEP_FAULT_TOKEN
-from tests.reliability.harness import PROMPTS, Job, check_clean, drive, metrics, received, start_server, stub_pid
+from tests.reliability.harness import (
+    PROMPTS,
+    Job,
+    check_clean,
+    drive,
+    metrics,
+    received,
+    start_server,
+    stub_pid,
+)
 
 LIVE_TOKENS = 100  # a long request on the small server (max_model_len 128)
 LIVENESS_S = 2.0  # the client's liveness guard in the stub-kill scenario
