@@ -198,6 +198,38 @@ def targets(tag: str = "h200") -> str:
     return "\n".join(rows)
 
 
+PROFILE_BEGIN, PROFILE_END = "<!-- profile:begin -->", "<!-- profile:end -->"
+
+
+def profile_table(result: dict) -> str:
+    """Where each profiled step's GPU time goes (``benchmarks/kernels/profile_steps.py``), beside the ideal."""
+
+    def group(row: dict, name: str) -> str:
+        g = row["groups"][name]
+        frac = g.get("fraction_of_ideal")
+        return f"{g['ms']:.2f}" + ("" if frac is None else f" ({100 * frac:.0f}%)")
+
+    lines = ["| step | eager step, ms | kernels, ms | ideal, ms | matmul, ms (% of ideal) | attention | "
+             "RoPE + KV write | RMSNorm | SiLU-and-mul | other | mixed-step graph, ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in result["steps"]:
+        graph = row.get("graph_step_ms")
+        cells = [row["step"], f"{row['eager_step_ms']:.2f}", f"{row['kernel_ms']:.2f}", f"{row['ideal_ms']:.2f}",
+                 *(group(row, g) for g in ("matmul", "attention", "rope+kv write", "rmsnorm", "silu_and_mul",
+                                           "other")),
+                 "not run" if graph is None else f"{graph:.2f}"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    c = result["ceilings"]
+    lines.append(f"\n{result['device']}, {result['date'][:10]}, ceilings copy {c['copy_bandwidth_gbs']:.0f} GB/s, "
+                 f"bf16 matmul {c['bf16_matmul_tflops']:.0f} TFLOP/s "
+                 f"([json](benchmarks/results/profile-steps-{_tag(result)}.json)).")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _tag(result: dict) -> str:
+    return "h200" if "H200" in result["device"] else "h100" if "H100" in result["device"] else "gpu"
+
+
 def _replace(text: str, begin: str, end: str, body: str) -> str:
     head, rest = text.split(begin, 1)
     return head + f"{begin}\n{body}\n{end}" + rest.split(end, 1)[1]
@@ -208,6 +240,9 @@ def main() -> None:
     text = readme.read_text()
     if TARGETS_BEGIN in text:
         text = _replace(text, TARGETS_BEGIN, TARGETS_END, targets())
+    profile = _load("profile-steps-h200.json")
+    if profile and PROFILE_BEGIN in text:
+        text = _replace(text, PROFILE_BEGIN, PROFILE_END, profile_table(profile))
     block = f"{BEGIN}\n{table()}\n{END}"
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)

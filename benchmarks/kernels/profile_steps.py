@@ -91,9 +91,10 @@ def ideal_ms(shape: dict[str, int], step: Step, copy_gbs: float, matmul_tflops: 
     pairs = step.num_seqs * (step.query_len * past + step.query_len * (step.query_len + 1) / 2)
     attn_flops = 4 * heads * head_dim * pairs * layers
     attention = max(kv_read / byte_s, attn_flops / flop_s)
-    # RoPE + KV write: read q, k, v, write q, k and the cache's K/V rows; RMSNorm (with the residual add):
-    # read hidden + residual, write both; SiLU-and-mul: read gate + up, write one.
-    rope = 2 * tokens * layers * (2 * (q_size + 2 * kv_size) + q_size + kv_size)
+    # RoPE + KV write: read q, k, v, write the rotated q and the cache's K/V rows (and, prefilling, the
+    # rotated k in place); RMSNorm (with the residual add): read hidden + residual, write both; SiLU-and-mul:
+    # read gate + up, write one.
+    rope = 2 * tokens * layers * (2 * q_size + 4 * kv_size + (kv_size if step.query_len > 1 else 0))
     norm = 2 * tokens * (2 * layers + 1) * 4 * hidden
     act = 2 * tokens * layers * 3 * inter
     return {"matmul": 1e3 * matmul, "attention": 1e3 * attention, "rope+kv write": 1e3 * rope / byte_s,

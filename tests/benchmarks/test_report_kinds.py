@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.report import _serving, _throughput
+from benchmarks.report import _serving, _throughput, profile_table
 
 CPU = {"kind": "cpu", "threads": 2, "copy_bandwidth_gbs": 12.5, "fp32_matmul_gflops": 50.0}
 
@@ -40,3 +40,19 @@ def test_serving_rows_are_the_rates_and_the_highest_concurrency() -> None:
     assert [r[0].split(", ")[-2] for r in rows] == ["2 req/s", "concurrency 256"]
     assert rows[1][1].startswith("900 out tok/s, 2.00 req/s; TTFT p50 5.0 / p99 7.0 ms")
     assert rows[1][2].endswith("(Triton = 90.0%)")
+
+
+def test_profile_table_shows_each_group_against_its_ideal() -> None:
+    groups = {g: {"ms": 2.0, "ideal_ms": 1.0, "fraction_of_ideal": 0.5}
+              for g in ("matmul", "attention", "rope+kv write", "rmsnorm", "silu_and_mul")}  # fmt: skip
+    groups["other"] = {"ms": 0.1, "ideal_ms": None, "fraction_of_ideal": None}
+    row = {"step": "s", "eager_step_ms": 20.0, "kernel_ms": 10.1, "ideal_ms": 5.0, "groups": groups}
+    result = {"device": "NVIDIA H200", "date": "2026-11-21T00:00:00", "steps": [row, row | {"graph_step_ms": 11.0}],
+              "ceilings": {"copy_bandwidth_gbs": 4000.0, "bf16_matmul_tflops": 800.0}}  # fmt: skip
+    lines = profile_table(result).splitlines()
+    assert (
+        lines[2]
+        == "| s | 20.00 | 10.10 | 5.00 | 2.00 (50%) | 2.00 (50%) | 2.00 (50%) | 2.00 (50%) | 2.00 (50%) | 0.10 | not run |"
+    )
+    assert lines[3].endswith("| 0.10 | 11.00 |")
+    assert "profile-steps-h200.json" in lines[-1]
