@@ -136,7 +136,8 @@ class LLMEngine:
             num_blocks = self._num_blocks(self._gpu_kv_budget(batched), bytes_per_block)
         self.runner.allocate_kv_cache(num_blocks)
         if self.device.type == "cuda" and args.enable_cuda_graphs:
-            self.runner.capture_cuda_graphs(min(args.max_num_seqs, args.max_cuda_graph_batch_size))
+            self.runner.capture_cuda_graphs(min(args.max_num_seqs, args.max_cuda_graph_batch_size),
+                                            args.max_cuda_graph_prefill_tokens, args.max_num_seqs)  # fmt: skip
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,

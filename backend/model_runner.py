@@ -5,7 +5,8 @@ A step is one flat batch of tokens from every scheduled request (prefill chunks 
     input_ids   [ r0 t0..t4 | r1 t9 | r2 t0..t2 ]      positions [ 0..4 | 9 | 0..2 ]
     query_start_loc [0, 5, 6, 9]    seq_lens [5, 10, 3]    slot = block_table[pos // bs] * bs + pos % bs
 
-Pure-decode steps on CUDA replay a captured CUDA graph (``cuda_graphs.DecodeGraphs``).
+On CUDA, pure-decode steps replay a captured CUDA graph (``cuda_graphs.DecodeGraphs``), and so do small
+steps with prefill tokens (``cuda_graphs.MixedGraphs``); the rest run eagerly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 
 from ..batching import SchedulerOutput
-from .cuda_graphs import DecodeGraphs
+from .cuda_graphs import DecodeGraphs, MixedGraphs
 from .layers.attention import AttentionMetadata
 from .model_config import ModelConfig
 
@@ -116,6 +117,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         """``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``, bound to each layer."""
@@ -152,11 +154,19 @@ class ModelRunner:
         torch.cuda.empty_cache()
         return peak
 
-    def capture_cuda_graphs(self, max_batch_size: int) -> None:
-        """Capture decode steps for a ladder of batch sizes up to ``max_batch_size``."""
-        self.graphs = DecodeGraphs(self.model, self.device, max_batch_size,
-                                   math.ceil(self.max_model_len / self.block_size), self.max_model_len)  # fmt: skip
-        self.graphs.capture()
+    def capture_cuda_graphs(
+        self, max_batch_size: int, max_prefill_tokens: int = 0, max_num_seqs: int = 1
+    ) -> None:
+        """Capture decode steps for a ladder of batch sizes up to ``max_batch_size`` and, if
+        ``max_prefill_tokens``, steps with prefill tokens up to that many tokens (and 16 sequences)."""
+        max_blocks = math.ceil(self.max_model_len / self.block_size)
+        pool = None
+        if max_prefill_tokens:
+            self.mixed_graphs = MixedGraphs(self.model, self.device, min(max_prefill_tokens, self.max_model_len),
+                                            max_num_seqs, max_blocks, self.max_model_len)  # fmt: skip
+            pool = self.mixed_graphs.capture()  # the larger steps first, so the decode graphs share the pool
+        self.graphs = DecodeGraphs(self.model, self.device, max_batch_size, max_blocks, self.max_model_len)
+        self.graphs.capture(pool)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
@@ -205,8 +215,15 @@ class ModelRunner:
         """
         inputs = flatten_step(out, self.block_size)
         fill = self._pending_tokens(inputs, pending)
-        if self.graphs is not None and inputs.is_decode and self.graphs.can_run(len(inputs.seq_lens)):
+        num_seqs = len(inputs.seq_lens)
+        if self.graphs is not None and inputs.is_decode and self.graphs.can_run(num_seqs):
             hidden = self.graphs.run(inputs, fill)
+        elif (
+            self.mixed_graphs is not None
+            and not inputs.is_decode
+            and self.mixed_graphs.can_run(len(inputs.input_ids), num_seqs)
+        ):
+            hidden = self.mixed_graphs.run(inputs, fill)
         else:
             hidden = self._forward_eager(inputs, fill)
         if not inputs.logits_rows:

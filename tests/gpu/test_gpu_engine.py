@@ -42,11 +42,40 @@ def test_tiny_fp32_greedy_matches_hf_on_gpu(name: str, graphs: bool, tmp_path, t
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     prompts = _prompts(1, LENGTHS, 49152)
     llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=256, max_num_seqs=16,
-              kv_cache_memory_bytes=64 << 20, enable_cuda_graphs=graphs)  # fmt: skip
+              kv_cache_memory_bytes=64 << 20, enable_cuda_graphs=graphs,
+              max_cuda_graph_prefill_tokens=256)  # fmt: skip
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
     for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
         assert out.token_ids == _hf_greedy(hf, prompt, 24), f"{name} prompt {i} differs from HF"
-    assert (llm.engine.runner.graphs is not None) == graphs
+    runner = llm.engine.runner
+    assert (runner.graphs is not None) == graphs
+    if graphs:  # the prompts' step (8 sequences, 248 tokens) replayed a mixed-step graph
+        assert runner.mixed_graphs is not None and runner.mixed_graphs.replays > 0
+
+
+@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+def test_tiny_fp32_mixed_graphs_chunked_prefix_cached_match_hf(name: str, tmp_path, tokenizer_dir) -> None:
+    """Chunked prefill beside decodes, prefix-cache hits and more sequences than a mixed graph holds: the
+    steps that fit replay mixed-step graphs (padded buckets), the others run eagerly; output is HF's."""
+    from transformers import AutoModelForCausalLM
+
+    path = build_tiny_checkpoint(name, tmp_path / name)
+    copy_tokenizer(tokenizer_dir, path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    shared = _prompts(7, [40], 49152)[0]
+    prompts = [shared + tail for tail in _prompts(8, [5, 33, 70, 1, 90, 17], 49152)]
+    prompts += _prompts(9, [3] * 14, 49152)  # 20 sequences in all: the first steps are too wide for a graph
+    llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=256, max_num_seqs=32,
+              max_num_batched_tokens=96, kv_cache_memory_bytes=64 << 20, max_cuda_graph_prefill_tokens=200)  # fmt: skip
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
+    for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
+        assert out.token_ids == _hf_greedy(hf, prompt, 20), f"{name} prompt {i} differs from HF"
+    mixed = llm.engine.runner.mixed_graphs
+    assert mixed is not None and mixed.replays > 0 and mixed.token_sizes[-1] == 200
+    # The second pass hits the prefix cache (chunks start past a cached prefix), one prompt at a time.
+    for prompt in prompts[:3]:
+        (again,) = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0))
+        assert again.token_ids == _hf_greedy(hf, prompt, 20)
 
 
 def _load_pair(path, hf_dtypes=(torch.bfloat16,)):

@@ -213,3 +213,33 @@ def test_bad_inputs_raise_value_error() -> None:
         paged_prefill_attention(*args, case.query_start_loc_t(), 0.125, k_new=k_new)
     with pytest.raises(ValueError, match="k_new must be"):
         paged_prefill_attention(*args, case.query_start_loc_t(), 0.125, k_new=k_new[:7], v_new=k_new[:7])
+
+
+@pytest.mark.parametrize("pad_tokens, pad_seqs", [(4, 1), (14, 5)])
+def test_graph_padded_step_matches_unpadded(device, dtype, pad_tokens, pad_seqs) -> None:
+    """A step laid out as a mixed-step CUDA graph replays it (``backend.cuda_graphs``): tokens padded to the
+    bucket (belonging to no sequence), sequences padded with no query tokens and length 0, and the
+    bucket's token count as ``max_query_len``. The real rows are exactly the unpadded step's."""
+    seq_lens, query_lens = [50, 37, 9], [18, 1, 9]  # a chunk past a cached prefix, a decode, a prompt
+    case = make_paged_case(8, 2, 64, 16, seq_lens, query_lens, dtype, device)
+    case.window = None
+    k_new, v_new, ref = step_kv(case, poison_cache=False)
+    args = dict(scale=0.125, sliding_window=None, max_seq_len=max(seq_lens), k_new=k_new, v_new=v_new)
+    out = paged_attention(case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t(),
+                          case.query_start_loc_t(), max_query_len=max(query_lens), **args)  # fmt: skip
+    assert_close(out, ref, ATTENTION_TOL[dtype])
+    t = case.query.shape[0]
+    T, S = t + pad_tokens, len(seq_lens) + pad_seqs
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # padding rows hold garbage, as a graph's buffers may
+        return torch.cat([x, torch.randn((pad_tokens, *x.shape[1:]), dtype=x.dtype, device=x.device)])
+
+    tables = torch.cat([case.block_tables, torch.zeros((pad_seqs, case.block_tables.shape[1]),
+                                                       dtype=torch.int32, device=device)])  # fmt: skip
+    lens = torch.tensor([*seq_lens] + [0] * pad_seqs, dtype=torch.int32, device=device)
+    qsl = torch.tensor([*case.query_start_loc] + [t] * pad_seqs, dtype=torch.int32, device=device)
+    args |= dict(k_new=padded(k_new), v_new=padded(v_new))
+    out_padded = paged_attention(padded(case.query), case.k_cache, case.v_cache, tables, lens, qsl,
+                                 max_query_len=T, **args)  # fmt: skip
+    assert out_padded.shape[0] == T and S == lens.shape[0]
+    assert torch.equal(out_padded[:t], out)

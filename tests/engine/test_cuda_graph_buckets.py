@@ -1,0 +1,98 @@
+"""The CUDA graphs' host side, on CPU: bucket ladders and the padded input layout (``pack_step``).
+
+Replaying the graphs needs a GPU: ``tests/gpu/test_gpu_engine.py`` checks their output against HF.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from inflight.backend.cuda_graphs import MixedGraphs, graph_batch_sizes, graph_token_sizes, pack_step
+from inflight.backend.model_runner import flatten_step
+from inflight.batching import ScheduledRequest, SchedulerOutput
+
+
+def test_ladders() -> None:
+    assert graph_batch_sizes(40) == [1, 2, 4, 8, 16, 32, 40]
+    assert graph_token_sizes(1024) == [32, 64, *range(128, 1025, 128)]
+    assert graph_token_sizes(300) == [32, 64, 128, 256, 300]
+    assert graph_token_sizes(48) == [32, 48]
+
+
+def _mixed(token_sizes: list[int], seq_sizes: list[int]) -> MixedGraphs:
+    graphs = object.__new__(MixedGraphs)  # the bucket logic only; no device buffers
+    graphs.token_sizes, graphs.seq_sizes = token_sizes, seq_sizes
+    return graphs
+
+
+def test_mixed_buckets_hold_the_step_and_are_the_smallest() -> None:
+    graphs = _mixed(graph_token_sizes(1024), [1, 2, 4, 8, 16])
+    assert graphs._bucket(467, 1) == (512, 1)
+    assert graphs._bucket(470, 4) == (512, 4)
+    assert graphs._bucket(471, 5) == (512, 8)
+    assert graphs._bucket(20, 3) == (32, 4)
+    assert graphs._bucket(1024, 16) == (1024, 16)
+    assert graphs.can_run(1024, 16) and not graphs.can_run(1025, 1) and not graphs.can_run(100, 17)
+    keys = graphs._keys()
+    assert keys[0] == (1024, 16) and (32, 16) in keys and all(s <= t for t, s in keys)
+    assert len(keys) == len(set(keys)) == 10 * 5
+
+
+def _step(chunks: list[tuple[int, int, list[int]]], block_size: int) -> SchedulerOutput:
+    """A scheduled step: (start position, tokens this step, block ids) per request."""
+    scheduled = [
+        ScheduledRequest(
+            request_id=f"r{i}",
+            token_ids=list(range(100 + start, 100 + start + n)),
+            start_position=start,
+            block_ids=blocks,
+            needs_sample=True,
+            is_new=False,
+        )  # fmt: skip
+        for i, (start, n, blocks) in enumerate(chunks)
+    ]
+    return SchedulerOutput(scheduled, sum(n for _, n, _ in chunks), [], [])
+
+
+def test_pack_step_pads_tokens_and_sequences() -> None:
+    bs = 4
+    out = _step([(0, 6, [3, 4]), (9, 1, [7, 8, 9]), (2, 3, [5, 6])], bs)
+    inputs = flatten_step(out, bs)
+    T, S = 16, 4
+    host = np.full(3 * T + 2 * S + 1 + 3 * 3, 777, dtype=np.int64)
+    end = pack_step(inputs, host, T, S)
+    assert end == host.size
+    ids, pos, slots = host[:T], host[T : 2 * T], host[2 * T : 3 * T]
+    lens, qsl, tables = (
+        host[3 * T : 3 * T + S],
+        host[3 * T + S : 3 * T + 2 * S + 1],
+        host[3 * T + 2 * S + 1 :],
+    )
+    # The real tokens, then padding: id 0, position 0, slot -1 (no cache write).
+    assert ids.tolist() == [*range(100, 106), 109, 102, 103, 104] + [0] * 6
+    assert pos.tolist() == [0, 1, 2, 3, 4, 5, 9, 2, 3, 4] + [0] * 6
+    # slot = block_ids[pos // bs] * bs + pos % bs, from the requests' own block lists
+    expect = [3 * 4 + 0, 13, 14, 15, 4 * 4 + 0, 17, 9 * 4 + 1, 5 * 4 + 2, 23, 6 * 4 + 0]
+    assert slots.tolist() == expect + [-1] * 6
+    # Padding sequence: length 0 and no query tokens (its query_start_loc stays at the real token count).
+    assert lens.tolist() == [6, 10, 5, 0]
+    assert qsl.tolist() == [0, 6, 7, 10, 10]
+    assert tables.reshape(3, 3).tolist() == [[3, 4, 0], [7, 8, 9], [5, 6, 0]]
+
+
+def test_pack_step_without_padding() -> None:
+    inputs = flatten_step(_step([(0, 2, [1]), (0, 2, [2])], 4), 4)
+    host = np.zeros(3 * 4 + 2 * 2 + 1 + 2, dtype=np.int64)
+    pack_step(inputs, host, 4, 2)
+    assert host[8:12].tolist() == [4, 5, 8, 9] and host[12:14].tolist() == [2, 2]
+    assert host[14:17].tolist() == [0, 2, 4]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_pack_step_of_a_decode_step(n: int) -> None:
+    inputs = flatten_step(_step([(5 + i, 1, [i + 1, i + 2]) for i in range(n)], 4), 4)
+    host = np.zeros(3 * 4 + 2 * 4 + 1 + n * 2, dtype=np.int64)
+    pack_step(inputs, host, 4, 4)
+    assert host[12:16].tolist() == [6 + i for i in range(n)] + [0] * (4 - n)
+    assert host[8:12].tolist()[n:] == [-1] * (4 - n)
