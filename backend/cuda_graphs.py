@@ -102,7 +102,8 @@ class _StepGraphs:
         # (``pack_step``'s layout). Two host buffers used in turn: with async scheduling the host fills step
         # N+1's while step N's copy may still be queued; step N-1's (the other buffer) is done.
         size = 3 * max_tokens + 2 * max_seqs + 1 + max_seqs * max_blocks_per_seq
-        self._hosts = [torch.empty(size, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        pinned = device.type == "cuda"  # (CPU: only the host-side tests build these)
+        self._hosts = [torch.empty(size, dtype=torch.int64, pin_memory=pinned) for _ in range(2)]
         self._turn = 0
         self._staging = torch.empty(size, dtype=torch.int64, device=device)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}

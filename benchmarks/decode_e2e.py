@@ -70,8 +70,8 @@ def _gpu_step_ms(engine, iters: int = 50) -> float:
         for i in range(iters + 5):
             if i == 5:
                 start.record()
-            graphs.graphs[1].replay()
-            model.compute_logits(graphs.outputs[1]).argmax(-1)
+            graphs.graphs[(1, 1)].replay()
+            model.compute_logits(graphs.outputs[(1, 1)]).argmax(-1)
         end.record()
         torch.cuda.synchronize()
     return start.elapsed_time(end) / iters

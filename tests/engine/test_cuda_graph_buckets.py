@@ -96,3 +96,82 @@ def test_pack_step_of_a_decode_step(n: int) -> None:
     pack_step(inputs, host, 4, 4)
     assert host[12:16].tolist() == [6 + i for i in range(n)] + [0] * (4 - n)
     assert host[8:12].tolist()[n:] == [-1] * (4 - n)
+
+
+class _EagerReplay:
+    """Stands in for a captured graph on CPU: runs the model on the static buffers as the graph would,
+    with the host lists the torch reference path needs read back from those buffers."""
+
+    def __init__(self, graphs, key: tuple[int, int], max_query_len: int) -> None:
+        self.graphs, self.key, self.max_query_len = graphs, key, max_query_len
+
+    def replay(self) -> None:
+        from inflight.backend.layers.attention import AttentionMetadata
+
+        g, (T, S) = self.graphs, self.key
+        meta = AttentionMetadata(g.slot_mapping[:T], g.block_tables[:S], g.seq_lens[:S], g.query_start_loc[: S + 1],
+                                 g.seq_lens[:S].tolist(), g.query_start_loc[: S + 1].tolist(), self.max_query_len,
+                                 g.max_model_len)  # fmt: skip
+        g.outputs[self.key].copy_(g.model(g.input_ids[:T], g.positions[:T], meta))
+
+
+@pytest.fixture(scope="module")
+def runner():
+    import torch
+
+    from benchmarks.kernels.profile_steps import build_runner
+
+    shape = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 300, "max_position_embeddings": 256,
+             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}  # fmt: skip
+    return build_runner(
+        shape, max_model_len=128, kv_tokens=40 * 16, device=torch.device("cpu"), dtype=torch.float32
+    )
+
+
+def test_mixed_graph_run_gives_the_eager_steps_hidden_states(runner) -> None:
+    """``MixedGraphs.run`` stages a step into the padded static buffers (offsets, padding, block tables,
+    the id filled from the device); a forward over those buffers gives the eager step's rows."""
+    import torch
+
+    graphs = MixedGraphs(runner.model, runner.device, 64, 4, 8, 128)
+    for key in graphs._keys():
+        graphs.graphs[key] = _EagerReplay(graphs, key, key[0])
+        graphs.outputs[key] = torch.empty(key[0], 32)
+    # A chunk past a cached prefix, a decode whose input id is still on the device, a new prompt.
+    chunks = [(16, 9, [1, 2]), (20, 1, [3, 4]), (0, 7, [5])]
+    out = _step(chunks, 16)
+    inputs = flatten_step(out, 16)
+    fill = (torch.tensor([9]), torch.tensor([123]))
+    with torch.inference_mode():
+        runner._forward_eager(
+            flatten_step(_step([(0, 16, [1]), (0, 20, [3, 4])], 16), 16), None
+        )  # the prefixes
+        cache = runner.kv_cache.clone()
+        eager = runner._forward_eager(inputs, fill)
+        runner.kv_cache.copy_(cache)
+        graphed = graphs.run(inputs, fill)
+    assert graphs.replays == 1 and graphs._bucket(17, 3) == (32, 4)
+    assert graphed.shape == eager.shape == (17, 32)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert graphs.input_ids[9] == 123 and graphs.slot_mapping[17:32].eq(-1).all()
+    assert graphs.query_start_loc[:5].tolist() == [0, 9, 10, 17, 17] and graphs.seq_lens[3] == 0
+
+
+def test_decode_graph_run_stages_the_step(runner) -> None:
+    import torch
+
+    from inflight.backend.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(runner.model, runner.device, 8, 8, 128)
+    graphs.graphs = {key: type("Noop", (), {"replay": lambda self: None})() for key in graphs._keys()}
+    graphs.outputs = {key: torch.zeros(key[0], 32) for key in graphs._keys()}
+    inputs = flatten_step(_step([(5, 1, [7]), (20, 1, [3, 4]), (40, 1, [6, 8, 9])], 16), 16)
+    graphs.run(inputs, (torch.tensor([1]), torch.tensor([77])))
+    assert graphs._bucket(3, 3) == (4, 4)
+    assert graphs.input_ids[:4].tolist() == [105, 77, 140, 0]
+    assert graphs.positions[:4].tolist() == [5, 20, 40, 0]
+    assert graphs.slot_mapping[:4].tolist() == [7 * 16 + 5, 4 * 16 + 4, 9 * 16 + 8, -1]
+    assert graphs.seq_lens[:4].tolist() == [6, 21, 41, 0]
+    assert graphs.block_tables[:3, :3].tolist() == [[7, 0, 0], [3, 4, 0], [6, 8, 9]]
+    assert graphs.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]  # static: 0..n
