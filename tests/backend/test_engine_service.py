@@ -177,10 +177,13 @@ def test_shutdown_drains_then_ends_the_rest(tiny_path) -> None:
 
 
 class SlowSink(FakeSink):
-    """A sender that takes 20 ms per response (a saturated Triton response path)."""
+    """A sender that takes 50 ms per response (a saturated Triton response path).
+
+    NOTE: well above a tiny model's step even on a loaded 2-core CI machine (at 20 ms, CI once got 34
+    responses for 60 tokens)."""
 
     def send(self, outputs, error, final) -> None:
-        time.sleep(0.02)
+        time.sleep(0.05)
         super().send(outputs, error, final)
 
 
@@ -203,7 +206,7 @@ def test_a_slow_sender_gets_coalesced_responses_with_every_token(tiny_path) -> N
         assert ids == reference.token_ids and sink.text == reference.text
         assert sink.num_final == 1 and sink.responses[-1][2] and sink.error is None
         assert all(o["text_output"][0] for o, _, final in sink.responses if not final)  # no empty text
-    # The steps outpace a 20 ms sender: it gets fewer, larger responses instead of falling behind.
+    # The steps outpace a 50 ms sender: it gets fewer, larger responses instead of falling behind.
     assert len(slow.responses) < n // 2
 
 
