@@ -114,8 +114,21 @@ class _StepGraphs:
         """(tokens, sequences) of every graph, largest first."""
         raise NotImplementedError
 
-    def _meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
+    def _max_query_len(self, num_tokens: int) -> int:
+        """The longest query a graph of ``num_tokens`` tokens is captured for (fixes attention's grid)."""
         raise NotImplementedError
+
+    def _meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:num_tokens],
+            block_tables=self.block_tables[:num_seqs],
+            seq_lens_tensor=self.seq_lens[:num_seqs],
+            query_start_loc_tensor=self.query_start_loc[: num_seqs + 1],
+            seq_lens=[],
+            query_start_loc=[],
+            max_query_len=self._max_query_len(num_tokens),
+            max_seq_len=self.max_model_len,
+        )
 
     def _forward(self, num_tokens: int, num_seqs: int) -> torch.Tensor:
         meta = self._meta(num_tokens, num_seqs)
@@ -189,17 +202,8 @@ class DecodeGraphs(_StepGraphs):
     def _keys(self) -> list[tuple[int, int]]:
         return [(bs, bs) for bs in reversed(self.sizes)]
 
-    def _meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
-            block_tables=self.block_tables[:num_seqs],
-            seq_lens_tensor=self.seq_lens[:num_seqs],
-            query_start_loc_tensor=self.query_start_loc[: num_seqs + 1],
-            seq_lens=[],
-            query_start_loc=[],
-            max_query_len=1,
-            max_seq_len=self.max_model_len,
-        )
+    def _max_query_len(self, num_tokens: int) -> int:
+        return 1
 
     def can_run(self, num_seqs: int) -> bool:
         return num_seqs <= self.sizes[-1]
@@ -226,8 +230,7 @@ class MixedGraphs(_StepGraphs):
     def __init__(self, model: nn.Module, device: torch.device, max_tokens: int, max_seqs: int,
                  max_blocks_per_seq: int, max_model_len: int) -> None:  # fmt: skip
         self.token_sizes = graph_token_sizes(max_tokens)
-        self.seq_sizes = [s for s in MIXED_GRAPH_SEQS if s < max_seqs] + [min(max_seqs, MIXED_GRAPH_SEQS[-1])]
-        self.seq_sizes = sorted(set(self.seq_sizes))
+        self.seq_sizes = sorted({min(s, max_seqs) for s in MIXED_GRAPH_SEQS})
         super().__init__(model, device, self.token_sizes[-1], self.seq_sizes[-1], max_blocks_per_seq,
                          max_model_len)  # fmt: skip
         self.query_start_loc.zero_()  # while capturing, no sequence has query tokens: attention does nothing
@@ -235,17 +238,8 @@ class MixedGraphs(_StepGraphs):
     def _keys(self) -> list[tuple[int, int]]:
         return [(t, s) for t in reversed(self.token_sizes) for s in reversed(self.seq_sizes) if s <= t]
 
-    def _meta(self, num_tokens: int, num_seqs: int) -> AttentionMetadata:
-        return AttentionMetadata(
-            slot_mapping=self.slot_mapping[:num_tokens],
-            block_tables=self.block_tables[:num_seqs],
-            seq_lens_tensor=self.seq_lens[:num_seqs],
-            query_start_loc_tensor=self.query_start_loc[: num_seqs + 1],
-            seq_lens=[],
-            query_start_loc=[],
-            max_query_len=num_tokens,
-            max_seq_len=self.max_model_len,
-        )
+    def _max_query_len(self, num_tokens: int) -> int:
+        return num_tokens  # any sequence may hold all of the bucket's tokens
 
     def can_run(self, num_tokens: int, num_seqs: int) -> bool:
         return num_tokens <= self.token_sizes[-1] and num_seqs <= self.seq_sizes[-1]

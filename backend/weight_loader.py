@@ -47,6 +47,23 @@ def iterate_weights(path: str | Path, show_progress: bool = True) -> Iterator[tu
                 yield key, f.get_tensor(key)
 
 
+def empty_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_position: int,
+    parallel: ParallelConfig = SINGLE_RANK,
+) -> nn.Module:
+    """``cfg``'s model on ``device`` with uninitialised parameters (one allocation each) and its buffers set."""
+    with torch.device("meta"):
+        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel)
+    model.to_empty(device=device)
+    for module in model.modules():
+        if hasattr(module, "init_buffers"):
+            module.init_buffers()
+    return model
+
+
 def load_model(
     cfg: ModelConfig,
     dtype: torch.dtype,
@@ -56,12 +73,7 @@ def load_model(
 ) -> nn.Module:
     """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place."""
     start = time.monotonic()
-    with torch.device("meta"):
-        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel)
-    model.to_empty(device=device)  # one uninitialised allocation per parameter
-    for module in model.modules():
-        if hasattr(module, "init_buffers"):
-            module.init_buffers()
+    model = empty_model(cfg, dtype, device, max_position, parallel)
     loaded = model.load_weights(iterate_weights(cfg.path))
     missing = model.expected_weights() - loaded
     if missing:

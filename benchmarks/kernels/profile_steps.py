@@ -103,27 +103,24 @@ def ideal_ms(shape: dict[str, int], step: Step, copy_gbs: float, matmul_tflops: 
 
 def step_inputs(step: Step, block_size: int, max_blocks: int, vocab_size: int):
     """A ``StepInputs`` for ``step``: sequence i owns blocks [1 + i * w, 1 + (i + 1) * w), w = its blocks."""
-    from inflight.backend.model_runner import StepInputs
+    from inflight.backend.model_runner import flatten_step
+    from inflight.batching import ScheduledRequest, SchedulerOutput
 
     width = math.ceil(step.context / block_size)
     assert 1 + step.num_seqs * width <= max_blocks, "the KV cache is too small for this step"
-    tables = (1 + np.arange(step.num_seqs * width, dtype=np.int32)).reshape(step.num_seqs, width)
-    start = step.context - step.query_len
-    positions = np.tile(np.arange(start, step.context, dtype=np.int64), step.num_seqs)
-    rows = np.repeat(np.arange(step.num_seqs), step.query_len)
-    slots = tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
-    ends = np.arange(1, step.num_seqs + 1) * step.query_len
-    rng = np.random.default_rng(0)
-    return StepInputs(
-        input_ids=rng.integers(0, vocab_size, size=len(positions)).astype(np.int64),
-        positions=positions,
-        slot_mapping=slots,
-        block_tables=tables,
-        seq_lens=[step.context] * step.num_seqs,
-        query_start_loc=[0, *ends.tolist()],
-        logits_rows=(ends - 1).tolist(),
-        sample_ids=[f"s{i}" for i in range(step.num_seqs)],
-    )
+    ids = np.random.default_rng(0).integers(0, vocab_size, size=(step.num_seqs, step.query_len)).tolist()
+    scheduled = [
+        ScheduledRequest(
+            request_id=f"s{i}",
+            token_ids=ids[i],
+            start_position=step.context - step.query_len,
+            block_ids=list(range(1 + i * width, 1 + (i + 1) * width)),
+            needs_sample=True,
+            is_new=True,
+        )  # fmt: skip
+        for i in range(step.num_seqs)
+    ]
+    return flatten_step(SchedulerOutput(scheduled, step.num_seqs * step.query_len, [], []), block_size)
 
 
 def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, device: torch.device,
@@ -133,16 +130,14 @@ def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, devi
 
     from inflight.backend.model_config import ModelConfig
     from inflight.backend.model_runner import ModelRunner
-    from inflight.backend.models import MODEL_REGISTRY
+    from inflight.backend.weight_loader import empty_model
 
     folder = Path(tempfile.mkdtemp(prefix="profile-steps-"))
     LlamaConfig(
         **shape, architectures=["LlamaForCausalLM"], dtype=str(dtype).removeprefix("torch.")
     ).save_pretrained(folder)
     cfg = ModelConfig.from_pretrained(folder)
-    with torch.device("meta"):
-        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_model_len)
-    model.to_empty(device=device)
+    model = empty_model(cfg, dtype, device, max_model_len)
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -150,9 +145,6 @@ def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, devi
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
-    for module in model.modules():
-        if hasattr(module, "init_buffers"):
-            module.init_buffers()
     model.eval()
     runner = ModelRunner(model, device, block_size, dtype, max_model_len)
     runner.allocate_kv_cache(math.ceil(kv_tokens / block_size) + 1)
