@@ -171,6 +171,9 @@ def run_genai_perf(
         "--output-tokens-mean-deterministic", "--request-count", str(request_count),
         "--concurrency", str(concurrency), "--warmup-request-count", "0",
         "--artifact-dir", str(artifact_dir),
+        # NOTE: -v lets perf_analyzer's own output through (genai-perf discards it otherwise): a fresh-clone
+        # CI run once got an empty profile export from a perf_analyzer that exited 0 and said nothing.
+        "-v",
     ]  # fmt: skip
     for key, value in {"ignore_eos": "true", "temperature": "0.0", **(extra_inputs or {})}.items():
         command += ["--extra-inputs", f"{key}:{value}"]
