@@ -7,7 +7,9 @@ Decoding (vLLM's prefix/read offsets, the algorithm of `tokenizers.decoders.Deco
 
 Each new token decodes the short window `token_ids[prefix_offset:]` and emits what it adds to the
 decode of `token_ids[prefix_offset:read_offset]`, unless that text ends in U+FFFD (a character whose
-bytes are still arriving). Decoding a window that starts a few tokens back keeps the space of the
+bytes are still arriving). Bytes that can never become a character (a run of stray continuation or lead
+bytes, which a model with random or poor weights can repeat for its whole output) are not held to the
+end: once three more tokens have settled them, they are emitted as the U+FFFD a full decode shows. Decoding a window that starts a few tokens back keeps the space of the
 first output token ("▁Paris" / "ĠParis" after a prompt) and costs O(new text) per token.
 
 NOTE: `DecodeStream` itself is not used: it cannot flush bytes still held back when generation ends
@@ -25,6 +27,8 @@ from transformers import PreTrainedTokenizerBase
 # How many prompt tokens give the first output token its context (vLLM uses 5).
 _NUM_CONTEXT_TOKENS = 6
 _REPLACEMENT_CHAR = "\ufffd"
+# Bytes followed by this many more cannot become part of a later character (UTF-8: at most 4 bytes).
+_SETTLED_AFTER = 3
 
 
 class IncrementalDetokenizer:
@@ -47,6 +51,7 @@ class IncrementalDetokenizer:
         include_stop_str_in_output: bool = False,
     ) -> None:
         self._decode = _make_decode(tokenizer, skip_special_tokens)
+        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))
         context = list(prompt_token_ids[max(len(prompt_token_ids) - _NUM_CONTEXT_TOKENS, 0) :])
         self._token_ids: list[int] = context
         self._prefix_offset = 0
@@ -79,8 +84,12 @@ class IncrementalDetokenizer:
         self.num_output_tokens += 1
         self._token_ids.append(token_id)
         text = self._decode(self._token_ids[self._prefix_offset :])
-        if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT_CHAR):
-            return None  # nothing new yet, or a character whose bytes are still arriving
+        if len(text) <= len(self._prefix_text):
+            return None  # nothing new yet
+        if text.endswith(_REPLACEMENT_CHAR):  # a character whose bytes may still be arriving
+            if len(self._token_ids) - self._read_offset >= _SETTLED_AFTER + 1:
+                self._emit_settled(text)
+            return self.matched_stop
         self._advance(text)
         return self.matched_stop
 
@@ -121,12 +130,31 @@ class IncrementalDetokenizer:
         if len(text) > len(self._prefix_text):
             self._advance(text)
 
-    def _advance(self, text: str) -> None:
-        """Take the new text of the window decode `text` and move the offsets past it."""
+    def _emit_settled(self, text: str) -> None:
+        """Emit the held text that no later token can change, if any; the rest stays held.
+
+        A character has at most 4 bytes and every token but a special one adds at least one, so the bytes
+        before the last ``_SETTLED_AFTER`` ordinary tokens are settled: a character they start has either
+        come whole or can never come. Their decode is emitted when the window's decode `text` starts with
+        it (invalid bytes show as the U+FFFD of a full decode; how many per byte is the decoder's choice).
+        """
+        ordinary = [i for i in range(self._read_offset, len(self._token_ids))
+                    if self._token_ids[i] not in self._special_ids]  # fmt: skip
+        if len(ordinary) <= _SETTLED_AFTER:
+            return
+        for cut in range(ordinary[-_SETTLED_AFTER], self._read_offset, -1):
+            head = self._decode(self._token_ids[self._prefix_offset : cut])
+            if len(head) > len(self._prefix_text) and text.startswith(head):
+                self._advance(head, cut)
+                return
+
+    def _advance(self, text: str, upto: int | None = None) -> None:
+        """Take the new text of `text`, the decode of the window up to token `upto` (default: all of
+        it), and move the offsets past it."""
         new_text = text[len(self._prefix_text) :]
         self._prefix_offset = self._read_offset
-        self._read_offset = len(self._token_ids)
-        self._prefix_text = self._decode(self._token_ids[self._prefix_offset :])
+        self._read_offset = len(self._token_ids) if upto is None else upto
+        self._prefix_text = self._decode(self._token_ids[self._prefix_offset : self._read_offset])
         # NOTE: drop ids before the window so the list does not grow with the output.
         if self._prefix_offset > 0:
             del self._token_ids[: self._prefix_offset]

@@ -38,8 +38,7 @@ class EngineArgs:
     max_cuda_graph_batch_size: int = 256  # decode batches up to this size replay a graph
     # Steps with prefill tokens of up to this many tokens (and at most 16 sequences) replay a graph too
     # (eagerly such a step waits on the host's kernel launches); 0: they run eagerly.
-    # NOTE: off by default until tests/gpu and benchmarks/kernels/profile_steps.py have run it on a GPU.
-    max_cuda_graph_prefill_tokens: int = 0
+    max_cuda_graph_prefill_tokens: int = 1024
     async_scheduling: bool = True  # plan and launch step N+1 before reading step N's tokens
     # With async_scheduling, a step of fewer requests than this is read at once: the host's work is short
     # there, and a request that arrives meanwhile gets into the very next step (TTFT one step shorter).

@@ -34,7 +34,9 @@ DEFAULT_BLOCK_N = 64
 DEFAULT_MAX_PARTITIONS = 64
 
 
-@triton.jit
+# NOTE: not specialized on what changes from one eager step to the next (the block table's width, the
+# partition count), so a new batch does not compile the kernel again.
+@triton.jit(do_not_specialize=["stride_block_table_seq", "num_partitions", "sliding_window"])
 def _paged_decode_partition_kernel(
     q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM]
@@ -129,7 +131,7 @@ def _paged_decode_partition_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_partitions"])
 def _paged_decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     part_acc_ptr,  # [num_seqs, num_heads, num_partitions, HEAD_DIM] fp32

@@ -50,7 +50,9 @@ def _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, MASKED: tl.conste
     return acc, m_new, l_i
 
 
-@triton.jit
+# NOTE: the block table's width (its row stride) changes with every eager step: specialized on it, the
+# kernel would compile again (2 s on an H200) at the first request of a new width class.
+@triton.jit(do_not_specialize=["stride_block_table_seq", "sliding_window"])
 def _paged_prefill_kernel(
     q_ptr,  # [num_tokens, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM]

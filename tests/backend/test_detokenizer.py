@@ -254,3 +254,42 @@ def test_no_stop_strings_no_hold_back(tokenizer: PreTrainedTokenizerBase) -> Non
     for token_id in _output_ids(tokenizer, " Paris"):
         detokenizer.add_token(token_id)
     assert detokenizer.get_delta(finished=False) == " Paris" and detokenizer.get_delta(finished=True) == ""
+
+
+def _stray_byte_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """A token of the single byte 0xE2 (a lead byte of 3-byte characters): "â" in a byte-level BPE."""
+    token = "â" if "â" in tokenizer.get_vocab() else "<0xE2>"
+    (token_id,) = tokenizer.convert_tokens_to_ids([token])
+    assert _decode(tokenizer, [token_id, token_id]) == "\ufffd\ufffd"  # two bytes that never form a character
+    return token_id
+
+
+def test_stray_bytes_stream_as_replacement_characters(tokenizer: PreTrainedTokenizerBase) -> None:
+    """A run of bytes that can never complete a character is not held until the end: each is streamed
+    as the U+FFFD of a full decode once three more tokens have settled it (a character has at most 4 bytes)."""
+    stray = _stray_byte_id(tokenizer)
+    output_ids = [stray] * 12 + _ids(tokenizer, " Paris 😀 ok")
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT))
+    deltas = _stream(detokenizer, output_ids)
+    assert deltas[:3] == [""] * 3 and all(d.strip("\ufffd") == "" != d for d in deltas[3:12]), deltas[:13]
+    full = _decode(tokenizer, _ids(tokenizer, PROMPT) + output_ids)
+    assert "".join(deltas) == full[len(_decode(tokenizer, _ids(tokenizer, PROMPT))) :] == detokenizer.text
+    assert len(detokenizer._token_ids) <= 16  # the window does not grow over the stray run
+
+
+@pytest.mark.parametrize("stray_before", [False, True])
+def test_a_character_split_by_skipped_special_tokens_is_still_held(
+    tokenizer: PreTrainedTokenizerBase, stray_before: bool
+) -> None:
+    """Bytes of a character that may still complete are never emitted early, even when many tokens (here
+    skipped special tokens) lie between them; a stray byte before them is emitted once settled."""
+    emoji = _ids(tokenizer, "😀")
+    assert len(emoji) >= 2
+    eos = tokenizer.eos_token_id
+    output_ids = ([_stray_byte_id(tokenizer)] if stray_before else []) + emoji[:1] + [eos] * 5 + emoji[1:] + [eos]
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    deltas = _stream(detokenizer, output_ids)
+    text = "".join(deltas)
+    assert text == _decode(tokenizer, output_ids) and text.endswith("😀")
+    assert ("\ufffd" in text) is stray_before
+    assert "😀" in "".join(deltas[: len(output_ids) - 1])  # streamed when its last byte came, not at the end

@@ -186,3 +186,34 @@ def test_8b_bf16_logits_and_top1_within_bf16_noise(llama8b_path) -> None:
     assert num_decisive >= 40 and ours_decisive >= 0.99
     del llm, hf16, hf32
     torch.cuda.empty_cache()
+
+
+def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir) -> None:
+    """Once the engine is up, prompts of new lengths (eager steps with block tables of new widths, beside
+    graph replays) compile no Triton kernel: a compile costs seconds of a user's time to first token."""
+    import triton
+
+    name = next(iter(TINY_CONFIGS))
+    path = build_tiny_checkpoint(name, tmp_path / name)
+    copy_tokenizer(tokenizer_dir, path)
+    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=8,
+              kv_cache_memory_bytes=64 << 20, max_cuda_graph_prefill_tokens=64)  # fmt: skip
+    compiled: list[str] = []
+
+    def hook(*args, **kwargs) -> bool:
+        compiled.append(kwargs.get("repr", "?"))
+        return False
+
+    saved = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    try:
+        # Eager prefills of 100, 300 and 37 + 250 tokens: block tables 7, 19 and 16 blocks wide (the
+        # start-up pass had 32); their decodes and the 37-token chunk replay graphs.
+        for lengths in ([100], [300], [37, 250], [7, 9, 11, 13]):
+            outs = llm.generate(_prompts(len(compiled) + sum(lengths), lengths, 49152),
+                                SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))  # fmt: skip
+            assert [len(o.token_ids) for o in outs] == [3] * len(lengths)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = saved
+    assert compiled == [], f"kernels compiled after start: {compiled}"
+    assert llm.engine.runner.mixed_graphs.replays > 0
