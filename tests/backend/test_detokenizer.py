@@ -286,7 +286,9 @@ def test_a_character_split_by_skipped_special_tokens_is_still_held(
     emoji = _ids(tokenizer, "😀")
     assert len(emoji) >= 2
     eos = tokenizer.eos_token_id
-    output_ids = ([_stray_byte_id(tokenizer)] if stray_before else []) + emoji[:1] + [eos] * 5 + emoji[1:] + [eos]
+    output_ids = (
+        ([_stray_byte_id(tokenizer)] if stray_before else []) + emoji[:1] + [eos] * 5 + emoji[1:] + [eos]
+    )
     detokenizer = IncrementalDetokenizer(tokenizer, [])
     deltas = _stream(detokenizer, output_ids)
     text = "".join(deltas)
