@@ -414,16 +414,19 @@ class EngineService:
         if live.request.stream:
             # NOTE: the response thread builds and sends a stream's response from everything unsent when it
             # gets to it, so a busy sender coalesces tokens (fewer, larger responses) instead of falling
-            # behind and holding the engine thread. A token whose text is still incomplete (part of a UTF-8
-            # character, a held-back possible stop string) waits for the next text, so no response carries
-            # empty text but the last.
+            # behind and holding the engine thread. Every new token is sent, also one whose text is not out
+            # yet (part of a UTF-8 character, a possible stop string held back, a skipped special token):
+            # that response has empty text, as with Triton's vLLM and TensorRT-LLM backends. Held back to
+            # the next text instead, a run of such tokens (a model repeating a special token under
+            # ignore_eos, a long stop string) kept a stream silent to its end: its client saw the first
+            # token only with the last, and a liveness guard could give up on it.
             with self._stream_lock:
                 live.token_ids.extend(out.new_token_ids)
                 if out.new_logprobs:
                     live.logprobs.extend(out.new_logprobs)
                 live.unsent_text.append(out.new_text)
                 live.last_delta = out
-                if (not out.new_text and not out.finished) or live.send_queued:
+                if (not out.new_token_ids and not out.finished) or live.send_queued:
                     return
                 live.send_queued = True
             self._outbox.put((live, _STREAM, None, False))

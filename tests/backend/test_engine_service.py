@@ -205,9 +205,32 @@ def test_a_slow_sender_gets_coalesced_responses_with_every_token(tiny_path) -> N
         ids = [i for o, _, _ in sink.responses for i in o["output_ids"].tolist()]
         assert ids == reference.token_ids and sink.text == reference.text
         assert sink.num_final == 1 and sink.responses[-1][2] and sink.error is None
-        assert all(o["text_output"][0] for o, _, final in sink.responses if not final)  # no empty text
+        assert all(len(o["output_ids"]) for o, _, _ in sink.responses)  # no response without a token
     # The steps outpace a 50 ms sender: it gets fewer, larger responses instead of falling behind.
     assert len(slow.responses) < n // 2
+
+
+def test_tokens_whose_text_is_held_back_still_stream(tiny_path) -> None:
+    """A long stop string holds the text back (it might be the stop string's start): the client still
+    gets a response per token as it comes (empty text), and all the text once the request ends."""
+    from inflight import LLM
+
+    stop = "a stop string that this random model will never write; " * 10  # longer than the output's text
+    prompt, n = [5, 6, 7, 8], 20
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, stop=[stop])
+    reference = LLM(str(tiny_path), max_model_len=128).generate([prompt], params)[0]
+    assert reference.finish_reason == "length" and 0 < len(reference.text) < len(stop) - 1  # all held back
+    service = _service(tiny_path)
+    try:
+        sink = FakeSink()
+        service.submit(GenerateRequest(prompt, params, stream=True), sink)
+        _wait([sink])
+    finally:
+        service.shutdown()
+    ids = [o["output_ids"].tolist() for o, _, _ in sink.responses]
+    assert sum(ids, []) == reference.token_ids and sink.text == reference.text and sink.num_final == 1
+    assert len(ids) > n // 2 and all(ids)  # streamed token by token (a busy sender may merge a few)
+    assert all(o["text_output"][0] == b"" for o, _, final in sink.responses if not final)
 
 
 def test_cancellation_polling_reaches_every_stream_in_turn(tiny_path) -> None:
