@@ -198,6 +198,10 @@ class EngineService:
         self._poll_cursor = 0
         self._last_poll = 0.0
         self._cancelled: list[str] = []  # found by the last poll, aborted after the step
+        # [checks, seconds] of cancellation checks (engine thread), [sends, seconds] of response sends
+        # (response thread), and what of them the metrics have: the Triton layer's cost, in the metrics.
+        self._checks, self._sends = [0, 0.0], [0, 0.0]
+        self._published = (0, 0.0, 0, 0.0)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, LiveRequest] = {}
@@ -254,6 +258,7 @@ class EngineService:
         self._outbox.put(None)
         self._response_thread.join(timeout=30)
         if self._metrics_writer is not None:
+            self._publish_service_time()
             self._metrics_writer.close()
 
     # ---------------------------------------------------------------------------------- engine thread
@@ -349,9 +354,10 @@ class EngineService:
         start = self._poll_cursor % len(lives)
         batch = (lives[start:] + lives[:start])[: self.cancel_poll_batch]
         self._poll_cursor = start + len(batch)
-        self._cancelled.extend(
-            live.request_id for live in batch if not live.cancelled and live.sink.is_cancelled()
-        )
+        checked = [live for live in batch if not live.cancelled]
+        self._cancelled.extend(live.request_id for live in checked if live.sink.is_cancelled())
+        self._checks[0] += len(checked)
+        self._checks[1] += time.monotonic() - now
 
     def _publish_step_metrics(self) -> None:
         writer = self._metrics_writer
@@ -368,6 +374,14 @@ class EngineService:
         ):
             self._last_stats_time = now
             writer.put(metrics.update_scheduler, self.engine.scheduler.get_stats())
+            self._publish_service_time()
+
+    def _publish_service_time(self) -> None:
+        totals = (*self._checks, *self._sends)
+        deltas = (a - b for a, b in zip(totals, self._published, strict=True))
+        self._published = totals
+        if self._metrics_writer is not None:
+            self._metrics_writer.put(self._metrics_writer.metrics.service_time, *deltas)
 
     def _handle_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -478,6 +492,7 @@ class EngineService:
             del item
 
     def _send(self, live: LiveRequest, outputs: object, error: ServiceError | None, final: bool) -> None:
+        start = time.monotonic()
         if outputs is _STREAM:
             outputs, final = self._take_stream_response(live)
         try:
@@ -486,6 +501,8 @@ class EngineService:
             logger.warning("sending a response for %s failed; cancelling it", live.request_id, exc_info=True)
             if not final:
                 self._inbox.put(("abort", live.request_id))
+        self._sends[0] += 1
+        self._sends[1] += time.monotonic() - start
         if final:
             live.sink = _CLOSED_SINK  # drop the response sender now (see _response_loop)
             with self._lock:

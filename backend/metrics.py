@@ -117,6 +117,20 @@ class EngineMetrics:
             for status in FINAL_STATUSES
         }
         self.received = counter("inflight_requests_received_total", "Requests that reached the model")
+        # Where the Triton layer's time goes (the serving benchmark reads them per level).
+        self.cancel_checks = counter(
+            "inflight_cancellation_checks_total", "is_cancelled() checks of live requests (engine thread)"
+        )
+        self.cancel_check_seconds = counter(
+            "inflight_cancellation_check_seconds_total", "Engine-thread time spent in is_cancelled() checks"
+        )
+        self.responses_sent = counter(
+            "inflight_responses_sent_total", "Responses sent, streamed ones included"
+        )
+        self.response_send_seconds = counter(
+            "inflight_response_send_seconds_total",
+            "Response-thread time spent building and sending responses",
+        )
         self.open_requests = gauge(
             "inflight_requests_open", "Requests received whose final response has not been sent yet"
         )
@@ -153,6 +167,13 @@ class EngineMetrics:
         if new > 0:
             self.preemptions.increment(new)
             self._preemptions_seen = stats.num_preemptions_total
+
+    def service_time(self, checks: int, check_s: float, sends: int, send_s: float) -> None:
+        """Add the engine service's cancellation checks and response sends since the last call."""
+        for metric, value in ((self.cancel_checks, checks), (self.cancel_check_seconds, check_s),
+                              (self.responses_sent, sends), (self.response_send_seconds, send_s)):  # fmt: skip
+            if value > 0:
+                metric.increment(value)
 
     def final_sent(self, status: str) -> None:
         self.finals[status if status in self.finals else "INTERNAL"].increment(1)

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -85,21 +86,32 @@ def run_level(target: Any, specs: list[RequestSpec], level: dict[str, Any], time
         concurrency = level["value"] if level["mode"] == "concurrency" else None
         if hasattr(target, "prewarm"):
             target.prewarm(concurrency or _RATE_STREAMS)
-        before = _server_ttft(metrics_url) if metrics_url else None
+        before = _server_counters(metrics_url) if metrics_url else None
+        start = time.monotonic()
         records = drive(specs, target, concurrency=concurrency, progress=progress, timeout_s=timeout_s)
-        after = _server_ttft(metrics_url) if metrics_url else None
+        wall = time.monotonic() - start
+        after = _server_counters(metrics_url) if metrics_url else None
     finally:
         bar.close()
     summary = summarize(records)
-    if before is not None and after is not None and after[1] > before[1]:
-        # The server's own TTFT (request in the model -> first token out of the engine): the rest of the
-        # client's TTFT is the way through Triton and back.
-        summary["server_ttft_mean_ms"] = round(1e3 * (after[0] - before[0]) / (after[1] - before[1]), 3)
+    if before is not None and after is not None:
+        summary.update(server_side(before, after, wall))
     return summary
 
 
-def _server_ttft(url: str) -> tuple[float, float] | None:
-    """(sum, count) of the server's inflight_time_to_first_token_seconds, or None if unreadable."""
+# The server's counters that say where the Triton layer's time goes (``inflight_*`` families).
+_SERVER_COUNTERS = (
+    "inflight_time_to_first_token_seconds_sum",
+    "inflight_time_to_first_token_seconds_count",
+    "inflight_cancellation_checks_total",
+    "inflight_cancellation_check_seconds_total",
+    "inflight_responses_sent_total",
+    "inflight_response_send_seconds_total",
+)
+
+
+def _server_counters(url: str) -> dict[str, float] | None:
+    """The totals of ``_SERVER_COUNTERS`` on the server's metrics page, or None if unreadable."""
     import urllib.request
 
     try:
@@ -107,12 +119,41 @@ def _server_ttft(url: str) -> tuple[float, float] | None:
             text = response.read().decode()
     except OSError:
         return None
-    totals = {"_sum": 0.0, "_count": 0.0}
+    return parse_counters(text)
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """Sum each of ``_SERVER_COUNTERS`` over its label sets in a Prometheus text page (0 if absent)."""
+    totals = dict.fromkeys(_SERVER_COUNTERS, 0.0)
     for line in text.splitlines():
-        for suffix in totals:
-            if line.startswith(f"inflight_time_to_first_token_seconds{suffix}"):
-                totals[suffix] += float(line.rsplit(" ", 1)[1])
-    return totals["_sum"], totals["_count"]
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
+
+
+def server_side(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, float]:
+    """What the server's counters say about one level: its own TTFT (request in the model -> first token out
+    of the engine; the rest of the client's TTFT is the way through Triton and back), and the stub's
+    engine-thread time in cancellation checks and response-thread time in sends, per second of the level."""
+    d = {name: after[name] - before[name] for name in _SERVER_COUNTERS}
+    out: dict[str, float] = {}
+    if d["inflight_time_to_first_token_seconds_count"] > 0:
+        out["server_ttft_mean_ms"] = round(
+            1e3
+            * d["inflight_time_to_first_token_seconds_sum"]
+            / d["inflight_time_to_first_token_seconds_count"],
+            3,
+        )
+    if wall_s > 0 and d["inflight_responses_sent_total"] > 0:
+        out["server_cancel_checks_per_s"] = round(d["inflight_cancellation_checks_total"] / wall_s, 1)
+        out["server_cancel_check_busy"] = round(d["inflight_cancellation_check_seconds_total"] / wall_s, 4)
+        out["server_sends_per_s"] = round(d["inflight_responses_sent_total"] / wall_s, 1)
+        out["server_send_busy"] = round(d["inflight_response_send_seconds_total"] / wall_s, 4)
+        out["server_send_mean_ms"] = round(
+            1e3 * d["inflight_response_send_seconds_total"] / d["inflight_responses_sent_total"], 3
+        )
+    return out
 
 
 def _warm_up(target: Any, vocab: int, isl: int, osl: int) -> None:
@@ -128,6 +169,9 @@ def _line(name: str, s: dict[str, Any]) -> str:
     failed = f", {s['failed']} FAILED {s['errors']}" if s["failed"] else ""
     server = (f" (mean {s['ttft_ms']['mean']}, server-side mean {s['server_ttft_mean_ms']})"
               if "server_ttft_mean_ms" in s else "")  # fmt: skip
+    if "server_send_mean_ms" in s:
+        server += (f" | stub: cancel checks {s['server_cancel_checks_per_s']}/s, {100 * s['server_cancel_check_busy']:.1f}%"
+                   f" of the engine thread; sends {s['server_sends_per_s']}/s, {s['server_send_mean_ms']} ms each")  # fmt: skip
     return (
         f"  {name:>13}: {s['output_tok_s']:9.1f} out tok/s {s['req_s']:7.2f} req/s | TTFT p50 "
         f"{s['ttft_ms']['p50']} p99 {s['ttft_ms']['p99']} ms{server} | ITL p50 {s['itl_ms']['p50']} p99 "

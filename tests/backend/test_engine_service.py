@@ -158,6 +158,46 @@ def test_a_dead_engine_fails_live_and_new_requests_and_reports_unhealthy(tiny_pa
     service.shutdown(drain_timeout_s=1)
 
 
+class TimedSink(FakeSink):
+    """A sender that takes 20 ms a response and 1 ms a cancellation check, and counts the checks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checks = 0
+
+    def send(self, outputs, error, final) -> None:
+        time.sleep(0.02)
+        super().send(outputs, error, final)
+
+    def is_cancelled(self) -> bool:
+        self.checks += 1
+        time.sleep(0.001)
+        return False
+
+
+def test_the_triton_layers_time_is_in_the_metrics(tiny_path) -> None:
+    """Cancellation checks (engine thread) and response sends (response thread), counted and timed."""
+    counters: dict[str, FakeMetric] = {}
+    metrics = EngineMetrics(lambda name, *_: counters.setdefault(name, FakeMetric()), {})
+    service = _service(tiny_path, metrics)
+    sinks = [TimedSink(), TimedSink()]
+    for sink, stream in zip(sinks, (True, False), strict=True):
+        service.submit(
+            GenerateRequest([5, 6, 7], SamplingParams(max_tokens=24, ignore_eos=True), stream=stream), sink
+        )
+    _wait(sinks)
+    service.shutdown()
+    sends = sum(len(sink.responses) for sink in sinks)
+    checks = sum(sink.checks for sink in sinks)
+    assert sends >= 3 and checks >= 3  # the stream got several responses; cancel_poll_s=0 polls every step
+    assert counters["inflight_responses_sent_total"].value == sends
+    assert counters["inflight_cancellation_checks_total"].value == checks
+    assert 0.02 * sends <= counters["inflight_response_send_seconds_total"].value < 0.02 * sends + 2.0
+    assert (
+        0.001 * checks <= counters["inflight_cancellation_check_seconds_total"].value < 0.001 * checks + 2.0
+    )
+
+
 def test_shutdown_drains_then_ends_the_rest(tiny_path) -> None:
     service = _service(tiny_path)
     short, endless = FakeSink(), FakeSink()

@@ -117,3 +117,41 @@ def test_engine_direct_streams_exact_token_counts(smollm2_path: Path) -> None:
         check_consistent(summarize(drive(specs, target, concurrency=2, timeout_s=120)), 4, 5)
     finally:
         target.close()
+
+
+def test_server_counters_of_a_level() -> None:
+    """benchmarks.serving reads the server's inflight_* counters (summed over label sets) before and after a
+    level and derives the server-side TTFT and the stub's time in cancellation checks and sends."""
+    from benchmarks.serving import parse_counters, server_side
+
+    def page(ttft_sum, ttft_n, checks, check_s, sends, send_s) -> str:
+        return "\n".join([
+            "# HELP inflight_responses_sent_total Responses sent",
+            "# TYPE inflight_responses_sent_total counter",
+            f'inflight_time_to_first_token_seconds_sum{{model="llm",version="1"}} {ttft_sum}',
+            f'inflight_time_to_first_token_seconds_count{{model="llm",version="1"}} {ttft_n}',
+            f'inflight_time_to_first_token_seconds_bucket{{model="llm",version="1",le="0.1"}} {ttft_n}',
+            f'inflight_cancellation_checks_total{{model="llm",version="1"}} {checks}',
+            f'inflight_cancellation_check_seconds_total{{model="llm",version="1"}} {check_s}',
+            f'inflight_responses_sent_total{{model="llm",version="1"}} {sends - 1}',
+            'inflight_responses_sent_total{model="other",version="1"} 1',
+            f'inflight_response_send_seconds_total{{model="llm",version="1"}} {send_s}',
+            "nv_inference_count{model=\"llm\"} 99",
+        ])  # fmt: skip
+
+    before = parse_counters(page(1.0, 10, 100, 0.5, 400, 0.2))
+    assert (
+        before["inflight_responses_sent_total"] == 400
+        and before["inflight_time_to_first_token_seconds_count"] == 10
+    )
+    after = parse_counters(page(1.5, 30, 900, 0.9, 2400, 1.2))
+    figures = server_side(before, after, wall_s=4.0)
+    assert figures == {
+        "server_ttft_mean_ms": 25.0,  # 0.5 s over 20 first tokens
+        "server_cancel_checks_per_s": 200.0,
+        "server_cancel_check_busy": 0.1,
+        "server_sends_per_s": 500.0,
+        "server_send_busy": 0.25,
+        "server_send_mean_ms": 0.5,
+    }
+    assert server_side(before, before, wall_s=4.0) == {}
