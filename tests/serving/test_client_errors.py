@@ -90,7 +90,9 @@ def test_closing_the_stream_cancels_the_request(triton_server, protocol: str) ->
     assert _wait_for(lambda: _metric(triton_server, "inflight_num_requests_running") == 0)
     # The server goes on serving; a `with` block and cancel() stop a stream the same way.
     with client.stream("Tell me a story.", **LONG) as again:
-        assert next(again).text
+        assert next(
+            again
+        ).token_ids  # streaming again (the text may be empty: SmolLM2 starts with <|im_end|>)
     again.cancel()
     assert client.generate("Hi", max_tokens=2, temperature=0).num_output_tokens == 2
     assert _wait_for(
