@@ -16,6 +16,7 @@ Every request gets exactly one final response: on success, bad input (INVALID_AR
 from __future__ import annotations
 
 import enum
+import gc
 import logging
 import queue
 import sys
@@ -218,6 +219,12 @@ class EngineService:
         self._response_thread = threading.Thread(
             target=self._response_loop, name="inflight-responses", daemon=True
         )
+        # NOTE: the model, the tokenizer and the block pool are millions of long-lived objects; a full
+        # (generation 2) collection walks them all and stopped the engine thread for 170-210 ms on the
+        # 2-core CPU machine (benchmarks/host_overhead.py, 512 streams). Frozen, the collector skips them;
+        # requests' objects are collected as before. Unfrozen at shutdown, so a reload frees the old engine.
+        gc.collect()
+        gc.freeze()
         self._engine_thread.start()
         self._response_thread.start()
 
@@ -260,6 +267,7 @@ class EngineService:
         if self._metrics_writer is not None:
             self._publish_service_time()
             self._metrics_writer.close()
+        gc.unfreeze()
 
     # ---------------------------------------------------------------------------------- engine thread
     def _engine_loop(self) -> None:

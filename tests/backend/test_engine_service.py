@@ -198,6 +198,26 @@ def test_the_triton_layers_time_is_in_the_metrics(tiny_path) -> None:
     )
 
 
+def test_the_engines_long_lived_objects_are_out_of_the_collectors_way(tiny_path) -> None:
+    """A serving engine freezes what exists at start (model, tokenizer, block pool): full collections do not
+    walk it while serving; shutdown unfreezes it so a reloaded model's old engine can be freed."""
+    import gc
+
+    service = _service(tiny_path)
+    try:
+        assert gc.get_freeze_count() > 0
+        model = service.engine.runner.model
+        assert all(obj is not model for obj in gc.get_objects(generation=2))
+        sink = FakeSink()
+        service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=3, ignore_eos=True)), sink)
+        _wait([sink])
+        assert sink.error is None and len(sink.responses) == 1
+    finally:
+        service.shutdown()
+    assert gc.get_freeze_count() == 0
+    assert any(obj is model for obj in gc.get_objects(generation=2))
+
+
 def test_shutdown_drains_then_ends_the_rest(tiny_path) -> None:
     service = _service(tiny_path)
     short, endless = FakeSink(), FakeSink()
