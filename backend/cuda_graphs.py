@@ -50,6 +50,14 @@ def graph_token_sizes(max_tokens: int) -> list[int]:
 MIXED_GRAPH_SEQS = (1, 2, 4, 8, 16)
 
 
+def _sections(num_tokens: int, num_seqs: int) -> tuple[slice, ...]:
+    """Where ``pack_step`` puts input_ids, positions, slot_mapping, seq_lens and query_start_loc, and where
+    the block tables start."""
+    T, S = num_tokens, num_seqs
+    return (slice(0, T), slice(T, 2 * T), slice(2 * T, 3 * T), slice(3 * T, 3 * T + S),
+            slice(3 * T + S, 3 * T + 2 * S + 1), slice(3 * T + 2 * S + 1, None))  # fmt: skip
+
+
 def pack_step(inputs: StepInputs, host: np.ndarray, num_tokens: int, num_seqs: int) -> int:
     """Lay out a step's inputs, padded to a graph's ``num_tokens`` / ``num_seqs``, in one int64 host buffer.
 
@@ -58,10 +66,9 @@ def pack_step(inputs: StepInputs, host: np.ndarray, num_tokens: int, num_seqs: i
     sequence; padding sequences have no query tokens (``query_start_loc`` stays at the real token count)
     and length 0, so attention gives them no work.
     """
-    t, s, n = len(inputs.input_ids), num_seqs, len(inputs.seq_lens)
-    T = num_tokens
-    ids, pos, slots = host[0:T], host[T : 2 * T], host[2 * T : 3 * T]
-    lens, qsl = host[3 * T : 3 * T + s], host[3 * T + s : 3 * T + 2 * s + 1]
+    t, n = len(inputs.input_ids), len(inputs.seq_lens)
+    parts = _sections(num_tokens, num_seqs)
+    ids, pos, slots, lens, qsl, tables = (host[part] for part in parts)
     ids[:t], pos[:t], slots[:t], lens[:n] = (
         inputs.input_ids,
         inputs.positions,
@@ -71,10 +78,8 @@ def pack_step(inputs: StepInputs, host: np.ndarray, num_tokens: int, num_seqs: i
     ids[t:], pos[t:], slots[t:], lens[n:] = 0, 0, -1, 0
     qsl[: n + 1] = inputs.query_start_loc
     qsl[n + 1 :] = t
-    start = 3 * T + 2 * s + 1
-    end = start + inputs.block_tables.size
-    host[start:end] = inputs.block_tables.reshape(-1)
-    return end
+    tables[: inputs.block_tables.size] = inputs.block_tables.reshape(-1)
+    return parts[-1].start + inputs.block_tables.size
 
 
 class _StepGraphs:
@@ -167,15 +172,16 @@ class _StepGraphs:
         end = pack_step(inputs, host_tensor.numpy(), T, S)
         staging = self._staging[:end]
         staging.copy_(host_tensor[:end], non_blocking=True)
-        self.input_ids[:T].copy_(staging[0:T])
+        ids, pos, slots, lens, qsl, tables = (staging[part] for part in _sections(T, S))
+        self.input_ids[:T].copy_(ids)
         if fill is not None:
             self.input_ids.index_copy_(0, *fill)
-        self.positions[:T].copy_(staging[T : 2 * T])
-        self.slot_mapping[:T].copy_(staging[2 * T : 3 * T])
-        self.seq_lens[:S].copy_(staging[3 * T : 3 * T + S])
-        self._copy_query_start_loc(staging[3 * T + S : 3 * T + 2 * S + 1])
+        self.positions[:T].copy_(pos)
+        self.slot_mapping[:T].copy_(slots)
+        self.seq_lens[:S].copy_(lens)
+        self._copy_query_start_loc(qsl)
         width = inputs.block_tables.shape[1]
-        self.block_tables[:n, :width].copy_(staging[3 * T + 2 * S + 1 : end].view(n, width))
+        self.block_tables[:n, :width].copy_(tables.view(n, width))
         self.graphs[key].replay()
         self.replays += 1
         return self.outputs[key][:t]

@@ -9,8 +9,9 @@ Each new token decodes the short window `token_ids[prefix_offset:]` and emits wh
 decode of `token_ids[prefix_offset:read_offset]`, unless that text ends in U+FFFD (a character whose
 bytes are still arriving). Bytes that can never become a character (a run of stray continuation or lead
 bytes, which a model with random or poor weights can repeat for its whole output) are not held to the
-end: once three more tokens have settled them, they are emitted as the U+FFFD a full decode shows. Decoding a window that starts a few tokens back keeps the space of the
-first output token ("▁Paris" / "ĠParis" after a prompt) and costs O(new text) per token.
+end: once three more tokens have settled them, they are emitted as the U+FFFD a full decode shows.
+Decoding a window that starts a few tokens back keeps the space of the first output token ("▁Paris" /
+"ĠParis" after a prompt) and costs O(new text) per token.
 
 NOTE: `DecodeStream` itself is not used: it cannot flush bytes still held back when generation ends
 mid-character (so the final text could differ from a full decode), it raises when a decode of the
@@ -87,8 +88,7 @@ class IncrementalDetokenizer:
         if len(text) <= len(self._prefix_text):
             return None  # nothing new yet
         if text.endswith(_REPLACEMENT_CHAR):  # a character whose bytes may still be arriving
-            if len(self._token_ids) - self._read_offset >= _SETTLED_AFTER + 1:
-                self._emit_settled(text)
+            self._emit_settled(text)
             return self.matched_stop
         self._advance(text)
         return self.matched_stop

@@ -265,7 +265,7 @@ class EngineService:
         self._outbox.put(None)
         self._response_thread.join(timeout=30)
         if self._metrics_writer is not None:
-            self._publish_service_time()
+            self._publish_service_time(self._metrics_writer)
             self._metrics_writer.close()
         gc.unfreeze()
 
@@ -382,14 +382,14 @@ class EngineService:
         ):
             self._last_stats_time = now
             writer.put(metrics.update_scheduler, self.engine.scheduler.get_stats())
-            self._publish_service_time()
+            self._publish_service_time(writer)
 
-    def _publish_service_time(self) -> None:
+    def _publish_service_time(self, writer: _MetricsWriter) -> None:
         totals = (*self._checks, *self._sends)
-        deltas = (a - b for a, b in zip(totals, self._published, strict=True))
+        writer.put(
+            writer.metrics.service_time, *(a - b for a, b in zip(totals, self._published, strict=True))
+        )
         self._published = totals
-        if self._metrics_writer is not None:
-            self._metrics_writer.put(self._metrics_writer.metrics.service_time, *deltas)
 
     def _handle_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

@@ -208,9 +208,9 @@ def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir)
     triton.knobs.runtime.jit_post_compile_hook = hook
     try:
         # Eager prefills of 100, 300 and 37 + 250 tokens: block tables 7, 19 and 16 blocks wide (the
-        # start-up pass had 32); their decodes and the 37-token chunk replay graphs.
+        # start-up pass had 32); the 40-token step of four prompts and every decode replay graphs.
         for lengths in ([100], [300], [37, 250], [7, 9, 11, 13]):
-            outs = llm.generate(_prompts(len(compiled) + sum(lengths), lengths, 49152),
+            outs = llm.generate(_prompts(sum(lengths), lengths, 49152),
                                 SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))  # fmt: skip
             assert [len(o.token_ids) for o in outs] == [3] * len(lengths)
     finally:
