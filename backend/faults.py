@@ -8,20 +8,24 @@ The spec is a ``;``-separated list of ``KIND:TRIGGER=N`` rules, checked inside e
 - ``step:token=T``  a step that computes token id ``T`` (e.g. a prompt given as ``input_ids`` holding it)
   fails the same way;
 - ``fatal:after=N`` the N-th step raises ``EngineDeadError``: the engine thread dies;
-- ``fatal:token=T`` a step that computes token id ``T`` raises ``EngineDeadError``.
+- ``fatal:token=T`` a step that computes token id ``T`` raises ``EngineDeadError``;
+- ``stall:token=T`` (or ``every=N`` / ``after=N``) that step sleeps ``STALL_SECONDS`` before its forward,
+  then runs normally: a step that hangs, with every live request open and nothing sent meanwhile.
 
 Never set it in production: it exists so tests can prove what a fault does to a real server.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from ..batching import SchedulerOutput
 from .engine import EngineDeadError
 
-KINDS = ("step", "fatal")
+KINDS = ("step", "fatal", "stall")
 TRIGGERS = ("every", "after", "token")
+STALL_SECONDS = 5.0  # how long a ``stall`` rule holds its step
 
 
 class InjectedFault(RuntimeError):
@@ -30,7 +34,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass(frozen=True)
 class FaultRule:
-    kind: str  # "step" | "fatal"
+    kind: str  # "step" | "fatal" | "stall"
     trigger: str  # "every" | "after" | "token"
     value: int
 
@@ -49,8 +53,8 @@ def parse_fault_spec(spec: str) -> list[FaultRule]:
             value = -1
         if kind not in KINDS or trigger not in TRIGGERS or value < (0 if trigger == "token" else 1):
             raise ValueError(
-                f"config parameter fault_injection: bad rule {part!r}; expected step|fatal:every|after=N "
-                f"(N >= 1) or step|fatal:token=T, separated by ';'"
+                f"config parameter fault_injection: bad rule {part!r}; expected step|fatal|stall:every|after=N "
+                f"(N >= 1) or step|fatal|stall:token=T, separated by ';'"
             )
         if kind == "step" and trigger == "after" or kind == "fatal" and trigger == "every":
             raise ValueError(f"config parameter fault_injection: {part!r}: use step:every=N or fatal:after=N")
@@ -59,7 +63,7 @@ def parse_fault_spec(spec: str) -> list[FaultRule]:
 
 
 class FaultInjector:
-    """A callable for ``LLMEngine.fault_hook`` that applies the rules; counts the faults it raised."""
+    """A callable for ``LLMEngine.fault_hook`` that applies the rules; counts the faults it raised or slept."""
 
     def __init__(self, rules: list[FaultRule]) -> None:
         self.rules = rules
@@ -82,6 +86,9 @@ class FaultInjector:
                 hit = self.steps == rule.value
             if hit:
                 self.faults += 1
+                if rule.kind == "stall":
+                    time.sleep(STALL_SECONDS)
+                    continue
                 ids = ", ".join(s.request_id for s in scheduled.scheduled)
                 message = (
                     f"injected {rule.kind} fault ({rule.trigger}={rule.value}) in step {self.steps} [{ids}]"

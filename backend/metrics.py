@@ -2,11 +2,16 @@
 
 ``EngineMetrics`` is written against a tiny factory interface so the engine service can be tested without
 Triton; ``triton_model`` passes one built on ``triton_python_backend_utils.MetricFamily``.
+
+Updates are held in the process and pushed to the factory's metrics by ``EngineMetrics.flush()`` (the
+engine service flushes every ``METRICS_FLUSH_INTERVAL_S``): behind Triton each push is a round trip from
+the stub to the server, and a stub killed during one can abort tritonserver 2.51 itself (docs/serving.md).
 """
 
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -16,6 +21,9 @@ LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25
                    10.0, 20.0, 40.0, 80.0]  # fmt: skip
 LENGTH_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000]
 FINISH_REASONS = ("stop", "length", "abort", "error")
+# The engine service pushes held metric updates this often: what the metrics endpoint shows lags what
+# happened by at most about this long (a test that reads a count right after a request must wait for it).
+METRICS_FLUSH_INTERVAL_S = 0.5
 # How a request's one final response ended: with outputs, a bare final flag (a cancelled request), an error.
 FINAL_STATUSES = ("OK", "EMPTY", "INVALID_ARG", "UNAVAILABLE", "INTERNAL", "CANCELLED")
 
@@ -28,6 +36,46 @@ class Metric(Protocol):
 
 # (name, description, kind "gauge" | "counter" | "histogram", labels, buckets or None) -> Metric
 MetricFactory = Callable[[str, str, str, dict[str, str], "list[float] | None"], Metric]
+
+
+class HeldMetric:
+    """A metric whose updates wait in the process until ``flush()`` pushes their net change.
+
+    Increments add up, a gauge keeps its last value (pushed only when it differs from the last pushed one),
+    observations queue; so a flush costs at most one push per changed counter or gauge, whatever the
+    number of updates since the last one.
+    """
+
+    __slots__ = ("target", "gauge", "_lock", "_added", "_value", "_pushed", "_observed")
+
+    def __init__(self, target: Metric, gauge: bool, lock: threading.Lock) -> None:
+        self.target, self.gauge, self._lock = target, gauge, lock
+        self._added = 0.0
+        self._value: float | None = None
+        self._pushed: float | None = None
+        self._observed: list[float] = []
+
+    def set(self, value: float) -> None:
+        with self._lock:
+            self._value = value
+
+    def increment(self, value: float) -> None:
+        with self._lock:
+            self._added += value
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self._observed.append(value)
+
+    def take(self) -> tuple[float, float | None, list[float]]:
+        """(increment, value to set or None, observations) since the last take; the caller holds the lock."""
+        added, value, observed = self._added, self._value, self._observed
+        self._added, self._observed = 0.0, []
+        if value == self._pushed:
+            value = None
+        else:
+            self._pushed = value
+        return added, value, observed
 
 
 class BatchedHistogram:
@@ -73,15 +121,25 @@ class EngineMetrics:
     def __init__(self, factory: MetricFactory, labels: dict[str, str]) -> None:
         # NOTE: the factory owns the metric families, which must outlive their metrics (see close()).
         self._factory: MetricFactory | None = factory
+        self._held: list[HeldMetric] = []
+        self._held_lock = threading.Lock()  # guards the held updates (any thread updates)
+        self._flush_lock = threading.Lock()  # one flush at a time, so pushes keep their order
+
+        def held(name: str, desc: str, kind: str, metric_labels: dict[str, str], buckets: list[float] | None):
+            metric = HeldMetric(
+                factory(name, desc, kind, metric_labels, buckets), kind == "gauge", self._held_lock
+            )
+            self._held.append(metric)
+            return metric
 
         def gauge(name: str, desc: str) -> Metric:
-            return factory(name, desc, "gauge", labels, None)
+            return held(name, desc, "gauge", labels, None)
 
         def counter(name: str, desc: str, extra: dict[str, str] | None = None) -> Metric:
-            return factory(name, desc, "counter", {**labels, **(extra or {})}, None)
+            return held(name, desc, "counter", {**labels, **(extra or {})}, None)
 
         def histogram(name: str, desc: str, buckets: list[float]) -> Metric:
-            return factory(name, desc, "histogram", labels, buckets)
+            return held(name, desc, "histogram", labels, buckets)
 
         def batched_histogram(name: str, desc: str, buckets: list[float]) -> BatchedHistogram:
             return BatchedHistogram(lambda n, extra: counter(n, desc, extra), name, buckets)
@@ -146,6 +204,31 @@ class EngineMetrics:
         self.prompt_len = histogram("inflight_request_prompt_tokens", "Prompt length", LENGTH_BUCKETS)
         self.output_len = histogram("inflight_request_generation_tokens", "Generated length", LENGTH_BUCKETS)
         self._preemptions_seen = 0
+
+    def flush(self) -> int:
+        """Push every held update to the factory's metrics; returns the number of pushes.
+
+        Counters and histograms go before gauges, so a reader that sees a gauge settle (say, no request
+        running) also sees the counts that led there.
+        """
+        with self._flush_lock:
+            with self._held_lock:
+                changes = [(metric, *metric.take()) for metric in self._held]
+            pushes = 0
+            for gauges in (False, True):
+                for metric, added, value, observed in changes:
+                    if metric.gauge is not gauges:
+                        continue
+                    if added:
+                        metric.target.increment(added)
+                        pushes += 1
+                    if value is not None:
+                        metric.target.set(value)
+                        pushes += 1
+                    for v in observed:
+                        metric.target.observe(v)
+                    pushes += len(observed)
+            return pushes
 
     def close(self) -> None:
         """Drop every metric, then the families (Triton requires metrics to go first)."""

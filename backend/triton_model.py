@@ -144,8 +144,8 @@ class TritonPythonModel:
         if fault_spec:  # test-only (docs/serving.md)
             logger.warning("inflight: fault injection is ON: %s", fault_spec)
             engine.fault_hook = FaultInjector(parse_fault_spec(fault_spec))
+        self.metrics.kv_total.set(engine.scheduler.kv_cache_manager.num_usable_blocks)
         self.service = EngineService(engine, self.metrics, on_fatal=self._unload_self)
-        self.metrics.kv_total.set(self.service.engine.scheduler.kv_cache_manager.num_usable_blocks)
 
     def execute(self, requests: list[Any]) -> None:
         pb = self.pb

@@ -171,11 +171,15 @@ def run_genai_perf(
         "--output-tokens-mean-deterministic", "--request-count", str(request_count),
         "--concurrency", str(concurrency), "--warmup-request-count", "0",
         "--artifact-dir", str(artifact_dir),
-        # NOTE: -v lets perf_analyzer's own output through (genai-perf discards it otherwise): a fresh-clone
-        # CI run once got an empty profile export from a perf_analyzer that exited 0 and said nothing.
-        "-v",
+        "-v",  # perf_analyzer's own output reaches a failure message (genai-perf discards it otherwise)
     ]  # fmt: skip
-    for key, value in {"ignore_eos": "true", "temperature": "0.0", **(extra_inputs or {})}.items():
+    # NOTE: return_cumulative_logprob: perf_analyzer 2.51 records every output the model declares, and for
+    # one a response lacks it exports a value read from a zero-length buffer, with no bounds check
+    # (ProfileDataExporter::SetValueToJSON). For our one FP32 output, cumulative_logprob, that garbage is a
+    # NaN or an infinity about 1 read in 256; rapidjson then refuses the document and perf_analyzer leaves an
+    # empty profile export yet exits 0, so genai-perf fails to parse it. Asked for, the output is present.
+    extras = {"ignore_eos": "true", "temperature": "0.0", "return_cumulative_logprob": "true"}
+    for key, value in {**extras, **(extra_inputs or {})}.items():
         command += ["--extra-inputs", f"{key}:{value}"]
     # NOTE: COLUMNS widens genai-perf's (rich) table, which otherwise wraps at 80 columns off a terminal.
     env = {**perf_env(), "COLUMNS": "150"}

@@ -1,10 +1,13 @@
-"""BatchedHistogram: Prometheus histogram series (cumulative `_bucket{le}`, `_sum`, `_count`) from batches."""
+"""BatchedHistogram: Prometheus histogram series (cumulative `_bucket{le}`, `_sum`, `_count`) from batches;
+EngineMetrics holds updates until a flush pushes their net change."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from inflight.backend.metrics import LATENCY_BUCKETS, BatchedHistogram
+from inflight.backend.metrics import LATENCY_BUCKETS, BatchedHistogram, EngineMetrics
 
 
 class Counter:
@@ -38,3 +41,78 @@ def test_batches_give_the_counts_of_every_single_observation() -> None:
     assert np.isclose(made[("lat_sum", "")].value, values.sum())
     # One update per bucket per batch, not one per value.
     assert made[("lat_bucket", "+Inf")].calls == len(batches)
+
+
+class Recorder:
+    """A factory's metric that logs every push it gets, in the order of all pushes."""
+
+    log: list[tuple[str, str, float]] = []
+
+    def __init__(self, name: str, labels: dict[str, str]) -> None:
+        self.name = name + "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}"
+
+    def set(self, value: float) -> None:
+        Recorder.log.append((self.name, "set", value))
+
+    def increment(self, value: float) -> None:
+        Recorder.log.append((self.name, "increment", value))
+
+    def observe(self, value: float) -> None:
+        Recorder.log.append((self.name, "observe", value))
+
+
+def _recorded_metrics() -> EngineMetrics:
+    Recorder.log = []
+    return EngineMetrics(lambda name, desc, kind, labels, buckets: Recorder(name, labels), {"model": "m"})
+
+
+def test_updates_wait_for_flush_and_push_their_net_change() -> None:
+    """Behind Triton each push is a round trip from the stub: a flush pushes one net change per metric."""
+    metrics = _recorded_metrics()
+    assert metrics.flush() == 1 and Recorder.log == [("inflight_engine_healthy{model=m}", "set", 1)]
+    Recorder.log.clear()
+    for _ in range(1000):
+        metrics.generation_tokens.increment(3)
+        metrics.final_sent("OK")
+    for value in (5, 7, 2):
+        metrics.running.set(value)
+    metrics.e2e.observe(0.5)
+    metrics.e2e.observe(1.5)
+    assert Recorder.log == []  # nothing reaches the factory's metrics before a flush
+    assert metrics.flush() == 5
+    assert sorted(Recorder.log) == sorted(
+        [
+            ("inflight_generation_tokens_total{model=m}", "increment", 3000),
+            ("inflight_final_responses_total{model=m,status=OK}", "increment", 1000),
+            ("inflight_e2e_request_latency_seconds{model=m}", "observe", 0.5),
+            ("inflight_e2e_request_latency_seconds{model=m}", "observe", 1.5),
+            ("inflight_num_requests_running{model=m}", "set", 2),
+        ]
+    )
+    # Gauges go last: a reader that sees a gauge settle also sees the counts that led there.
+    assert Recorder.log[-1][0] == "inflight_num_requests_running{model=m}"
+    Recorder.log.clear()
+    metrics.running.set(2)  # unchanged since the last push: nothing to push
+    assert metrics.flush() == 0 and Recorder.log == []
+
+
+def test_updates_from_many_threads_add_up() -> None:
+    metrics = _recorded_metrics()
+    metrics.flush()
+    Recorder.log.clear()
+
+    def work() -> None:
+        for _ in range(2000):
+            metrics.received.increment(1)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    pushed = 0
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        pushed += metrics.flush()
+    for t in threads:
+        t.join()
+    pushed += metrics.flush()
+    total = sum(v for name, _, v in Recorder.log if name.startswith("inflight_requests_received_total"))
+    assert total == 8000 and pushed == len(Recorder.log)

@@ -11,27 +11,29 @@ import pytest
 from inflight.backend.server import TritonServer
 from tests.reliability.harness import BYTES_PER_BLOCK, RESULTS, ScenarioStats, start_server
 
+# Token ids that trigger the test-only fault injection (backend/faults.py): on the small server a step that
+# computes STEP_FAULT_TOKEN fails (its requests end with INTERNAL), FATAL_TOKEN kills the engine thread; on
+# the shared server a step that computes STALL_TOKEN sleeps faults.STALL_SECONDS first (the stub kill).
+# No other request contains them, so the other scenarios on those servers are unaffected.
+STEP_FAULT_TOKEN, FATAL_TOKEN, STALL_TOKEN = 49000, 49001, 49002
 # The server most scenarios share: small settings (CI is a 2-core CPU), ample KV for them.
 SHARED_PARAMETERS = {
     "max_model_len": "256",
     "kv_cache_memory_bytes": str(128 << 20),
     "max_queue_size": "1024",
     "drain_timeout_s": "5",
+    "fault_injection": f"stall:token={STALL_TOKEN}",
 }
-# Token ids that trigger the test-only fault injection (backend/faults.py) on the small server: a step that
-# computes STEP_FAULT_TOKEN fails (its requests end with INTERNAL), FATAL_TOKEN kills the engine thread.
-# No other request contains them, so the other scenarios on that server are unaffected.
-STEP_FAULT_TOKEN, FATAL_TOKEN = 49000, 49001
 SMALL_MAX_LEN = 128
 # The small server: KV for about 1.5 requests of max_model_len 128 (12 usable blocks of 16 tokens), the
-# fault-injection markers, a short drain. Shared by KV pressure, same-seed, faults, stub kill and unload.
+# fault-injection markers, a short drain. Shared by KV pressure, same-seed and the faults.
 SMALL_PARAMETERS = {
     "max_model_len": str(SMALL_MAX_LEN),
     "kv_cache_memory_bytes": str(13 * BYTES_PER_BLOCK),
     "fault_injection": f"step:token={STEP_FAULT_TOKEN};fatal:token={FATAL_TOKEN}",
     "drain_timeout_s": "3",
 }
-# Tests that end a shared server's model the hard way (the stub kill, on the small server) run last.
+# Tests that end a shared server's model the hard way (the stub kill, on the shared server) run last.
 RUN_LAST = ("test_stub_killed",)
 
 
@@ -88,7 +90,8 @@ def rel_server(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     try:
         yield server
     finally:
-        server.stop()
+        # NOTE: after a stub kill Triton waits its whole exit timeout for the dead stub's requests.
+        server.stop(timeout_s=2 if any(w.deaths for w in server.watchdogs) else 30)
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,13 @@ from inflight.backend.server import (
     stub_pids,
     write_model_repository,
 )
-from tests.serving.triton_helpers import MODEL, StreamResult, make_inputs, metrics, record_response
+from tests.serving.triton_helpers import (
+    MODEL,
+    StreamResult,
+    make_inputs,
+    record_response,
+    settled_metrics,
+)
 
 # KV bytes of one 16-token block of SmolLM2-135M in float32: 2 (K, V) x 30 layers x 16 x 3 heads x 64 x 4.
 BYTES_PER_BLOCK = 2 * 30 * 16 * 3 * 64 * 4
@@ -98,10 +104,11 @@ def stub_rss_bytes(server: TritonServer) -> int:
 
 
 def settle(server: TritonServer, timeout_s: float = 30.0) -> dict[str, float]:
-    """Wait until the server holds no request and no KV block (or the timeout); returns the metrics then."""
+    """Wait until the server holds no request and no KV block (or the timeout); returns the metrics then
+    (settled: the same twice, a metrics push apart, so not the idle state from before the scenario)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        m = metrics(server.url_metrics)
+        m = settled_metrics(server.url_metrics, timeout_s=max(1.0, deadline - time.monotonic()))
         idle = (
             m.get("inflight_kv_blocks_used", 0) == 0
             and m.get("inflight_requests_open", 0) == 0

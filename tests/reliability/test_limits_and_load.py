@@ -17,6 +17,7 @@ from tests.reliability.harness import (
     finals,
     mixed_jobs,
     received,
+    settle,
     start_server,
     stub_pid,
     stub_rss_bytes,
@@ -93,7 +94,7 @@ def test_same_seed_same_output_alone_batched_and_preempted(scenario, rel_server,
     batched = drive(rel_server.url_grpc, [*fill[:8], Job("seed-batched", probe), *fill[8:]], concurrency=16)
     before = metrics(small_server.url_metrics)["inflight_preemptions_total"]
     pressure = drive(small_server.url_grpc, [*fill, Job("seed-preempted", probe), *fill], concurrency=31)
-    preempted = metrics(small_server.url_metrics)["inflight_preemptions_total"] - before
+    preempted = settle(small_server)["inflight_preemptions_total"] - before
     scenario.requests = 1 + len(batched) + len(pressure)
     got = {o.job.rid: o.result for o in [alone, *batched, *pressure] if o.job.rid.startswith("seed-")
            and not o.job.rid.startswith("seed-fill")}  # fmt: skip
@@ -148,7 +149,7 @@ def _run_mixed(
     scenario, server, reference, count: int, cancel_fraction: float, seed: int
 ) -> dict[str, float]:
     stub = stub_pid(server)
-    before = metrics(server.url_metrics)
+    before = settle(server)
     jobs = mixed_jobs(count, seed, cancel_fraction, max_tokens=4, prefix=f"mix{seed}-")
     outcomes = drive(server.url_grpc, jobs, concurrency=16, timeout_s=120)
     scenario.requests += len(outcomes)

@@ -9,7 +9,7 @@ import pytest
 from inflight.backend.server import free_port
 from inflight.client import InflightClient, InflightError
 
-from .triton_helpers import metrics
+from .triton_helpers import metrics, settled_metrics
 
 LONG = {"max_tokens": 400, "ignore_eos": True, "temperature": 0}
 
@@ -78,7 +78,9 @@ def test_bad_request_is_refused_before_sending() -> None:
 def test_closing_the_stream_cancels_the_request(triton_server, protocol: str) -> None:
     url = triton_server.url_grpc if protocol == "grpc" else triton_server.url_http
     client = InflightClient(url, protocol=protocol, timeout_s=120)
-    aborted = _metric(triton_server, 'inflight_requests_total{finish_reason="abort"}')
+    aborted = settled_metrics(triton_server.url_metrics).get(
+        'inflight_requests_total{finish_reason="abort"}', 0.0
+    )
     stream = client.stream("Count from one to one thousand:", **LONG)
     first = [next(stream), next(stream)]
     assert not any(d.finished for d in first)

@@ -160,6 +160,24 @@ def metrics(url: str) -> dict[str, float]:
     return samples
 
 
+def settled_metrics(url: str, timeout_s: float = 15.0) -> dict[str, float]:
+    """The inflight_* samples once they stopped changing: the same twice, a metrics push apart.
+
+    The model pushes its metrics every METRICS_FLUSH_INTERVAL_S, so a single read can miss what the last
+    requests did; a count compared before and after a test must start from a settled read.
+    """
+    from inflight.backend.metrics import METRICS_FLUSH_INTERVAL_S
+
+    deadline = time.monotonic() + timeout_s
+    last = metrics(url)
+    while True:
+        time.sleep(METRICS_FLUSH_INTERVAL_S + 0.2)
+        now = metrics(url)
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 def wait_for_metric(url: str, name: str, expected: float, timeout_s: float = 15.0) -> float:
     deadline = time.monotonic() + timeout_s
     value = float("nan")

@@ -1,0 +1,45 @@
+"""The test-only fault injection's rules: parsing (errors name the parameter) and what each kind does."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from inflight.backend import faults
+from inflight.backend.engine import EngineDeadError
+from inflight.backend.faults import FaultInjector, FaultRule, InjectedFault, parse_fault_spec
+from inflight.batching import ScheduledRequest, SchedulerOutput
+
+
+def _step(*token_lists: list[int]) -> SchedulerOutput:
+    scheduled = [
+        ScheduledRequest(f"req-{i}", tokens, 0, [i], needs_sample=True, is_new=True)
+        for i, tokens in enumerate(token_lists)
+    ]
+    return SchedulerOutput(scheduled, sum(len(t) for t in token_lists), [], [])
+
+
+def test_parse_rules_and_refuse_bad_ones() -> None:
+    assert parse_fault_spec(" step:every=3; fatal:token=7 ;stall:token=9;") == [
+        FaultRule("step", "every", 3), FaultRule("fatal", "token", 7), FaultRule("stall", "token", 9),
+    ]  # fmt: skip
+    for bad in ("hang:token=1", "step:token=x", "stall:every=0", "step:after=2", "fatal:every=2", "stall"):
+        with pytest.raises(ValueError, match="fault_injection"):
+            parse_fault_spec(bad)
+
+
+def test_each_kind_does_what_it_says(monkeypatch) -> None:
+    monkeypatch.setattr(faults, "STALL_SECONDS", 0.3)
+    hook = FaultInjector(parse_fault_spec("step:token=5;fatal:token=6;stall:token=7"))
+    hook(_step([1, 2], [3]))  # no marker: nothing happens
+    with pytest.raises(InjectedFault, match=r"step fault \(token=5\).*req-0, req-1"):
+        hook(_step([1], [4, 5]))
+    with pytest.raises(EngineDeadError, match="fatal fault"):
+        hook(_step([6]))
+    start = time.monotonic()
+    hook(_step([1], [7]))  # a stall: the step is held, then goes on without an error
+    assert time.monotonic() - start >= 0.3
+    assert hook.faults == 3
+    hook(_step())  # an empty step is not counted
+    assert hook.steps == 4
