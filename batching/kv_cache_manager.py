@@ -45,6 +45,8 @@ class KVCacheManager:
         self.block_pool = BlockPool(num_blocks, enable_caching)
         self.stats = PrefixCacheStats()
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # The same tables as block ids, kept beside the blocks: the scheduler hands them to every step.
+        self._req_to_block_ids: dict[str, list[int]] = {}
         # How many leading blocks of each request were already offered to the cache map.
         self._num_cached_blocks: dict[str, int] = {}
 
@@ -119,6 +121,17 @@ class KVCacheManager:
             The newly allocated blocks (possibly an empty list), or None when the pool is short;
             then nothing was allocated or touched. Test the result with `is None`.
         """
+        if not new_computed_blocks:
+            # NOTE: the common decode step (no new block, no block to cache) answered at once.
+            req_blocks = self.req_to_blocks.get(request.request_id)
+            if req_blocks is not None:
+                num_total_tokens = request.num_computed_tokens + num_new_tokens
+                if num_total_tokens <= len(req_blocks) * self._block_size and (
+                    not self.enable_caching
+                    or min(num_total_tokens // self._block_size, len(request.block_hashes))
+                    <= self._num_cached_blocks.get(request.request_id, 0)
+                ):
+                    return []
         new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.get(request.request_id, [])
         assert not (new_computed_blocks and req_blocks), "prefix hits are only added to an empty table"
@@ -138,6 +151,9 @@ class KVCacheManager:
         req_blocks.extend(new_computed_blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         req_blocks.extend(new_blocks)
+        block_ids = self._req_to_block_ids.setdefault(request.request_id, [])
+        block_ids.extend(block.block_id for block in new_computed_blocks)
+        block_ids.extend(block.block_id for block in new_blocks)
 
         if self.enable_caching:
             # A block is cached as soon as it will be full after this step; its hash exists only
@@ -155,6 +171,7 @@ class KVCacheManager:
         """Release all blocks of `request` (tail first) and forget it. Unknown requests are ignored."""
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
+        self._req_to_block_ids.pop(request.request_id, None)
         if blocks is None:
             return
         # NOTE: reverse order puts the request's last blocks at the front of the eviction order:
@@ -166,8 +183,12 @@ class KVCacheManager:
         return self.req_to_blocks.get(request_id, [])
 
     def get_block_ids(self, request_id: str) -> list[int]:
-        """The block ids of a request's block table (a new list; empty if it has none)."""
-        return [block.block_id for block in self.req_to_blocks.get(request_id, [])]
+        """The block ids of a request's block table (empty if it has none).
+
+        The manager's own list, which grows as the request gets blocks: read it, never mutate it. A list
+        handed out stays as it is once the request is freed (a later table is a new list).
+        """
+        return self._req_to_block_ids.get(request_id, [])
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix; only works when no request holds blocks. Returns success."""

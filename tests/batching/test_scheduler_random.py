@@ -114,7 +114,7 @@ class Harness:
             assert req.num_pending_tokens <= 2
             if req.max_output_tokens is not None:  # never the KV of a request's last token
                 assert end < req.num_prompt_tokens + req.max_output_tokens
-            assert s.block_ids == sched.kv_cache_manager.get_block_ids(s.request_id)
+            assert s.block_ids == [b.block_id for b in sched.kv_cache_manager.get_blocks(s.request_id)]
             if not config.enable_chunked_prefill:
                 assert s.needs_sample
             if s.is_new:
@@ -146,6 +146,7 @@ class Harness:
         owners: Counter[int] = Counter()
         for req in self.sched.running:
             block_ids = manager.get_block_ids(req.request_id)
+            assert block_ids == [b.block_id for b in manager.get_blocks(req.request_id)]
             assert len(block_ids) == -(-req.num_computed_tokens // self.bs)
             assert len(set(block_ids)) == len(block_ids) and 0 not in block_ids
             owners.update(block_ids)
