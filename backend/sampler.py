@@ -107,8 +107,11 @@ class SamplingBatch:
 
         ban_flat_ids: list[int] = []
         for row, (p, output) in enumerate(zip(params, output_token_ids, strict=True)):
+            below_min_tokens = counts[row] < p.min_tokens
+            if not below_min_tokens and (bad_words_token_ids is None or not bad_words_token_ids[row]):
+                continue  # the common row: nothing banned (no set built for it)
             banned: set[int] = set()
-            if counts[row] < p.min_tokens:
+            if below_min_tokens:
                 banned.update(p.stop_token_ids)
                 if not p.ignore_eos:
                     banned.update(eos_sets[row])
