@@ -121,39 +121,30 @@ class KVCacheManager:
             The newly allocated blocks (possibly an empty list), or None when the pool is short;
             then nothing was allocated or touched. Test the result with `is None`.
         """
-        if not new_computed_blocks:
-            # NOTE: the common decode step (no new block, no block to cache) answered at once.
-            req_blocks = self.req_to_blocks.get(request.request_id)
-            if req_blocks is not None:
-                num_total_tokens = request.num_computed_tokens + num_new_tokens
-                if num_total_tokens <= len(req_blocks) * self._block_size and (
-                    not self.enable_caching
-                    or min(num_total_tokens // self._block_size, len(request.block_hashes))
-                    <= self._num_cached_blocks.get(request.request_id, 0)
-                ):
-                    return []
         new_computed_blocks = new_computed_blocks or []
-        req_blocks = self.req_to_blocks.get(request.request_id, [])
+        req_blocks = self.req_to_blocks.get(request.request_id)
         assert not (new_computed_blocks and req_blocks), "prefix hits are only added to an empty table"
         num_computed_tokens = request.num_computed_tokens + len(new_computed_blocks) * self._block_size
         num_total_tokens = num_computed_tokens + num_new_tokens
         num_required_blocks = _cdiv(num_total_tokens, self._block_size)
-        num_new_blocks = max(0, num_required_blocks - len(req_blocks) - len(new_computed_blocks))
-        # NOTE: touching a cached block with ref_cnt 0 pulls it out of the free queue, so it
-        # costs a free block just like a new one.
-        num_evictable_computed_blocks = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
-        if num_new_blocks + num_evictable_computed_blocks > self.block_pool.get_num_free_blocks():
-            return None
-
-        # Touch first, so that get_new_blocks cannot evict the hit blocks.
-        self.block_pool.touch(new_computed_blocks)
-        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
-        req_blocks.extend(new_computed_blocks)
-        new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
-        req_blocks.extend(new_blocks)
-        block_ids = self._req_to_block_ids.setdefault(request.request_id, [])
-        block_ids.extend(block.block_id for block in new_computed_blocks)
-        block_ids.extend(block.block_id for block in new_blocks)
+        num_new_blocks = max(0, num_required_blocks - len(req_blocks or ()) - len(new_computed_blocks))
+        new_blocks: list[KVCacheBlock] = []
+        # NOTE: the common decode step (a table that has room, no prefix hit) takes nothing from the pool.
+        if req_blocks is None or num_new_blocks or new_computed_blocks:
+            # NOTE: touching a cached block with ref_cnt 0 pulls it out of the free queue, so it
+            # costs a free block just like a new one.
+            num_evictable_computed_blocks = sum(1 for block in new_computed_blocks if block.ref_cnt == 0)
+            if num_new_blocks + num_evictable_computed_blocks > self.block_pool.get_num_free_blocks():
+                return None
+            # Touch first, so that get_new_blocks cannot evict the hit blocks.
+            self.block_pool.touch(new_computed_blocks)
+            req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+            req_blocks.extend(new_computed_blocks)
+            new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
+            req_blocks.extend(new_blocks)
+            block_ids = self._req_to_block_ids.setdefault(request.request_id, [])
+            block_ids.extend(block.block_id for block in new_computed_blocks)
+            block_ids.extend(block.block_id for block in new_blocks)
 
         if self.enable_caching:
             # A block is cached as soon as it will be full after this step; its hash exists only
