@@ -215,10 +215,6 @@ class EngineService:
         self._poll_cursor = 0
         self._last_poll = 0.0
         self._cancelled: list[str] = []  # found by the last poll, aborted after the step
-        # [checks, seconds] of cancellation checks (engine thread), [sends, seconds] of response sends
-        # (response thread), and what of them the metrics have: the Triton layer's cost, in the metrics.
-        self._checks, self._sends = [0, 0.0], [0, 0.0]
-        self._published = (0, 0.0, 0, 0.0)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: dict[str, LiveRequest] = {}
@@ -283,7 +279,6 @@ class EngineService:
         self._outbox.put(None)
         self._response_thread.join(timeout=30)
         if self._metrics_writer is not None:
-            self._publish_service_time(self._metrics_writer)
             self._metrics_writer.close()
         gc.unfreeze()
 
@@ -383,8 +378,10 @@ class EngineService:
         self._poll_cursor = start + len(batch)
         checked = [live for live in batch if not live.cancelled]
         self._cancelled.extend(live.request_id for live in checked if live.sink.is_cancelled())
-        self._checks[0] += len(checked)
-        self._checks[1] += time.monotonic() - now
+        metrics = self.metrics
+        if metrics is not None:  # the Triton layer's cost, in the metrics
+            metrics.cancel_checks.increment(len(checked))
+            metrics.cancel_check_seconds.increment(time.monotonic() - now)
 
     def _publish_step_metrics(self) -> None:
         writer = self._metrics_writer
@@ -401,14 +398,6 @@ class EngineService:
         ):
             self._last_stats_time = now
             writer.put(metrics.update_scheduler, self.engine.scheduler.get_stats())
-            self._publish_service_time(writer)
-
-    def _publish_service_time(self, writer: _MetricsWriter) -> None:
-        totals = (*self._checks, *self._sends)
-        writer.put(
-            writer.metrics.service_time, *(a - b for a, b in zip(totals, self._published, strict=True))
-        )
-        self._published = totals
 
     def _handle_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -528,8 +517,10 @@ class EngineService:
             logger.warning("sending a response for %s failed; cancelling it", live.request_id, exc_info=True)
             if not final:
                 self._inbox.put(("abort", live.request_id))
-        self._sends[0] += 1
-        self._sends[1] += time.monotonic() - start
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.responses_sent.increment(1)
+            metrics.response_send_seconds.increment(time.monotonic() - start)
         if final:
             live.sink = _CLOSED_SINK  # drop the response sender now (see _response_loop)
             with self._lock:

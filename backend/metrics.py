@@ -251,13 +251,6 @@ class EngineMetrics:
             self.preemptions.increment(new)
             self._preemptions_seen = stats.num_preemptions_total
 
-    def service_time(self, checks: int, check_s: float, sends: int, send_s: float) -> None:
-        """Add the engine service's cancellation checks and response sends since the last call."""
-        for metric, value in ((self.cancel_checks, checks), (self.cancel_check_seconds, check_s),
-                              (self.responses_sent, sends), (self.response_send_seconds, send_s)):  # fmt: skip
-            if value > 0:
-                metric.increment(value)
-
     def final_sent(self, status: str) -> None:
         self.finals[status if status in self.finals else "INTERNAL"].increment(1)
 
