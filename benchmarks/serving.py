@@ -111,8 +111,16 @@ _SERVER_COUNTERS = (
 
 
 def _server_counters(url: str) -> dict[str, float] | None:
-    """The totals of ``_SERVER_COUNTERS`` on the server's metrics page, or None if unreadable."""
+    """The totals of ``_SERVER_COUNTERS`` on the server's metrics page, or None if unreadable.
+
+    Read once the model's latest metric push is in: it pushes every METRICS_FLUSH_INTERVAL_S, so a read
+    right after a level would miss its last requests (and count them in the next level).
+    """
     import urllib.request
+
+    from inflight.backend.metrics import METRICS_FLUSH_INTERVAL_S
+
+    time.sleep(METRICS_FLUSH_INTERVAL_S + 0.2)
 
     try:
         with urllib.request.urlopen(f"http://{url}/metrics", timeout=5) as response:
