@@ -140,14 +140,24 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         table = np.arange(1, blocks + 1, dtype=np.int64)
-        pos = np.arange(num_tokens, dtype=np.int64)
-        inputs = StepInputs(np.zeros(num_tokens, np.int64), pos, table[pos // self.block_size] * self.block_size
-                            + pos % self.block_size, table[None].astype(np.int32), [num_tokens], [0, num_tokens],
-                            [num_tokens - 1] * num_sample_rows, [])  # fmt: skip
-        hidden = self._forward_eager(inputs, None)
+
+        def prompt(n: int) -> StepInputs:
+            pos = np.arange(n, dtype=np.int64)
+            return StepInputs(np.zeros(n, np.int64), pos, table[pos // self.block_size] * self.block_size
+                              + pos % self.block_size, table[None].astype(np.int32), [n], [0, n],
+                              [n - 1] * num_sample_rows, [])  # fmt: skip
+
+        hidden = self._forward_eager(prompt(num_tokens), None)
         self.model.compute_logits(hidden[-1:].expand(num_sample_rows, -1).contiguous())
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden
+        # NOTE: prefill attention picks its tiles by the step's longest query (SHORT_QUERY_TOKENS), so a
+        # short prompt runs too: its kernels compile now, not in a user's first short request.
+        from ..kernels.paged_prefill_attention import SHORT_QUERY_TOKENS
+
+        if num_tokens > SHORT_QUERY_TOKENS:
+            self._forward_eager(prompt(16), None)
         self.kv_cache = None
         for layer in self.model.attention_layers():
             layer.bind_kv_cache(None, None)

@@ -36,7 +36,7 @@ DEFAULT_MAX_PARTITIONS = 64
 
 # NOTE: not specialized on what changes from one eager step to the next (the block table's width, the
 # partition count), so a new batch does not compile the kernel again.
-@triton.jit(do_not_specialize=["stride_block_table_seq", "num_partitions", "sliding_window"])
+@triton.jit(do_not_specialize=["stride_block_table_seq", "num_partitions", "partition_size", "sliding_window"])
 def _paged_decode_partition_kernel(
     q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM]
@@ -57,13 +57,13 @@ def _paged_decode_partition_kernel(
     stride_cache_head,
     stride_block_table_seq,
     num_partitions,
+    partition_size,  # keys per partition, a multiple of BLOCK_N
     block_size: tl.constexpr,  # NOTE: constexpr: `pos // block_size` becomes a shift
     sliding_window,  # keys at positions > query position - sliding_window are visible (USE_WINDOW only)
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    PARTITION_SIZE: tl.constexpr,
     SPLIT: tl.constexpr,
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -72,7 +72,7 @@ def _paged_decode_partition_kernel(
     kv_head = tl.program_id(1)
     part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    part_start = part * PARTITION_SIZE
+    part_start = part * partition_size
     if (part_start >= seq_len) & (part > 0):
         return  # beyond this sequence; the reduction reads only its own partitions
 
@@ -89,7 +89,7 @@ def _paged_decode_partition_kernel(
     lo = part_start
     if USE_WINDOW:
         lo = tl.maximum(lo, seq_len - sliding_window)  # the query sits at position seq_len - 1
-    hi = tl.minimum(part_start + PARTITION_SIZE, seq_len)
+    hi = tl.minimum(part_start + partition_size, seq_len)
     block_table_row = block_tables_ptr + seq.to(tl.int64) * stride_block_table_seq
     head_offset = kv_head.to(tl.int64) * stride_cache_head
 
@@ -131,7 +131,7 @@ def _paged_decode_partition_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_partitions"])
+@triton.jit(do_not_specialize=["num_partitions", "partition_size"])
 def _paged_decode_reduce_kernel(
     out_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     part_acc_ptr,  # [num_seqs, num_heads, num_partitions, HEAD_DIM] fp32
@@ -141,15 +141,15 @@ def _paged_decode_reduce_kernel(
     stride_out_seq,
     stride_out_head,
     num_partitions,
+    partition_size,
     HEAD_DIM: tl.constexpr,
-    PARTITION_SIZE: tl.constexpr,
-    PARTS_PAD: tl.constexpr,  # next_pow2(num_partitions)
+    PARTS_PAD: tl.constexpr,  # a power of two >= num_partitions (fixed: one compile for every count)
     PART_CHUNK: tl.constexpr,  # partitions combined per step of the output loop
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_valid = (seq_len + PARTITION_SIZE - 1) // PARTITION_SIZE
+    num_valid = (seq_len + partition_size - 1) // partition_size
     row = (seq * tl.num_programs(1) + head).to(tl.int64) * num_partitions
 
     parts = tl.arange(0, PARTS_PAD)
@@ -190,6 +190,8 @@ def paged_decode_attention(
     max_partitions: int = DEFAULT_MAX_PARTITIONS,
     block_n: int = DEFAULT_BLOCK_N,
     out: torch.Tensor | None = None,  # [num_seqs, num_heads, head_dim], query's dtype
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """Attention of each sequence's single newest query over its paged K/V (Triton, split-K).
 
@@ -252,21 +254,21 @@ def paged_decode_attention(
         k_cache.stride(2),
         block_tables.stride(0),
         num_partitions,
+        partition_size,
         k_cache.shape[1],
         sliding_window or 0,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_N=block_n,
-        PARTITION_SIZE=partition_size,
         SPLIT=split,
         USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=1 if interpreting(device) else 3,
+        num_warps=num_warps,
+        num_stages=1 if interpreting(device) else num_stages,
     )
     if split:
-        parts_pad = triton.next_power_of_2(num_partitions)
+        parts_pad = triton.next_power_of_2(max(max_partitions, num_partitions))
         launcher(_paged_decode_reduce_kernel, device)[(num_seqs, num_heads)](
             out,
             part_acc,
@@ -276,8 +278,8 @@ def paged_decode_attention(
             out.stride(0),
             out.stride(1),
             num_partitions,
+            partition_size,
             HEAD_DIM=head_dim,
-            PARTITION_SIZE=partition_size,
             PARTS_PAD=parts_pad,
             PART_CHUNK=min(parts_pad, 16),
             num_warps=4,

@@ -212,15 +212,27 @@ def _tma_ok(k_new: torch.Tensor, v_new: torch.Tensor, on_gpu: bool) -> bool:
     )
 
 
-def default_prefill_blocks(head_dim: int, group: int, on_gpu: bool, dtype_bytes: int = 2) -> tuple[int, int]:
-    """``(BLOCK_M, BLOCK_N)``. GPU: 128 x 128 for 16-bit inputs up to head_dim 128 (with 3 stages the fastest
-    of the sweep in benchmarks/results/attention-h200.json, step K/V through TMA or all through the cache),
-    64 x 32 for fp32 or head_dim 256 (shared memory).
+# Queries up to this long (a step's longest) take the small tiles on the GPU (see default_prefill_blocks).
+SHORT_QUERY_TOKENS = 1536
+
+
+def default_prefill_blocks(
+    head_dim: int, group: int, on_gpu: bool, dtype_bytes: int = 2, max_query_len: int | None = None
+) -> tuple[int, int]:
+    """``(BLOCK_M, BLOCK_N)``. GPU: 128 x 128 for 16-bit inputs up to head_dim 128 and queries longer than
+    ``SHORT_QUERY_TOKENS`` (with 3 stages the fastest for one 4,096-token prompt in
+    benchmarks/results/attention-h200.json); 64 x 32 for shorter queries, fp32 or head_dim 256 (shared
+    memory). Short prompts in 128 x 128 tiles (one program per SM, most of a diagonal tile masked) ran at
+    57 TFLOP/s for 128 prompts of 128 tokens on an H200; 64 x 32 tiles ran them 2.0x faster, 32 prompts of
+    467 tokens 1.55x, 16 of 1,024 1.24x (348 against 280 TFLOP/s), 8 of 1,536 1.09x; from 2,048 tokens the
+    large tiles win (8 x 2,048: 391 against 381; 4 x 4,096: 471 against 405) (sweeps of 2026-11-21, 8B
+    shapes, bf16).
     Interpreted: 16-row tiles, which the interpreter runs fastest."""
     if not on_gpu:
         return max(16, triton.next_power_of_2(group)), 16
     block_m, block_n = 128, 128
-    if dtype_bytes > 2 or head_dim > 128:
+    short = max_query_len is not None and max_query_len <= SHORT_QUERY_TOKENS
+    if dtype_bytes > 2 or head_dim > 128 or short:
         block_m, block_n = 64, 32
     return max(block_m, triton.next_power_of_2(group)), block_n
 
@@ -273,7 +285,9 @@ def paged_prefill_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     on_gpu = not interpreting(query.device)
-    default_m, default_n = default_prefill_blocks(head_dim, group, on_gpu, query.element_size())
+    if max_query_len is None and num_seqs and query.shape[0]:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+    default_m, default_n = default_prefill_blocks(head_dim, group, on_gpu, query.element_size(), max_query_len)
     block_m, block_n = block_m or default_m, block_n or default_n
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value < 16 or value & (value - 1):
@@ -286,8 +300,6 @@ def paged_prefill_attention(
         raise ValueError(f"{who}: out must be {tuple(query.shape)} {query.dtype} with a contiguous last dim")
     if num_seqs == 0 or query.shape[0] == 0:
         return out
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
     block_q = block_m // group
     new_kv = k_new is not None
     if new_kv != (v_new is not None):

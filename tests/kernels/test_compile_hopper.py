@@ -78,13 +78,15 @@ STAT_PTRS = (("part_acc_ptr", "fp32"), ("part_max_ptr", "fp32"), ("part_sum_ptr"
 
 @pytest.mark.parametrize("new_kv", [False, True], ids=["cache-kv", "step-kv"])
 @pytest.mark.parametrize(
-    "dtype,head_dim,group,window",
-    [("bf16", 128, 4, False), ("fp16", 64, 3, True), ("fp32", 128, 8, False)],
-)
-def test_prefill_compiles(dtype, head_dim, group, window, new_kv) -> None:
-    """The cache-only path and the step-K/V path through pointers (the TMA path runs in the CUDA tests)."""
+    "dtype,head_dim,group,window,query_len",
+    [("bf16", 128, 4, False, 4096), ("bf16", 128, 4, False, 128), ("fp16", 64, 3, True, None),
+     ("fp32", 128, 8, False, None)],
+)  # fmt: skip
+def test_prefill_compiles(dtype, head_dim, group, window, query_len, new_kv) -> None:
+    """The cache-only path and the step-K/V path through pointers (the TMA path runs in the CUDA tests),
+    in the tiles of long and of short queries."""
     block_m, block_n = default_prefill_blocks(
-        head_dim, group, on_gpu=True, dtype_bytes=4 if dtype == "fp32" else 2
+        head_dim, group, on_gpu=True, dtype_bytes=4 if dtype == "fp32" else 2, max_query_len=query_len
     )
     constexprs = dict(
         GROUP=group,
@@ -119,7 +121,6 @@ def test_decode_compiles(dtype, head_dim, group) -> None:
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_N=64,
-        PARTITION_SIZE=512,
         SPLIT=True,
         USE_WINDOW=group == 1,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
@@ -131,7 +132,7 @@ def test_decode_compiles(dtype, head_dim, group) -> None:
     reduce = compile_for_hopper(
         _paged_decode_reduce_kernel,
         dtype,
-        dict(HEAD_DIM=head_dim, PARTITION_SIZE=512, PARTS_PAD=8, PART_CHUNK=8),
+        dict(HEAD_DIM=head_dim, PARTS_PAD=64, PART_CHUNK=16),
         4,
         1,
         ATTN_INDEX_PTRS + STAT_PTRS,

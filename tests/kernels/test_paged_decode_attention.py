@@ -15,6 +15,8 @@ from .paged_cases import make_paged_case
 CASES = {
     # SmolLM2's 9/3 heads, one partition (the kernel writes the output itself).
     "smollm2-one-partition": (9, 3, 64, 16, [1, 17, 40], None, 512, 64),
+    # One partition of many key tiles (a large batch runs unsplit: backend.layers.attention).
+    "gqa4-unsplit-many-tiles": (12, 3, 64, 16, [300, 45, 129], None, 1024, 32),
     # 12/3 (group 4), several partitions, lengths not multiples of the block size.
     "gqa4-split": (12, 3, 64, 16, [37, 100, 5], None, 32, 16),
     # group 8, head_dim 128.
@@ -132,12 +134,14 @@ def test_empty_sequence_gives_zeros(device, partition_size) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("window", [None, 700])
-def test_model_sized_on_cuda(dtype, window) -> None:
-    """Llama-3-8B's heads (32/8, d128), contexts up to 3000 tokens, the default partitioning."""
+@pytest.mark.parametrize("partition_size", [512, 4096], ids=["split", "unsplit"])
+def test_model_sized_on_cuda(dtype, window, partition_size) -> None:
+    """Llama-3-8B's heads (32/8, d128), contexts up to 3000 tokens, split in 512-key partitions or not."""
     seq_lens = [3000, 1, 513, 1024, 2047, 77, 16, 900]
     case = make_paged_case(32, 8, 128, 16, seq_lens, [1] * len(seq_lens), dtype, torch.device("cuda"))
     out = paged_decode_attention(
-        case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t(), 128**-0.5, window
+        case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t(), 128**-0.5, window,
+        partition_size=partition_size,
     )
     ref = paged_attention_reference(
         case.query,
