@@ -152,7 +152,10 @@ def _check(what: str, value: float | None, target: float, unit: str, higher: boo
 
 
 # Issue 5's offline goals per device (out tok/s); its serving latency goals (TTFT 20 ms, ITL 7 ms) are an H100's.
-OFFLINE_GOALS = {"h100": {"1000/1000": 8_500, "128/128": 18_000}, "h200": {"1000/1000": 10_000, "128/128": 20_000}}
+OFFLINE_GOALS = {
+    "h100": {"1000/1000": 8_500, "128/128": 18_000},
+    "h200": {"1000/1000": 10_000, "128/128": 20_000},
+}
 DEVICES = {"h100": "H100", "h200": "H200"}
 
 
@@ -182,7 +185,10 @@ def device_targets(tag: str) -> str:
         rows.append(_check("batch-1 decode 8B, % of weight-read roofline",
                            100 * newest["inflight"]["fraction_of_roofline"], 75, "%", True, e2e[-1].name))  # fmt: skip
     goals = OFFLINE_GOALS[tag]
-    for name, result, goal in (("1000/1000", thr1000, goals["1000/1000"]), ("128/128", thr128, goals["128/128"])):
+    for name, result, goal in (
+        ("1000/1000", thr1000, goals["1000/1000"]),
+        ("128/128", thr128, goals["128/128"]),
+    ):
         value = result["inflight"]["output_tok_s"] if result else None
         rows.append(
             _check(

@@ -36,7 +36,9 @@ DEFAULT_MAX_PARTITIONS = 64
 
 # NOTE: not specialized on what changes from one eager step to the next (the block table's width, the
 # partition count), so a new batch does not compile the kernel again.
-@triton.jit(do_not_specialize=["stride_block_table_seq", "num_partitions", "partition_size", "sliding_window"])
+@triton.jit(
+    do_not_specialize=["stride_block_table_seq", "num_partitions", "partition_size", "sliding_window"]
+)
 def _paged_decode_partition_kernel(
     q_ptr,  # [num_seqs, num_heads, HEAD_DIM]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, HEAD_DIM]

@@ -287,7 +287,9 @@ def paged_prefill_attention(
     on_gpu = not interpreting(query.device)
     if max_query_len is None and num_seqs and query.shape[0]:
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
-    default_m, default_n = default_prefill_blocks(head_dim, group, on_gpu, query.element_size(), max_query_len)
+    default_m, default_n = default_prefill_blocks(
+        head_dim, group, on_gpu, query.element_size(), max_query_len
+    )
     block_m, block_n = block_m or default_m, block_n or default_n
     for name, value in (("block_m", block_m), ("block_n", block_n)):
         if value < 16 or value & (value - 1):

@@ -140,7 +140,13 @@ def test_model_sized_on_cuda(dtype, window, partition_size) -> None:
     seq_lens = [3000, 1, 513, 1024, 2047, 77, 16, 900]
     case = make_paged_case(32, 8, 128, 16, seq_lens, [1] * len(seq_lens), dtype, torch.device("cuda"))
     out = paged_decode_attention(
-        case.query, case.k_cache, case.v_cache, case.block_tables, case.seq_lens_t(), 128**-0.5, window,
+        case.query,
+        case.k_cache,
+        case.v_cache,
+        case.block_tables,
+        case.seq_lens_t(),
+        128**-0.5,
+        window,
         partition_size=partition_size,
     )
     ref = paged_attention_reference(
