@@ -217,3 +217,33 @@ def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir)
         triton.knobs.runtime.jit_post_compile_hook = saved
     assert compiled == [], f"kernels compiled after start: {compiled}"
     assert llm.engine.runner.mixed_graphs.replays > 0
+
+
+def test_no_kernel_compiles_in_eager_decode_of_new_lengths(tmp_path, tokenizer_dir) -> None:
+    """Decode batches above the largest graph run eagerly, decode attention split by the batch's own
+    longest sequence: new partition sizes and counts compile no kernel (both are runtime arguments)."""
+    import triton
+
+    name = next(iter(TINY_CONFIGS))
+    path = build_tiny_checkpoint(name, tmp_path / name)
+    copy_tokenizer(tokenizer_dir, path)
+    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=8,
+              kv_cache_memory_bytes=64 << 20, max_cuda_graph_batch_size=1)  # fmt: skip
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    llm.generate(_prompts(1, [20, 30], 49152), params)  # a short batch: one unsplit partition
+    compiled: list[str] = []
+
+    def hook(*args, **kwargs) -> bool:
+        compiled.append(kwargs.get("repr", "?"))
+        return False
+
+    saved = triton.knobs.runtime.jit_post_compile_hook
+    triton.knobs.runtime.jit_post_compile_hook = hook
+    try:
+        # Eager decode steps of 2-4 sequences whose longest holds 100 to 450 keys: 2 to 8 partitions.
+        for lengths in ([100, 40], [300, 20, 50], [450, 9, 9, 9], [200, 60]):
+            outs = llm.generate(_prompts(sum(lengths), lengths, 49152), params)
+            assert [len(o.token_ids) for o in outs] == [3] * len(lengths)
+    finally:
+        triton.knobs.runtime.jit_post_compile_hook = saved
+    assert compiled == [], f"kernels compiled after start: {compiled}"
