@@ -188,16 +188,18 @@ def test_8b_bf16_logits_and_top1_within_bf16_noise(llama8b_path) -> None:
     torch.cuda.empty_cache()
 
 
-def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir) -> None:
-    """Once the engine is up, prompts of new lengths (eager steps with block tables of new widths, beside
-    graph replays) compile no Triton kernel: a compile costs seconds of a user's time to first token."""
-    import triton
-
+def _tiny_llm(tmp_path, tokenizer_dir, **options) -> LLM:
     name = next(iter(TINY_CONFIGS))
     path = build_tiny_checkpoint(name, tmp_path / name)
     copy_tokenizer(tokenizer_dir, path)
-    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=8,
-              kv_cache_memory_bytes=64 << 20, max_cuda_graph_prefill_tokens=64)  # fmt: skip
+    return LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=8,
+               kv_cache_memory_bytes=64 << 20, **options)  # fmt: skip
+
+
+def _generate_compiling_nothing(llm: LLM, batches: list[list[int]]) -> None:
+    """Generate 3 tokens for each batch of prompt lengths; no Triton kernel may compile meanwhile."""
+    import triton
+
     compiled: list[str] = []
 
     def hook(*args, **kwargs) -> bool:
@@ -207,43 +209,30 @@ def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir)
     saved = triton.knobs.runtime.jit_post_compile_hook
     triton.knobs.runtime.jit_post_compile_hook = hook
     try:
-        # Eager prefills of 100, 300 and 37 + 250 tokens: block tables 7, 19 and 16 blocks wide (the
-        # start-up pass had 32); the 40-token step of four prompts and every decode replay graphs.
-        for lengths in ([100], [300], [37, 250], [7, 9, 11, 13]):
+        for lengths in batches:
             outs = llm.generate(_prompts(sum(lengths), lengths, 49152),
                                 SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))  # fmt: skip
             assert [len(o.token_ids) for o in outs] == [3] * len(lengths)
     finally:
         triton.knobs.runtime.jit_post_compile_hook = saved
     assert compiled == [], f"kernels compiled after start: {compiled}"
+
+
+def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir) -> None:
+    """Once the engine is up, prompts of new lengths (eager steps with block tables of new widths, beside
+    graph replays) compile no Triton kernel: a compile costs seconds of a user's time to first token."""
+    llm = _tiny_llm(tmp_path, tokenizer_dir, max_cuda_graph_prefill_tokens=64)
+    # Eager prefills of 100, 300 and 37 + 250 tokens: block tables 7, 19 and 16 blocks wide (the start-up
+    # pass had 32); the 40-token step of four prompts and every decode replay graphs.
+    _generate_compiling_nothing(llm, [[100], [300], [37, 250], [7, 9, 11, 13]])
     assert llm.engine.runner.mixed_graphs.replays > 0
 
 
 def test_no_kernel_compiles_in_eager_decode_of_new_lengths(tmp_path, tokenizer_dir) -> None:
     """Decode batches above the largest graph run eagerly, decode attention split by the batch's own
     longest sequence: new partition sizes and counts compile no kernel (both are runtime arguments)."""
-    import triton
-
-    name = next(iter(TINY_CONFIGS))
-    path = build_tiny_checkpoint(name, tmp_path / name)
-    copy_tokenizer(tokenizer_dir, path)
-    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=512, max_num_seqs=8,
-              kv_cache_memory_bytes=64 << 20, max_cuda_graph_batch_size=1)  # fmt: skip
-    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    llm.generate(_prompts(1, [20, 30], 49152), params)  # a short batch: one unsplit partition
-    compiled: list[str] = []
-
-    def hook(*args, **kwargs) -> bool:
-        compiled.append(kwargs.get("repr", "?"))
-        return False
-
-    saved = triton.knobs.runtime.jit_post_compile_hook
-    triton.knobs.runtime.jit_post_compile_hook = hook
-    try:
-        # Eager decode steps of 2-4 sequences whose longest holds 100 to 450 keys: 2 to 8 partitions.
-        for lengths in ([100, 40], [300, 20, 50], [450, 9, 9, 9], [200, 60]):
-            outs = llm.generate(_prompts(sum(lengths), lengths, 49152), params)
-            assert [len(o.token_ids) for o in outs] == [3] * len(lengths)
-    finally:
-        triton.knobs.runtime.jit_post_compile_hook = saved
-    assert compiled == [], f"kernels compiled after start: {compiled}"
+    llm = _tiny_llm(tmp_path, tokenizer_dir, max_cuda_graph_batch_size=1)
+    llm.generate(_prompts(1, [20, 30], 49152), SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    # After that short batch (one unsplit partition): eager decode steps of 2-4 sequences whose longest
+    # holds 100 to 450 keys, 2 to 8 partitions.
+    _generate_compiling_nothing(llm, [[100, 40], [300, 20, 50], [450, 9, 9, 9], [200, 60]])
