@@ -35,7 +35,7 @@ DEFAULT_MAX_PARTITIONS = 64
 
 
 # NOTE: not specialized on what changes from one eager step to the next (the block table's width, the
-# partition count), so a new batch does not compile the kernel again.
+# partition count and size), so a new batch does not compile the kernel again.
 @triton.jit(
     do_not_specialize=["stride_block_table_seq", "num_partitions", "partition_size", "sliding_window"]
 )
