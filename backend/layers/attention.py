@@ -107,9 +107,10 @@ def decode_partition_size(num_seqs: int, num_kv_heads: int, max_seq_len: int, de
     """
     sms = _num_sms(device)
     programs = max(num_seqs * num_kv_heads, 1)
+
+    def size(partitions: int) -> int:  # keys per partition for that many: a power of two, at least 64
+        return max(64, 1 << max(0, (-(-max_seq_len // partitions) - 1).bit_length()))
+
     if programs < 2 * sms:
-        wanted, largest = -(-2 * sms // programs), 512
-    else:
-        wanted, largest = max(1, round(16 * sms / programs)), max_seq_len
-    size = 1 << max(0, (-(-max_seq_len // wanted) - 1).bit_length())
-    return max(64, min(size, 1 << max(0, (largest - 1).bit_length())))
+        return min(512, size(-(-2 * sms // programs)))
+    return size(max(1, round(16 * sms / programs)))
