@@ -139,6 +139,17 @@ class _StepGraphs:
         meta = self._meta(num_tokens, num_seqs)
         return self.model(self.input_ids[:num_tokens], self.positions[:num_tokens], meta)
 
+    def _unpack(self, num_tokens: int, num_seqs: int) -> None:
+        """Staged step (``pack_step``'s layout) -> the static inputs, block tables aside (their width is the
+        step's). Captured at the start of each graph: a replay costs the host no copy launches."""
+        T, S = num_tokens, num_seqs
+        ids, pos, slots, lens, qsl, _ = (self._staging[part] for part in _sections(T, S))
+        self.input_ids[:T].copy_(ids)
+        self.positions[:T].copy_(pos)
+        self.slot_mapping[:T].copy_(slots)
+        self.seq_lens[:S].copy_(lens)
+        self._copy_query_start_loc(qsl)
+
     @torch.inference_mode()
     def capture(self, pool: object = None) -> object:
         """Capture every graph into ``pool`` (a new one if None); returns the pool for the next captures."""
@@ -148,6 +159,7 @@ class _StepGraphs:
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
+                self._unpack(*key)
                 self.outputs[key] = self._forward(*key)
             pool = graph.pool()
             self.graphs[key] = graph
@@ -170,19 +182,13 @@ class _StepGraphs:
         host_tensor = self._hosts[self._turn]
         self._turn ^= 1
         end = pack_step(inputs, host_tensor.numpy(), T, S)
-        staging = self._staging[:end]
-        staging.copy_(host_tensor[:end], non_blocking=True)
-        ids, pos, slots, lens, qsl, tables = (staging[part] for part in _sections(T, S))
-        self.input_ids[:T].copy_(ids)
+        self._staging[:end].copy_(host_tensor[:end], non_blocking=True)
         if fill is not None:
-            self.input_ids.index_copy_(0, *fill)
-        self.positions[:T].copy_(pos)
-        self.slot_mapping[:T].copy_(slots)
-        self.seq_lens[:S].copy_(lens)
-        self._copy_query_start_loc(qsl)
+            self._staging.index_copy_(0, *fill)  # the input ids come first in the staged layout
         width = inputs.block_tables.shape[1]
+        tables = self._staging[_sections(T, S)[-1].start :][: n * width]
         self.block_tables[:n, :width].copy_(tables.view(n, width))
-        self.graphs[key].replay()
+        self.graphs[key].replay()  # starts with `_unpack`
         self.replays += 1
         return self.outputs[key][:t]
 

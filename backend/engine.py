@@ -11,9 +11,19 @@ With ``async_scheduling`` (the default) a step overlaps the host's work with the
 Step N+1 is planned before N's tokens are on the host: a decode whose input is N's token carries a
 placeholder that the runner fills from N's sampled tensor on the device. A request N finishes (a stop
 token) may then be computed once more for nothing; requests whose sampling reads their output history
-(penalties, bad words) make the engine read N's tokens before it plans N+1. A step of fewer than
-``async_scheduling_min_batch`` requests is read at once: at small batches the host's work is short, and
-a request that arrives during step N then gets into N+1 instead of N+2.
+(penalties, bad words) make the engine read N's tokens before it plans N+1.
+
+Planned that early, N+1 cannot take in a request that arrives while N runs: it waits for N+2, a whole
+step more to its first token. So the serving loop calls ``wait_for_small_step`` before it takes in new
+requests: a step of fewer than ``async_scheduling_min_batch`` requests (where the host's planning is
+short) is waited for on the device first, then N+1 is planned with whatever arrived, launched, and only
+then are N's tokens detokenized and turned into outputs, while N+1 runs::
+
+    small steps:     wait for N ─ take in arrivals ─ schedule N+1 ─ launch N+1 ─ detokenize N, outputs
+    device:          N running ─┘ (idle while N+1 is planned)    │ N+1 running .......................
+
+A small step that ended a prompt is read right after the wait instead, so the request's first token does
+not wait for N+1's planning and launch (once per request, the device idles that much longer).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from .detokenizer import IncrementalDetokenizer
 from .engine_args import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
 from .inputs import Prompt, PromptProcessor
 from .model_config import ModelConfig
-from .model_runner import ModelRunner, kv_cache_bytes_per_block
+from .model_runner import ModelRunner, PendingTokens, kv_cache_bytes_per_block
 from .outputs import RequestOutput, TokenLogprob
 from .sampler import Sampler, SamplerOutput, SamplingBatch
 from .sampling_params import SamplingParams
@@ -83,12 +93,21 @@ class _HostTokens:
             self._event = torch.cuda.Event()
             self._event.record()
         self._tensors = tensors
+        self.waited = False  # the host has waited for the step: its tokens can be read at no cost
+        self._lists: tuple | None = None
+
+    def wait(self) -> None:
+        """Until the step and its copies are done on the device."""
+        if self._event is not None:
+            self._event.synchronize()
+        self.waited = True
 
     def read(self) -> tuple[list[int], list[float] | None, list[list[float]] | None, list[list[int]] | None]:
         """Waits for the copies (the step's one host synchronisation) and returns them as lists."""
-        if self._event is not None:
-            self._event.synchronize()
-        return tuple(None if t is None else t.tolist() for t in self._tensors)  # type: ignore[return-value]
+        if self._lists is None:
+            self.wait()
+            self._lists = tuple(None if t is None else t.tolist() for t in self._tensors)
+        return self._lists  # type: ignore[return-value]
 
 
 @dataclass
@@ -301,12 +320,25 @@ class LLMEngine:
             while_gpu_runs()
         if previous is not None:
             outputs += self._read_step(previous)
-        if self._inflight is not None and (
-            not self.args.async_scheduling or len(scheduled.scheduled) < self.args.async_scheduling_min_batch
-        ):
+        if self._inflight is not None and not self.args.async_scheduling:
             outputs += self._read_step(self._inflight)
             self._inflight = None
         return outputs
+
+    def wait_for_small_step(self) -> list[RequestOutput]:
+        """Wait until the device has finished the step in flight if it has fewer than
+        ``async_scheduling_min_batch`` requests (see the module docstring); the serving loop calls this
+        before taking in new requests. Its tokens are read by the next ``step``, after that step's launch,
+        unless it sampled a request's first token (it ended a prompt): then it is read now and its outputs
+        returned, so that first token goes out without waiting for the next step's planning (TTFT)."""
+        step = self._inflight
+        if step is None or len(step.scheduled.scheduled) >= self.args.async_scheduling_min_batch:
+            return []
+        step.host.wait()
+        if not any(e.needs_sample and len(e.token_ids) > 1 for e in step.scheduled.scheduled):
+            return []
+        self._inflight = None
+        return self._read_step(step)
 
     def _launch(
         self, scheduled: SchedulerOutput, previous: _StepInFlight | None, outputs: list[RequestOutput]
@@ -318,7 +350,11 @@ class LLMEngine:
             batch = self._sampling_batch(states) if states else None
             if self.fault_hook is not None:
                 self.fault_hook(scheduled)
-            pending = (previous.sampled, previous.rows) if previous is not None else None
+            pending = None
+            if previous is not None:
+                # NOTE: a step the host waited for (small) gives its tokens from the host: no device gather.
+                known = previous.host.read()[0] if previous.host.waited else None
+                pending = PendingTokens(previous.rows, previous.sampled, known)
             if self._step_events is not None:
                 events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
                 events[0].record()

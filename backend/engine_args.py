@@ -40,8 +40,10 @@ class EngineArgs:
     # (eagerly such a step waits on the host's kernel launches); 0: they run eagerly.
     max_cuda_graph_prefill_tokens: int = 1024
     async_scheduling: bool = True  # plan and launch step N+1 before reading step N's tokens
-    # With async_scheduling, a step of fewer requests than this is read at once: the host's work is short
-    # there, and a request that arrives meanwhile gets into the very next step (TTFT one step shorter).
+    # With async_scheduling, the serving loop waits for a step of fewer requests than this to end before it
+    # takes in new requests and plans the next one (its planning is short there): a request that arrives
+    # meanwhile gets into the very next step (TTFT one step shorter). The step's detokenizing and outputs
+    # still overlap the next step.
     async_scheduling_min_batch: int = 8
 
     def __post_init__(self) -> None:

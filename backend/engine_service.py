@@ -287,6 +287,8 @@ class EngineService:
         try:
             while True:
                 busy = self.engine.has_unfinished_requests()
+                if busy:  # what arrives while a small step runs joins the next step
+                    self._handle_outputs(self.engine.wait_for_small_step())
                 if not self._drain_inbox(block=not busy):
                     break
                 if self.engine.has_unfinished_requests():

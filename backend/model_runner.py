@@ -54,6 +54,15 @@ class StepInputs:
         return len(self.input_ids) == len(self.seq_lens)
 
 
+@dataclass
+class PendingTokens:
+    """The tokens of the step in flight: inputs of this step's decodes planned before they were sampled."""
+
+    rows: dict[str, int]  # request id -> its row in `device_ids`
+    device_ids: torch.Tensor  # [num_rows] int64 on the device
+    host_ids: list[int] | None = None  # the same ids, when the host has them already
+
+
 def kv_cache_bytes_per_block(
     cfg: ModelConfig, block_size: int, kv_dtype: torch.dtype, num_kv_heads: int
 ) -> int:
@@ -66,8 +75,12 @@ def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
     """The flat token batch of a scheduled step (see the module docstring).
 
     NOTE: vectorised over requests (a decode step of 256 long sequences would otherwise spend
-    milliseconds in per-request numpy calls): one pass collects Python lists, numpy does the rest.
+    milliseconds in per-request numpy calls): one pass collects Python lists, numpy does the rest. A step
+    of a few tokens (decodes at low load, where the host's time is the step's latency) is built in plain
+    Python instead: numpy's per-call cost is most of the work there (4 decodes: 26 instead of 72 us).
     """
+    if out.num_batched_tokens <= SMALL_STEP_TOKENS:
+        return _flatten_small_step(out, block_size)
     scheduled = out.scheduled
     num_seqs = len(scheduled)
     lens = np.fromiter((len(r.token_ids) for r in scheduled), dtype=np.int64, count=num_seqs)
@@ -100,6 +113,44 @@ def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
         logits_rows=[int(ends[i]) - 1 for i in sample],
         sample_ids=[scheduled[i].request_id for i in sample],
         pending_rows=[int(ends[i]) - 1 for i in pending],
+        pending_ids=[scheduled[i].request_id for i in pending],
+    )
+
+
+SMALL_STEP_TOKENS = 32  # steps of at most this many tokens are flattened in plain Python
+
+
+def _flatten_small_step(out: SchedulerOutput, block_size: int) -> StepInputs:
+    """``flatten_step`` for a few tokens, request by request."""
+    scheduled = out.scheduled
+    block_tables = np.zeros((len(scheduled), max(len(r.block_ids) for r in scheduled)), dtype=np.int32)
+    ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    seq_lens: list[int] = []
+    ends = [0]
+    for i, r in enumerate(scheduled):
+        table = r.block_ids
+        block_tables[i, : len(table)] = table
+        span = range(r.start_position, r.start_position + len(r.token_ids))
+        ids += r.token_ids
+        positions += span
+        slots += [table[p // block_size] * block_size + p % block_size for p in span]
+        seq_lens.append(span.stop)
+        ends.append(len(ids))
+    assert len(ids) == out.num_batched_tokens, "scheduled tokens do not add up to num_batched_tokens"
+    sample = [i for i, r in enumerate(scheduled) if r.needs_sample]
+    pending = [i for i, r in enumerate(scheduled) if r.last_token_pending]
+    return StepInputs(
+        input_ids=np.array(ids, dtype=np.int64),
+        positions=np.array(positions, dtype=np.int64),
+        slot_mapping=np.array(slots, dtype=np.int64),
+        block_tables=block_tables,
+        seq_lens=seq_lens,
+        query_start_loc=ends,
+        logits_rows=[ends[i + 1] - 1 for i in sample],
+        sample_ids=[scheduled[i].request_id for i in sample],
+        pending_rows=[ends[i + 1] - 1 for i in pending],
         pending_ids=[scheduled[i].request_id for i in pending],
     )
 
@@ -182,17 +233,22 @@ class ModelRunner:
         return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _pending_tokens(
-        self, inputs: StepInputs, pending: tuple[torch.Tensor, dict[str, int]] | None
+        self, inputs: StepInputs, pending: PendingTokens | None
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rows of the flat batch, their token ids on the device) for the inputs still being sampled."""
+        """(rows of the flat batch, their token ids on the device) for the inputs still being sampled, or
+        None when there are none or the host has them (written into ``inputs.input_ids`` then)."""
         if not inputs.pending_rows:
             return None
         if pending is None:
             raise ValueError("the step has pending input tokens but no previous step's tokens were given")
-        sampled, row_of = pending
-        index = np.array([inputs.pending_rows, [row_of[r] for r in inputs.pending_ids]], dtype=np.int64)
+        if pending.host_ids is not None:
+            inputs.input_ids[inputs.pending_rows] = [
+                pending.host_ids[pending.rows[r]] for r in inputs.pending_ids
+            ]
+            return None
+        index = np.array([inputs.pending_rows, [pending.rows[r] for r in inputs.pending_ids]], dtype=np.int64)
         index = self._to_device(index)
-        return index[0], sampled.index_select(0, index[1])
+        return index[0], pending.device_ids.index_select(0, index[1])
 
     def _forward_eager(
         self, inputs: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None
@@ -215,13 +271,11 @@ class ModelRunner:
         return self.model(input_ids, self._to_device(inputs.positions), meta)
 
     @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput, pending: tuple[torch.Tensor, dict[str, int]] | None = None
-    ) -> ModelOutput:
+    def execute(self, out: SchedulerOutput, pending: PendingTokens | None = None) -> ModelOutput:
         """Run the model on one step; logits only for the rows that end a request's tokens.
 
-        ``pending`` is the previous step's sampled tokens on the device and the row of each request in
-        them: a chunk whose last token is pending (``last_token_pending``) takes its id from there.
+        ``pending`` is the previous step's sampled tokens: a chunk whose last token is pending
+        (``last_token_pending``) takes its id from there.
         """
         inputs = flatten_step(out, self.block_size)
         fill = self._pending_tokens(inputs, pending)

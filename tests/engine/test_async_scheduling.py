@@ -88,28 +88,83 @@ def test_async_matches_sync(tiny_llama: Path, tight_kv: bool) -> None:
         assert engine.scheduler.kv_cache_manager.num_used_blocks == 0
 
 
-def test_small_steps_read_at_once_and_outputs_match_sync(tiny_llama: Path) -> None:
-    """With a minimum batch, steps of fewer requests run synchronously, bigger ones ahead: same outputs."""
+def _serve(engine, prompts, params, arrive_at: list[int], monkeypatch):
+    """The serving loop's order: wait for a small step (handling what it returns), take in the requests due,
+    step. Returns each request's tokens and finish reason, (in-flight step size, waited) before each
+    iteration, and how many first tokens the waits returned."""
+    from inflight.backend import engine as engine_module
+
+    waits_on_device = []
+    wait = engine_module._HostTokens.wait
+    monkeypatch.setattr(
+        engine_module._HostTokens, "wait", lambda self: (waits_on_device.append(1), wait(self))
+    )
+    tokens: dict[str, list[int]] = {}
+    finish: dict[str, str] = {}
+    waits, early_firsts = [], 0
+
+    def take(outputs) -> None:
+        for out in outputs:
+            tokens[out.request_id] += out.new_token_ids
+            if out.finished:
+                assert out.request_id not in finish  # exactly one final each
+                finish[out.request_id] = out.finish_reason
+
+    for iteration in range(400):
+        inflight, before = engine._inflight, len(waits_on_device)
+        early = engine.wait_for_small_step()
+        early_firsts += sum(1 for out in early if out.new_token_ids and not tokens[out.request_id])
+        take(early)
+        waits.append((len(inflight.scheduled.scheduled) if inflight else 0, len(waits_on_device) > before))
+        for i, due in enumerate(arrive_at):
+            if due == iteration:
+                engine.add_request(f"r{i}", prompts[i], params[i])
+                tokens[f"r{i}"] = []
+        take(engine.step())
+        if iteration > max(arrive_at) and not engine.has_unfinished_requests():
+            return tokens, finish, waits, early_firsts
+    raise AssertionError("the requests did not finish")
+
+
+def test_small_steps_are_waited_for_before_new_requests_and_outputs_match_sync(
+    tiny_llama: Path, monkeypatch
+) -> None:
+    """A step of fewer than async_scheduling_min_batch requests is waited for before new requests come in,
+    and still runs ahead of its outputs (its tokens pending in the next step), unless it ended a prompt:
+    then the wait returns its outputs, first tokens included. Bigger steps are not waited for. Requests
+    arriving mid-run get the synchronous engine's tokens, text and finish reasons."""
     prompts = random_prompts(6, [7, 30, 16, 50, 3, 21, 64, 12])
     probe, _, _ = _run(tiny_llama, False, prompts[2:3], [SamplingParams(temperature=0, max_tokens=9)])
     params = _params(stop_token=probe[0].token_ids[8])
-    sync, _, _ = _run(tiny_llama, False, prompts, params)
-    mixed, llm, seen = _run(tiny_llama, True, prompts, params, min_batch=5)
-    # Tokens, text and finish reasons are exact. The batches differ (a request that stopped is computed
-    # once more when its step ran ahead), so a log-probability may differ in the last float32 bit.
-    assert [v[:3] for v in _view(mixed)] == [v[:3] for v in _view(sync)]
-    for a, b in zip(mixed, sync, strict=True):
-        for x, y in zip(a.logprobs or [], b.logprobs or [], strict=True):
-            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
-            assert abs(x.logprob - y.logprob) < 1e-5 and all(
-                abs(p - q) < 1e-5 for (_, p), (_, q) in zip(x.top, y.top, strict=True)
-            )
-    # A step's tokens are pending in the next one only when it ran ahead (it had 5 or more requests).
+    arrive_at = [0, 0, 3, 5, 5, 9, 12, 30]
+    kwargs = {"max_model_len": 112, "block_size": 16}
+    sync_llm = LLM(str(tiny_llama), async_scheduling=False, **kwargs)
+    llm = LLM(str(tiny_llama), async_scheduling=True, async_scheduling_min_batch=5, **kwargs)
+    seen = []  # every SchedulerOutput the runner executed
+    execute = llm.engine.runner.execute
+
+    def recording_execute(out, pending=None):
+        seen.append(out)
+        return execute(out, pending)
+
+    llm.engine.runner.execute = recording_execute
+    sync_tokens, sync_finish, sync_waits, sync_early = _serve(sync_llm.engine, prompts, params, arrive_at,
+                                                              monkeypatch)  # fmt: skip
+    tokens, finish, waits, early_firsts = _serve(llm.engine, prompts, params, arrive_at, monkeypatch)
+    assert tokens == sync_tokens and finish == sync_finish
+    assert finish["r2"] == "stop" and len(tokens["r2"]) == 9
+    assert not any(waited for _, waited in sync_waits) and sync_early == 0  # nothing is ever in flight
+    # The late arrivals (r5: alone with r3, r6 and r7: few running) had their first token from a wait.
+    assert early_firsts >= 2, early_firsts
+    # Waited for exactly when a step of 1..4 requests was in flight; both kinds happened.
+    assert all(waited == (0 < size < 5) for size, waited in waits)
+    assert any(waited for _, waited in waits) and any(size >= 5 for size, _ in waits)
+    # Small steps ran ahead too: a step of fewer than 5 requests followed by decodes of pending tokens.
     pending_after = [any(e.last_token_pending for e in out.scheduled) for out in seen[1:]]
     sizes = [len(out.scheduled) for out in seen[:-1]]
-    assert any(pending_after) and not all(pending_after)
-    assert all(size >= 5 for size, pending in zip(sizes, pending_after, strict=True) if pending)
-    assert llm.engine.scheduler.kv_cache_manager.num_used_blocks == 0
+    assert any(pending and size < 5 for size, pending in zip(sizes, pending_after, strict=True))
+    for engine in (llm.engine, sync_llm.engine):
+        assert engine.scheduler.kv_cache_manager.num_used_blocks == 0 and not engine.scheduler.requests
 
 
 def test_abort_while_a_step_is_in_flight_frees_everything(tiny_llama: Path) -> None:

@@ -99,8 +99,8 @@ def test_pack_step_of_a_decode_step(n: int) -> None:
 
 
 class _EagerReplay:
-    """Stands in for a captured graph on CPU: runs the model on the static buffers as the graph would,
-    with the host lists the torch reference path needs read back from those buffers."""
+    """Stands in for a captured graph on CPU: unpacks the staged step into the static buffers and runs the
+    model on them as the graph would, with the host lists the torch reference path needs read back."""
 
     def __init__(self, graphs, key: tuple[int, int], max_query_len: int) -> None:
         self.graphs, self.key, self.max_query_len = graphs, key, max_query_len
@@ -109,6 +109,7 @@ class _EagerReplay:
         from inflight.backend.layers.attention import AttentionMetadata
 
         g, (T, S) = self.graphs, self.key
+        g._unpack(T, S)
         meta = AttentionMetadata(g.slot_mapping[:T], g.block_tables[:S], g.seq_lens[:S], g.query_start_loc[: S + 1],
                                  g.seq_lens[:S].tolist(), g.query_start_loc[: S + 1].tolist(), self.max_query_len,
                                  g.max_model_len)  # fmt: skip
@@ -164,7 +165,9 @@ def test_decode_graph_run_stages_the_step(runner) -> None:
     from inflight.backend.cuda_graphs import DecodeGraphs
 
     graphs = DecodeGraphs(runner.model, runner.device, 8, 8, 128)
-    graphs.graphs = {key: type("Noop", (), {"replay": lambda self: None})() for key in graphs._keys()}
+    unpack_only = type("UnpackOnly", (), {"__init__": lambda self, key: setattr(self, "key", key),
+                                           "replay": lambda self: graphs._unpack(*self.key)})  # fmt: skip
+    graphs.graphs = {key: unpack_only(key) for key in graphs._keys()}
     graphs.outputs = {key: torch.zeros(key[0], 32) for key in graphs._keys()}
     inputs = flatten_step(_step([(5, 1, [7]), (20, 1, [3, 4]), (40, 1, [6, 8, 9])], 16), 16)
     graphs.run(inputs, (torch.tensor([1]), torch.tensor([77])))
