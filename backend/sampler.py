@@ -168,13 +168,18 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample from `logits` ([num_seqs, vocab_size], any float dtype); the input is not modified."""
         raw = logits
-        # NOTE: always a new contiguous float32 copy (`.to(float32)` returns the caller's tensor when it
-        # is float32 already; the in-place steps below must not touch it).
-        logits = torch.empty(raw.shape, dtype=torch.float32, device=raw.device).copy_(raw)
-        logits = apply_penalties(logits, batch)
-        if batch.banned_flat_ids is not None:
-            # NOTE: index_fill_ on the flat view; `logits[rows, cols] = -inf` syncs with the host on CUDA.
-            logits.view(-1).index_fill_(0, batch.banned_flat_ids, float("-inf"))
+        changes = batch.repetition_penalty is not None or batch.output_counts is not None
+        if batch.all_greedy and not changes and batch.banned_flat_ids is None:
+            # NOTE: a plain greedy batch reads the logits as they are: widening to float32 keeps their order.
+            logits = raw
+        else:
+            # NOTE: always a new contiguous float32 copy (`.to(float32)` returns the caller's tensor when it
+            # is float32 already; the in-place steps below must not touch it).
+            logits = torch.empty(raw.shape, dtype=torch.float32, device=raw.device).copy_(raw)
+            logits = apply_penalties(logits, batch)
+            if batch.banned_flat_ids is not None:
+                # NOTE: index_fill_ on the flat view; `logits[rows, cols] = -inf` syncs with the host on CUDA.
+                logits.view(-1).index_fill_(0, batch.banned_flat_ids, float("-inf"))
 
         greedy_ids = logits.argmax(dim=-1) if not batch.all_random else None
         if batch.all_greedy:

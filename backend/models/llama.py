@@ -167,7 +167,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden]`` -> ``[N, vocab]`` fp32 logits."""
+        """``[N, hidden]`` -> ``[N, vocab]`` logits in the model's dtype."""
         head = self.lm_head
         if head is None:
             return ParallelLMHead.compute_logits(self.model.embed_tokens, hidden)

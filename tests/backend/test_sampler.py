@@ -194,6 +194,28 @@ def test_bfloat16_logits() -> None:
     assert torch.allclose(out.logprobs, expected.gather(1, out.sampled_token_ids[:, None])[:, 0], atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0),  # plain greedy: the argmax of the logits as they are
+        SamplingParams(temperature=0, repetition_penalty=1.3, presence_penalty=0.5),
+        SamplingParams(temperature=0, stop_token_ids=[5], min_tokens=3),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=7),
+    ],
+)
+def test_bfloat16_logits_sample_as_their_float32_widening(params: SamplingParams) -> None:
+    """The model's logits come in its dtype; any path samples exactly what the float32 values give."""
+    torch.manual_seed(5)
+    logits = (4 * torch.randn(8, 300)).to(torch.bfloat16)
+    logits[3, 10] = logits[3, 11] = logits[3].max() + 1  # a tie: the first index, as in float32
+    batch = _batch([params] * 8, 300, outputs=[[5, 9], [1], [], [2, 2], [7], [], [3], [4]], eos_token_ids={5})
+    ours = Sampler()(logits, batch).sampled_token_ids
+    widened = Sampler()(logits.float(), batch).sampled_token_ids
+    assert torch.equal(ours, widened)
+    if params.temperature == 0 and params.repetition_penalty == 1.0:
+        assert ours[3] == 10
+
+
 def _seeded_run(target: SamplingParams, others: list[SamplingParams], row: int, steps: int = 12) -> list[int]:
     """Sample `steps` tokens for `target` at `row` of a batch, the others around it (fresh noise)."""
     generator = torch.Generator().manual_seed(1234)
