@@ -29,7 +29,8 @@ DEFAULT_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 # Per step: the module and its arguments on a GPU (the published sets) and on a CPU (the same shapes
 # where they fit a few minutes of a small shared CPU, else shortened; the JSON names what ran).
 GPU_STEPS = {
-    # max_num_seqs as measured best on an H200 (128/128: 256 -> 13.7k, 512 -> 17.1k, 1024 -> 15.9k out tok/s)
+    # max_num_seqs as measured best on an H200 (128/128: 256 -> 13.7k, 512 -> 17.1k, 1024 -> 15.9k out tok/s;
+    # on an H100, with decode graphs up to 1024: 512 -> 16.5k, 1024 -> 17.0k, the committed H100 result)
     "throughput-128x128": ("throughput", "--isl 128 --osl 128 --num-requests 1000 --hf-batch 128 --cb-requests 256 "
                                          "--max-num-seqs 512 --max-num-batched-tokens 16384 "
                                          "--engine-option max_cuda_graph_batch_size=512"),
