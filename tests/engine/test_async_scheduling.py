@@ -44,7 +44,14 @@ def _run(
 ) -> tuple[list, LLM, list]:
     llm = LLM(str(path), max_model_len=112, block_size=16, async_scheduling=async_scheduling,
               async_scheduling_min_batch=min_batch, **kwargs)  # fmt: skip
-    seen = []  # every SchedulerOutput the runner executed
+    seen = _record_steps(llm)
+    outputs = llm.generate(prompts, params)
+    return outputs, llm, seen
+
+
+def _record_steps(llm: LLM) -> list:
+    """Every SchedulerOutput the runner executes from now on, in order."""
+    seen = []
     execute = llm.engine.runner.execute
 
     def recording_execute(out, pending=None):
@@ -52,8 +59,7 @@ def _run(
         return execute(out, pending)
 
     llm.engine.runner.execute = recording_execute
-    outputs = llm.generate(prompts, params)
-    return outputs, llm, seen
+    return seen
 
 
 def _view(outputs) -> list[tuple]:
@@ -140,14 +146,7 @@ def test_small_steps_are_waited_for_before_new_requests_and_outputs_match_sync(
     kwargs = {"max_model_len": 112, "block_size": 16}
     sync_llm = LLM(str(tiny_llama), async_scheduling=False, **kwargs)
     llm = LLM(str(tiny_llama), async_scheduling=True, async_scheduling_min_batch=5, **kwargs)
-    seen = []  # every SchedulerOutput the runner executed
-    execute = llm.engine.runner.execute
-
-    def recording_execute(out, pending=None):
-        seen.append(out)
-        return execute(out, pending)
-
-    llm.engine.runner.execute = recording_execute
+    seen = _record_steps(llm)
     sync_tokens, sync_finish, sync_waits, sync_early = _serve(sync_llm.engine, prompts, params, arrive_at,
                                                               monkeypatch)  # fmt: skip
     tokens, finish, waits, early_firsts = _serve(llm.engine, prompts, params, arrive_at, monkeypatch)
