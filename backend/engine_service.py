@@ -287,8 +287,11 @@ class EngineService:
         try:
             while True:
                 busy = self.engine.has_unfinished_requests()
-                if busy:  # what arrives while a small step runs joins the next step
-                    self._handle_outputs(self.engine.wait_for_small_step())
+                if busy and (early := self.engine.wait_for_small_step()):
+                    # a small step that ended a prompt, read before the next step is planned (engine.py);
+                    # what arrived while it ran joins the next step
+                    self._handle_outputs(early)
+                    self._publish_step_metrics()  # it may have ended the last request: no step follows
                 if not self._drain_inbox(block=not busy):
                     break
                 if self.engine.has_unfinished_requests():
