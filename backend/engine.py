@@ -32,6 +32,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -292,6 +293,38 @@ class LLMEngine:
             kind["tokens"] += num_tokens
             kind["gpu_seconds"] += start.elapsed_time(end) / 1e3
         return kinds
+
+    def gpu_idle_gaps(self, top: int = 5) -> dict[str, Any] | None:
+        """Where the device sat idle between the timed steps (benchmarks; None on CPU): the total, the
+        gaps of a millisecond or more, and the ``top`` largest with the step after them.
+
+        NOTE: a step's start event runs on the stream once the work before it is done, so the time from
+        one step's end event to the next one's start is the device waiting for the host (a step's
+        sampling-input copies fall in between too; they take microseconds).
+        """
+        if self._step_events is None:
+            return None
+        torch.cuda.synchronize(self.device)
+        events = self._step_events
+        gaps = [
+            (events[i - 1][1].elapsed_time(events[i][0]), i, events[i][2], events[i][3])
+            for i in range(1, len(events))
+        ]
+        return {
+            "steps": len(events),
+            "idle_between_steps_s": round(sum(g for g, *_ in gaps) / 1e3, 4),
+            "gaps_over_1ms": sum(1 for g, *_ in gaps if g >= 1.0),
+            "idle_in_gaps_over_1ms_s": round(sum(g for g, *_ in gaps if g >= 1.0) / 1e3, 4),
+            "largest": [
+                {
+                    "ms": round(g, 2),
+                    "before_step": i,
+                    "kind": "decode" if d else "prefill_or_mixed",
+                    "tokens": n,
+                }
+                for g, i, d, n in sorted(gaps, reverse=True)[:top]
+            ],
+        }
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending) or self._inflight is not None

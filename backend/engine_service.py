@@ -29,6 +29,7 @@ from typing import Protocol
 import numpy as np
 
 from ..batching import QueueFullError
+from . import gc_freeze
 from .engine import LLMEngine
 from .metrics import METRICS_FLUSH_INTERVAL_S, EngineMetrics
 from .outputs import RequestOutput
@@ -236,7 +237,8 @@ class EngineService:
         # 2-core CPU machine (benchmarks/host_overhead.py, 512 streams). Frozen, the collector skips them;
         # requests' objects are collected as before. Unfrozen at shutdown, so a reload frees the old engine.
         gc.collect()
-        gc.freeze()
+        gc_freeze.freeze()
+        self._heap_frozen = True
         if metrics is not None:
             metrics.flush()  # what the model set up (healthy, KV totals) shows at once
         self._engine_thread.start()
@@ -280,7 +282,9 @@ class EngineService:
         self._response_thread.join(timeout=30)
         if self._metrics_writer is not None:
             self._metrics_writer.close()
-        gc.unfreeze()
+        if self._heap_frozen:
+            self._heap_frozen = False
+            gc_freeze.unfreeze()
 
     # ---------------------------------------------------------------------------------- engine thread
     def _engine_loop(self) -> None:

@@ -63,6 +63,7 @@ def bench_inflight(
     outputs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
     seconds = time.perf_counter() - start
     breakdown = llm.engine.gpu_step_breakdown()
+    idle = llm.engine.gpu_idle_gaps()
     busy = None if breakdown is None else sum(k["gpu_seconds"] for k in breakdown.values())
     out_tokens = sum(o.num_output_tokens for o in outputs)
     in_tokens = sum(o.num_input_tokens for o in outputs)
@@ -75,6 +76,8 @@ def bench_inflight(
               # the part of the run the GPU sat idle waiting for the host (None on CPU)
               "host_bound_fraction": None if busy is None else round(max(0.0, 1 - busy / seconds), 4),
               "gpu_steps": breakdown,
+              # the device idle between steps (waiting for the host), its largest gaps (None on CPU)
+              "gpu_idle": idle,
               "engine_options": options or {}}  # fmt: skip
     del llm, outputs
     gc.collect()

@@ -159,3 +159,58 @@ def test_kv_budget_too_small_names_blocks_and_largest_length(smollm2_path) -> No
     msg = str(info.value)
     assert "needs 128 blocks" in msg and "only 39 usable blocks" in msg
     assert "largest max_model_len that fits is 624" in msg
+
+
+def test_generate_freezes_the_heap_only_while_it_runs(llm: LLM) -> None:
+    """The engine's long-lived objects and the requests are out of the collector's walk during the steps
+    (a full collection there stalled the GPU), and handed back once generate returns, also on error."""
+    import gc
+
+    engine = llm.engine
+    seen: list[tuple[int, bool]] = []  # per step: frozen objects, whether a live request's state is frozen
+    real_step = engine.step
+
+    def step(*args, **kwargs):
+        state = next(iter(engine._requests.values()), None)
+        walked = state is not None and any(o is state for o in gc.get_objects())
+        seen.append((gc.get_freeze_count(), state is not None and not walked))
+        return real_step(*args, **kwargs)
+
+    assert gc.get_freeze_count() == 0
+    engine.step = step
+    try:
+        (out,) = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+        assert out.num_output_tokens == 3 and len(seen) >= 3
+        assert all(count > 0 for count, _ in seen)
+        assert seen[0][1], "the requests added by generate are frozen with the rest"
+        assert gc.get_freeze_count() == 0
+
+        def fail(*args, **kwargs):
+            raise RuntimeError("step failed")
+
+        engine.step = fail
+        with pytest.raises(RuntimeError, match="step failed"):
+            llm.generate("Hello", SamplingParams(max_tokens=3))
+        assert gc.get_freeze_count() == 0
+    finally:
+        engine.step = real_step
+        for request_id in list(engine._requests):
+            engine.abort(request_id)
+        engine.step()
+    assert not engine.has_unfinished_requests()
+
+
+def test_heap_freeze_nests() -> None:
+    import gc
+
+    from inflight.backend import gc_freeze
+
+    assert gc.get_freeze_count() == 0
+    gc_freeze.freeze()  # an outer user (the serving loop)
+    with gc_freeze.frozen():
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() > 0, "an inner user must not unfreeze the outer one's heap"
+    gc_freeze.unfreeze()
+    assert gc.get_freeze_count() == 0
+    gc_freeze.unfreeze()  # unbalanced: ignored
+    assert gc.get_freeze_count() == 0
