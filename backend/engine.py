@@ -420,10 +420,18 @@ class LLMEngine:
     def _read_step(self, step: _StepInFlight) -> list[RequestOutput]:
         """Read a launched step's tokens (waiting for it) and turn them into the requests' deltas."""
         token_ids, sampled_lp, top_lp, top_ids = step.host.read()
-        self.scheduler.update_from_output(step.scheduled, dict(zip(step.sample_ids, token_ids, strict=True)))
+        self.scheduler.append_sampled_tokens(step.sample_ids, token_ids)
         outputs = []
+        requests = self._requests
+        if sampled_lp is None:  # nobody asked for logprobs: the lean loop of a large decode step
+            process = self._process_token
+            for request_id, token_id in zip(step.sample_ids, token_ids, strict=True):
+                state = requests.get(request_id)
+                if state is not None:  # else finished or aborted while the step ran: its token is dropped
+                    outputs.append(process(state, token_id, None))
+            return outputs
         for i, request_id in enumerate(step.sample_ids):
-            state = self._requests.get(request_id)
+            state = requests.get(request_id)
             if state is None:
                 continue  # finished or aborted while the step ran: its token is dropped
             logprob = None
@@ -459,7 +467,7 @@ class LLMEngine:
         request = state.request
         if logprob is not None:
             state.cumulative_logprob += logprob.logprob
-        num_out = request.num_output_tokens
+        num_out = len(request.output_token_ids)
         stop_string = state.detokenizer.add_token(token_id)
         finish_reason, stop_reason = None, None
         # NOTE: the sampler bans EOS and stop ids until min_tokens are out, so a hit here is always allowed.
@@ -491,18 +499,21 @@ class LLMEngine:
         finished: bool,
         error: str | None = None,
     ) -> RequestOutput:
+        request = state.request
+        with_logprobs = state.params.logprobs is not None
+        # NOTE: positional: keyword arguments made this 3x slower (1 us an output, 1,024 of them a step).
         return RequestOutput(
-            request_id=state.request.request_id,
-            new_token_ids=token_ids,
-            new_text=state.detokenizer.get_delta(finished),
-            finished=finished,
-            finish_reason=finish_reason,
-            num_input_tokens=state.request.num_prompt_tokens,
-            num_output_tokens=state.request.num_output_tokens,
-            cumulative_logprob=state.cumulative_logprob if state.params.logprobs is not None else None,
-            new_logprobs=logprobs if state.params.logprobs is not None else None,
-            stop_reason=stop_reason,
-            error=error,
+            request.request_id,
+            token_ids,
+            state.detokenizer.get_delta(finished),
+            finished,
+            finish_reason,
+            len(request.prompt_token_ids),
+            len(request.output_token_ids),
+            state.cumulative_logprob if with_logprobs else None,
+            logprobs if with_logprobs else None,
+            stop_reason,
+            error,
         )
 
 

@@ -121,8 +121,16 @@ class KVCacheManager:
             The newly allocated blocks (possibly an empty list), or None when the pool is short;
             then nothing was allocated or touched. Test the result with `is None`.
         """
-        new_computed_blocks = new_computed_blocks or []
         req_blocks = self.req_to_blocks.get(request.request_id)
+        if req_blocks is not None and not new_computed_blocks:
+            # NOTE: the common decode step: the table has room and no block fills up to be cached.
+            num_total_tokens = request.num_computed_tokens + num_new_tokens
+            if num_total_tokens <= len(req_blocks) * self._block_size and (
+                not self.enable_caching
+                or num_total_tokens // self._block_size <= self._num_cached_blocks.get(request.request_id, 0)
+            ):
+                return []
+        new_computed_blocks = new_computed_blocks or []
         assert not (new_computed_blocks and req_blocks), "prefix hits are only added to an empty table"
         num_computed_tokens = request.num_computed_tokens + len(new_computed_blocks) * self._block_size
         num_total_tokens = num_computed_tokens + num_new_tokens

