@@ -41,6 +41,13 @@ def unfreeze() -> None:
             gc.unfreeze()
 
 
+def refreeze() -> None:
+    """Inside a frozen span: freeze the objects created since (they are unfrozen with the rest)."""
+    with _lock:
+        if _depth:
+            gc.freeze()
+
+
 @contextlib.contextmanager
 def frozen() -> Iterator[None]:
     """``freeze`` for the length of a ``with`` block."""

@@ -51,20 +51,21 @@ class LLM:
                 raise ValueError(
                     f"sampling_params has {len(params_list)} entries for {len(prompt_list)} prompts"
                 )
-        token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]
-        completions: dict[str, CompletionOutput] = {}
-        order: list[str] = []
-        for ids, params in zip(token_lists, params_list, strict=True):
-            request_id = f"llm-{self._next_id}"
-            self._next_id += 1
-            self.engine.add_request(request_id, ids, params)
-            completions[request_id] = CompletionOutput(request_id, ids)
-            order.append(request_id)
-        progress = _progress(len(order)) if use_tqdm else None
-        # NOTE: the model, the tokenizer and the requests just added are frozen for the loop: a full
-        # collection would walk them all (see gc_freeze), and at large batches one came every few dozen
-        # steps, the GPU idle meanwhile.
+        # NOTE: the model, the tokenizer and then the requests are frozen for the call: a full collection
+        # would walk them all (see gc_freeze); at large batches one came every few dozen steps, the GPU idle
+        # meanwhile, and several came while 1,000 requests were being added.
         with gc_freeze.frozen():
+            token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]
+            completions: dict[str, CompletionOutput] = {}
+            order: list[str] = []
+            for ids, params in zip(token_lists, params_list, strict=True):
+                request_id = f"llm-{self._next_id}"
+                self._next_id += 1
+                self.engine.add_request(request_id, ids, params)
+                completions[request_id] = CompletionOutput(request_id, ids)
+                order.append(request_id)
+            gc_freeze.refreeze()  # the requests just added too
+            progress = _progress(len(order)) if use_tqdm else None
             while self.engine.has_unfinished_requests():
                 for delta in self.engine.step():
                     completions[delta.request_id].add(delta)

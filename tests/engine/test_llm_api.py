@@ -130,8 +130,13 @@ def test_bad_requests_name_the_problem(llm: LLM) -> None:
     with pytest.raises(ValueError, match=r"max_model_len is 512.*at most 511"):
         llm.generate([[5] * 512], GREEDY)
     llm.generate([[5] * 511], SamplingParams(max_tokens=4, temperature=0))  # the longest prompt that fits
-    with pytest.raises(ValueError, match="outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"token id 49152 \(element 1\) is outside the vocabulary"):
         llm.generate([[5, 49152]], GREEDY)
+    with pytest.raises(ValueError, match=r"token id -1 \(element 2\) is outside the vocabulary"):
+        llm.generate([[5, 6, -1]], GREEDY)
+    for bad in (True, 2.0, "7"):
+        with pytest.raises(ValueError, match="must be integers; element 1"):
+            llm.generate([[5, bad]], GREEDY)
     with pytest.raises(ValueError, match="characters"):
         llm.generate("word " * 200_000, GREEDY)
     assert llm.engine.scheduler.kv_cache_manager.num_used_blocks == 0
