@@ -236,3 +236,28 @@ def test_no_kernel_compiles_in_eager_decode_of_new_lengths(tmp_path, tokenizer_d
     # After that short batch (one unsplit partition): eager decode steps of 2-4 sequences whose longest
     # holds 100 to 450 keys, 2 to 8 partitions.
     _generate_compiling_nothing(llm, [[100, 40], [300, 20, 50], [450, 9, 9, 9], [200, 60]])
+
+
+def test_step_timing_accounts_for_the_run(tmp_path, tokenizer_dir) -> None:
+    """The benchmarks' device timing: one start/end pair per step, busy time within the wall time, and the
+    idle gaps between steps adding up (none negative, the largest listed first)."""
+    import time
+
+    llm = _tiny_llm(tmp_path, tokenizer_dir)
+    engine = llm.engine
+    engine.start_gpu_timing()
+    start = time.perf_counter()
+    llm.generate(
+        _prompts(3, [20, 30, 45, 60], 49152), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
+    wall = time.perf_counter() - start
+    kinds = engine.gpu_step_breakdown()
+    idle = engine.gpu_idle_gaps(top=3)
+    steps = sum(k["steps"] for k in kinds.values())
+    busy = sum(k["gpu_seconds"] for k in kinds.values())
+    assert steps == idle["steps"] >= 12 and kinds["decode"]["steps"] >= 10
+    assert 0 < busy + idle["idle_between_steps_s"] <= wall
+    largest = [g["ms"] for g in idle["largest"]]
+    assert len(largest) == 3 and largest == sorted(largest, reverse=True) and min(largest) >= 0
+    assert idle["idle_in_gaps_over_1ms_s"] <= idle["idle_between_steps_s"]
+    assert all(0 < g["before_step"] < steps for g in idle["largest"])
