@@ -155,6 +155,8 @@ class LLMEngine:
         if self.device.type == "cuda":
             num_blocks = self._num_blocks(self._gpu_kv_budget(batched), bytes_per_block)
         self.runner.allocate_kv_cache(num_blocks)
+        num_host_blocks = args.swap_space_bytes // bytes_per_block
+        self.runner.allocate_host_cache(num_host_blocks)
         if self.device.type == "cuda" and args.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(args.max_num_seqs, args.max_cuda_graph_batch_size),
                                             args.max_cuda_graph_prefill_tokens, args.max_num_seqs)  # fmt: skip
@@ -168,6 +170,7 @@ class LLMEngine:
                 enable_prefix_caching=args.enable_prefix_caching,
                 enable_chunked_prefill=args.enable_chunked_prefill,
                 max_queue_size=args.max_queue_size,
+                num_host_blocks=num_host_blocks,
             )
         )
         self.sampler = Sampler()
@@ -184,11 +187,12 @@ class LLMEngine:
         # inside the step, before the forward; whatever it raises is handled like a real fault there.
         self.fault_hook: Callable[[SchedulerOutput], None] | None = None
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d",
+            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d; %d host blocks to swap to",
             num_blocks,
             args.block_size,
             num_blocks * bytes_per_block / 2**20,
             self.max_model_len,
+            num_host_blocks,
         )
 
     def _gpu_kv_budget(self, max_batched_tokens: int) -> int:
@@ -347,6 +351,10 @@ class LLMEngine:
             outputs += self._read_step(previous)  # penalties and bad words need the tokens on the host
             previous = None
         scheduled = self.scheduler.schedule()
+        if scheduled.swap_out or scheduled.swap_in:
+            # NOTE: here, not in the step's launch: a swapped-out request is not part of the step, and the
+            # copies must be queued even when the step fails or schedules nothing.
+            self.runner.swap(scheduled.swap_out, scheduled.swap_in)
         if scheduled.scheduled:
             self._inflight = self._launch(scheduled, previous, outputs)
         if while_gpu_runs is not None:

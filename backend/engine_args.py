@@ -33,6 +33,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_queue_size: int | None = None  # waiting requests beyond this are refused
+    # Host memory for the KV of preempted requests: one whose blocks fit is swapped out to it and back in
+    # when there is room again, instead of recomputing its prompt and output (0: always recompute).
+    swap_space_bytes: int = 0
     seed: int = 0  # seeds the generator of unseeded sampled requests
     enable_cuda_graphs: bool = True  # replay captured CUDA graphs for decode steps (CUDA only)
     max_cuda_graph_batch_size: int = 256  # decode batches up to this size replay a graph
@@ -67,6 +70,7 @@ class EngineArgs:
         _int(self, "max_num_batched_tokens", 1, None, optional=True)
         _int(self, "max_model_len", 2, None, optional=True)
         _int(self, "max_queue_size", 0, None, optional=True)
+        _int(self, "swap_space_bytes", 0, None)
         _int(self, "seed", 0, 2**63 - 1)
         _int(self, "max_cuda_graph_batch_size", 1, None)
         _int(self, "max_cuda_graph_prefill_tokens", 0, None)

@@ -159,7 +159,13 @@ class EngineMetrics:
         )
         self.prompt_tokens = counter("inflight_prompt_tokens_total", "Prompt tokens admitted")
         self.generation_tokens = counter("inflight_generation_tokens_total", "Tokens generated")
-        self.preemptions = counter("inflight_preemptions_total", "Requests preempted for recomputation")
+        self.preemptions = counter(
+            "inflight_preemptions_total", "Requests preempted (KV recomputed later or swapped to host memory)"
+        )
+        self.swapped_out = counter(
+            "inflight_preemptions_swapped_total",
+            "Preemptions that swapped the KV to host memory (not recomputed)",
+        )
         self.requests = {
             reason: counter(
                 "inflight_requests_total", "Finished requests by finish reason", {"finish_reason": reason}
@@ -204,6 +210,7 @@ class EngineMetrics:
         self.prompt_len = histogram("inflight_request_prompt_tokens", "Prompt length", LENGTH_BUCKETS)
         self.output_len = histogram("inflight_request_generation_tokens", "Generated length", LENGTH_BUCKETS)
         self._preemptions_seen = 0
+        self._swapped_seen = 0
 
     def flush(self) -> int:
         """Push every held update to the factory's metrics; returns the number of pushes.
@@ -250,6 +257,10 @@ class EngineMetrics:
         if new > 0:
             self.preemptions.increment(new)
             self._preemptions_seen = stats.num_preemptions_total
+        new = stats.num_swapped_out_total - self._swapped_seen
+        if new > 0:
+            self.swapped_out.increment(new)
+            self._swapped_seen = stats.num_swapped_out_total
 
     def final_sent(self, status: str) -> None:
         self.finals[status if status in self.finals else "INTERNAL"].increment(1)

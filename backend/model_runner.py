@@ -167,6 +167,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
+        # [num_host_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] in host memory (pinned on
+        # CUDA): the KV of swapped-out requests, one block's layers and K/V together per row
+        self.host_kv_cache: torch.Tensor | None = None
         self.graphs: DecodeGraphs | None = None
         self.mixed_graphs: MixedGraphs | None = None
 
@@ -180,6 +183,42 @@ class ModelRunner:
         self.num_blocks = num_blocks
         for i, layer in enumerate(layers):
             layer.bind_kv_cache(self.kv_cache[i, 0], self.kv_cache[i, 1])
+
+    def allocate_host_cache(self, num_blocks: int) -> None:
+        """Host blocks for swapped-out KV (see ``swap``); 0 allocates none."""
+        assert self.kv_cache is not None, "allocate the device cache first"
+        cache = self.kv_cache
+        self.host_kv_cache = (
+            torch.empty(
+                (num_blocks, *cache.shape[:2], *cache.shape[3:]),
+                dtype=cache.dtype,
+                pin_memory=self.device.type == "cuda",
+            )  # fmt: skip
+            if num_blocks
+            else None
+        )
+
+    @torch.inference_mode()
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy blocks device -> host (``(device, host)`` pairs) and host -> device (``(host, device)``).
+
+        Queued on the device's stream before the step's forward, so a swapped-out block is read after the
+        step in flight wrote it and before this step reuses it, and a swapped-in one is in place before
+        attention reads it. The host never reads or writes the host blocks itself.
+        """
+        cache, host = self.kv_cache, self.host_kv_cache
+        assert cache is not None and host is not None, "no host cache to swap with"
+        if swap_out:
+            ids = torch.tensor([d for d, _ in swap_out], dtype=torch.int64, device=self.device)
+            blocks = cache.index_select(2, ids).permute(2, 0, 1, 3, 4, 5).contiguous()  # [n, L, 2, ...]
+            for row, (_, h) in enumerate(swap_out):
+                host[h].copy_(blocks[row], non_blocking=True)
+        if swap_in:
+            staged = torch.empty((len(swap_in), *host.shape[1:]), dtype=host.dtype, device=self.device)
+            for row, (h, _) in enumerate(swap_in):
+                staged[row].copy_(host[h], non_blocking=True)
+            ids = torch.tensor([d for _, d in swap_in], dtype=torch.int64, device=self.device)
+            cache.index_copy_(2, ids, staged.permute(1, 2, 0, 3, 4, 5))
 
     @torch.inference_mode()
     def profile_peak_bytes(self, num_tokens: int, num_sample_rows: int) -> int:

@@ -37,9 +37,13 @@ def _cdiv(a: int, b: int) -> int:
 class KVCacheManager:
     """Owns each request's list of KV-cache blocks (its block table)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_caching: bool = True, num_host_blocks: int = 0
+    ) -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be at least 0, got {num_host_blocks}")
         self._block_size = block_size
         self.enable_caching = enable_caching
         self.block_pool = BlockPool(num_blocks, enable_caching)
@@ -49,6 +53,10 @@ class KVCacheManager:
         self._req_to_block_ids: dict[str, list[int]] = {}
         # How many leading blocks of each request were already offered to the cache map.
         self._num_cached_blocks: dict[str, int] = {}
+        # Host (CPU) blocks holding the KV of swapped-out requests: free ids, and each request's table.
+        self.num_host_blocks = num_host_blocks
+        self._free_host_blocks: list[int] = list(range(num_host_blocks - 1, -1, -1))  # pop(): lowest first
+        self._req_to_host_blocks: dict[str, list[int]] = {}
 
     @property
     def block_size(self) -> int:
@@ -166,8 +174,57 @@ class KVCacheManager:
                 self._num_cached_blocks[request.request_id] = num_full_blocks
         return new_blocks
 
+    @property
+    def num_free_host_blocks(self) -> int:
+        """Host blocks not holding a swapped-out request's KV."""
+        return len(self._free_host_blocks)
+
+    def is_swapped(self, request: Request) -> bool:
+        """Whether the request's KV is in host blocks (swapped out, waiting to be swapped in)."""
+        return request.request_id in self._req_to_host_blocks
+
+    def can_swap_out(self, request: Request) -> bool:
+        """Whether the host pool has room for all of the request's blocks (it has some)."""
+        num_blocks = len(self.req_to_blocks.get(request.request_id, ()))
+        return 0 < num_blocks <= len(self._free_host_blocks)
+
+    def swap_out(self, request: Request) -> list[tuple[int, int]]:
+        """Give the request host blocks for its KV and free its device blocks (check ``can_swap_out``).
+
+        Returns:
+            ``(device block id, host block id)`` per block of its table, in order: the copies to make
+            before any later work reuses the device blocks.
+        """
+        device_ids = self.get_block_ids(request.request_id)
+        host_ids = [self._free_host_blocks.pop() for _ in device_ids]
+        pairs = list(zip(device_ids, host_ids, strict=True))
+        self.free(request)
+        self._req_to_host_blocks[request.request_id] = host_ids
+        return pairs
+
+    def swap_in(self, request: Request, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """Give a swapped-out request device blocks for its ``num_computed_tokens`` and ``num_new_tokens``
+        more, and free its host blocks; None (nothing changed) when the pool is short.
+
+        Returns:
+            ``(host block id, device block id)`` per host block, in table order: the copies to make before
+            the step's forward.
+        """
+        host_ids = self._req_to_host_blocks[request.request_id]
+        new_blocks = self.allocate_slots(request, num_new_tokens)
+        if new_blocks is None:
+            return None
+        assert len(new_blocks) >= len(host_ids), "a swapped-in table is smaller than its host copy"
+        del self._req_to_host_blocks[request.request_id]
+        self._free_host_blocks.extend(reversed(host_ids))
+        return [(h, b.block_id) for h, b in zip(host_ids, new_blocks, strict=False)]
+
     def free(self, request: Request) -> None:
-        """Release all blocks of `request` (tail first) and forget it. Unknown requests are ignored."""
+        """Release all blocks of `request` (tail first; host blocks of a swapped-out one too) and forget it.
+        Unknown requests are ignored."""
+        host_ids = self._req_to_host_blocks.pop(request.request_id, None)
+        if host_ids is not None:
+            self._free_host_blocks.extend(reversed(host_ids))
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         self._req_to_block_ids.pop(request.request_id, None)

@@ -41,11 +41,14 @@ class Scheduler:
             num_blocks=config.num_blocks,
             block_size=config.block_size,
             enable_caching=config.enable_prefix_caching,
+            num_host_blocks=config.num_host_blocks,
         )
         self.requests: dict[str, Request] = {}  # unfinished requests only
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions_total = 0
+        self.num_swapped_out_total = 0
+        self._swap_out: list[tuple[int, int]] = []  # this schedule() call's copies (see SchedulerOutput)
         self._finished_request_ids: list[str] = []
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -130,6 +133,7 @@ class Scheduler:
         running = self.running
         scheduled: list[ScheduledRequest] = []
         preempted_request_ids: list[str] = []
+        swap_in: list[tuple[int, int]] = []
 
         # 1. Running requests, oldest first.
         # NOTE: each is planned at once: a preemption only ever takes requests behind it in the list.
@@ -163,9 +167,23 @@ class Scheduler:
             not preempted_request_ids and self.waiting and budget > 0 and len(running) < config.max_num_seqs
         ):
             request = self.waiting[0]
-            assert request.num_computed_tokens == 0
             if request.num_pending_tokens:
                 break  # preempted while its token was sampled: re-admitted once the token is known
+            if kv.is_swapped(request):
+                # Its KV comes back from host blocks; it goes on from where it was.
+                num_new_tokens = min(self._num_schedulable(request) - request.num_computed_tokens, budget)
+                assert num_new_tokens > 0, f"{request!r}: swapped out with nothing left to compute"
+                copies = kv.swap_in(request, num_new_tokens)
+                if copies is None:
+                    break
+                swap_in += copies
+                self.waiting.popleft()
+                running.append(request)
+                request.status = RequestStatus.RUNNING
+                scheduled.append(self._plan(request, request.num_computed_tokens, num_new_tokens, True))
+                budget -= num_new_tokens
+                continue
+            assert request.num_computed_tokens == 0
             computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
             num_new_tokens = min(request.num_tokens, config.max_model_len) - num_hit_tokens
             if not chunked and num_new_tokens > budget:
@@ -185,11 +203,14 @@ class Scheduler:
             budget -= num_new_tokens
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
+        swap_out, self._swap_out = self._swap_out, []
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=config.max_num_batched_tokens - budget,
             preempted_request_ids=preempted_request_ids,
             finished_request_ids=finished_request_ids,
+            swap_out=swap_out,
+            swap_in=swap_in,
         )
 
     def _plan(self, request: Request, start: int, num_new_tokens: int, is_new: bool) -> ScheduledRequest:
@@ -234,10 +255,16 @@ class Scheduler:
         return min(num_tokens + (1 if pending else 0), limit - 1)
 
     def _preempt(self, request: Request) -> None:
-        """Free a running request's blocks and put it at the front of the waiting queue."""
-        self.kv_cache_manager.free(request)
+        """Free a running request's device blocks and put it at the front of the waiting queue: its KV
+        swapped out to host blocks if they have room (it resumes where it was), else to be recomputed."""
+        kv = self.kv_cache_manager
+        if kv.can_swap_out(request):
+            self._swap_out += kv.swap_out(request)
+            self.num_swapped_out_total += 1
+        else:
+            kv.free(request)
+            request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
@@ -294,6 +321,7 @@ class Scheduler:
             kv_cache_usage=kv.usage,
             prefix_cache_hit_rate=kv.stats.hit_rate,
             num_preemptions_total=self.num_preemptions_total,
+            num_swapped_out_total=self.num_swapped_out_total,
         )
 
     @property

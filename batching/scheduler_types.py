@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # The placeholder a scheduled chunk carries for a token that the step in flight is still sampling.
 PENDING_TOKEN_ID = -1
@@ -25,6 +25,8 @@ class SchedulerConfig:
         enable_prefix_caching: reuse cached full blocks across requests.
         enable_chunked_prefill: split prompts that do not fit in the budget over several steps.
         max_queue_size: most requests in the waiting queue (None: unbounded).
+        num_host_blocks: host (CPU) blocks for the KV of preempted requests: a preempted request whose
+            blocks fit there is swapped out and later back in instead of recomputed (0: always recompute).
     """
 
     max_num_seqs: int
@@ -35,6 +37,7 @@ class SchedulerConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     max_queue_size: int | None = None
+    num_host_blocks: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
@@ -101,12 +104,17 @@ class SchedulerOutput:
         num_batched_tokens: sum of the scheduled token counts.
         preempted_request_ids: requests preempted by this schedule() call.
         finished_request_ids: requests finished or aborted since the previous schedule() call.
+        swap_out: ``(device block, host block)`` copies of the requests swapped out by this call; the
+            device blocks may be handed out in this same step, so they are copied before its forward.
+        swap_in: ``(host block, device block)`` copies of the requests swapped back in, before the forward.
     """
 
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     preempted_request_ids: list[str]
     finished_request_ids: list[str]
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -131,3 +139,4 @@ class SchedulerStats:
     kv_cache_usage: float
     prefix_cache_hit_rate: float
     num_preemptions_total: int
+    num_swapped_out_total: int = 0  # preemptions that swapped the KV to host blocks (not recomputed)

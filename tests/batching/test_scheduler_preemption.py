@@ -3,7 +3,9 @@
 from inflight.batching import Request, RequestStatus, ScheduledRequest, Scheduler, SchedulerConfig
 
 
-def make_scheduler(enable_prefix_caching: bool = False, max_num_seqs: int = 8) -> Scheduler:
+def make_scheduler(
+    enable_prefix_caching: bool = False, max_num_seqs: int = 8, num_host_blocks: int = 0
+) -> Scheduler:
     """4 usable blocks of 4 tokens: room for exactly 16 tokens."""
     return Scheduler(
         SchedulerConfig(
@@ -13,6 +15,7 @@ def make_scheduler(enable_prefix_caching: bool = False, max_num_seqs: int = 8) -
             block_size=4,
             num_blocks=5,
             enable_prefix_caching=enable_prefix_caching,
+            num_host_blocks=num_host_blocks,
         )
     )
 
@@ -178,3 +181,69 @@ def test_no_request_is_admitted_in_a_step_that_preempted() -> None:
         ScheduledRequest("a", [41], 5, [1, 3], True, False),
         ScheduledRequest("b", list(range(100, 107)), 0, [4, 2], False, True),
     ]
+
+
+def test_a_victim_that_fits_in_host_blocks_is_swapped_out_and_back_in() -> None:
+    sched = make_scheduler(num_host_blocks=2)
+    kv = sched.kv_cache_manager
+    a, b, c = (
+        Request(rid, list(range(base, base + 4)), 4) for rid, base in (("a", 10), ("b", 20), ("c", 30))
+    )
+    for req in (a, b, c):
+        sched.add_request(req)
+    out1 = sched.schedule()
+    assert out1.swap_out == [] and out1.swap_in == []
+    sched.update_from_output(out1, {"a": 14, "b": 24, "c": 34})
+
+    # As in the recompute case c is the victim, but its one block goes to host block 0: c keeps its 4
+    # computed tokens, and device block 3 is handed to b in the same step (copied out before the forward).
+    out2 = sched.schedule()
+    assert out2.preempted_request_ids == ["c"] and out2.swap_out == [(3, 0)]
+    assert [s.block_ids for s in out2.scheduled] == [[1, 4], [2, 3]]
+    assert c.status == RequestStatus.PREEMPTED and c.num_computed_tokens == 4 and kv.is_swapped(c)
+    assert kv.get_block_ids("c") == [] and kv.num_free_host_blocks == 1
+    assert sched.num_swapped_out_total == 1 and sched.num_preemptions_total == 1
+    sched.update_from_output(out2, {"a": 15, "b": 25})
+
+    # a ends: its 2 blocks come free, and c comes back into them: host block 0 into the first of its new
+    # blocks; it goes on with its output token (not its prompt again).
+    sched.finish_requests("a", RequestStatus.FINISHED_STOPPED)
+    out3 = sched.schedule()
+    assert out3.swap_in == [(0, 4)] and out3.swap_out == []
+    assert out3.scheduled == [
+        ScheduledRequest("b", [25], 5, [2, 3], True, False),
+        ScheduledRequest("c", [34], 4, [4, 1], True, True),
+    ]
+    assert not kv.is_swapped(c) and kv.num_free_host_blocks == 2
+    assert c.status == RequestStatus.RUNNING and c.num_computed_tokens == 5
+
+
+def test_a_victim_too_big_for_the_host_pool_is_recomputed_and_an_abort_frees_host_blocks() -> None:
+    sched = make_scheduler(num_host_blocks=1)
+    kv = sched.kv_cache_manager
+    a = Request("a", list(range(10, 16)), 4)  # 2 blocks
+    b = Request("b", list(range(20, 26)), 4)  # 2 blocks
+    for req in (a, b):
+        sched.add_request(req)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1, 2], [3, 4]]
+    sched.update_from_output(out1, {"a": 16, "b": 26})
+    sched.update_from_output(sched.schedule(), {"a": 17, "b": 27})
+    sched.update_from_output(sched.schedule(), {"a": 18, "b": 28})  # 8 tokens each: 2 full blocks
+    out4 = sched.schedule()  # a needs a third block: b (2 blocks, 1 host block) is recomputed
+    assert out4.preempted_request_ids == ["b"] and out4.swap_out == []
+    assert b.num_computed_tokens == 0 and not kv.is_swapped(b) and kv.num_free_host_blocks == 1
+
+    c = Request("c", [40, 41, 42], 4)  # 1 block: fits in the host pool
+    sched2 = make_scheduler(num_host_blocks=1)
+    kv2 = sched2.kv_cache_manager
+    big = Request("big", list(range(50, 61)), 4)  # 3 blocks
+    for req in (big, c):
+        sched2.add_request(req)
+    out = sched2.schedule()
+    sched2.update_from_output(out, {"big": 61, "c": 43})
+    sched2.update_from_output(sched2.schedule(), {"big": 62, "c": 44})  # both blocks full: 12 and 4
+    out = sched2.schedule()  # big needs a fourth block: c (one block) is swapped out
+    assert out.preempted_request_ids == ["c"] and out.swap_out == [(4, 0)] and kv2.is_swapped(c)
+    sched2.finish_requests("c", RequestStatus.FINISHED_ABORTED)
+    assert not kv2.is_swapped(c) and kv2.num_free_host_blocks == 1 and list(sched2.waiting) == []

@@ -36,6 +36,7 @@ def random_config(rng: random.Random, caching: bool, chunked: bool) -> Scheduler
         enable_prefix_caching=caching,
         enable_chunked_prefill=chunked,
         max_queue_size=rng.choice([None, 3, 8]),
+        num_host_blocks=rng.choice([0, 0, 2, 8]),  # a victim that fits is swapped out, else recomputed
     )
 
 
@@ -49,6 +50,7 @@ class Harness:
         self.max_tokens: dict[str, int] = {}
         self.in_flight: deque[SchedulerOutput] = deque()
         self.kv_store: dict[int, list[tuple[Request, int] | None]] = {}
+        self.host_store: dict[int, list[tuple[Request, int] | None]] = {}  # swapped-out blocks
         self.admission_seq: dict[str, int] = {}
         self.num_admissions = 0
         self.num_added = 0
@@ -73,6 +75,11 @@ class Harness:
         if len(self.in_flight) >= 2:  # the engine plans at most one step ahead
             return
         out = self.sched.schedule()
+        # the engine's copies, before the step's forward: device -> host first, then host -> device
+        for device, host in out.swap_out:
+            self.host_store[host] = list(self.kv_store.get(device, [None] * self.bs))
+        for host, device in out.swap_in:
+            self.kv_store[device] = list(self.host_store.pop(host))
         self.check_output(out)
         self.check_pool()
         if out.scheduled:
@@ -150,9 +157,18 @@ class Harness:
             assert len(block_ids) == -(-req.num_computed_tokens // self.bs)
             assert len(set(block_ids)) == len(block_ids) and 0 not in block_ids
             owners.update(block_ids)
+        host_owned: list[int] = []
         for req in self.sched.waiting:
             assert req.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
-            assert req.num_computed_tokens == 0 and manager.get_block_ids(req.request_id) == []
+            assert manager.get_block_ids(req.request_id) == []
+            if manager.is_swapped(req):  # its KV in host blocks, one per device block it had
+                host_ids = manager._req_to_host_blocks[req.request_id]
+                assert req.num_computed_tokens > 0 and len(host_ids) == -(-req.num_computed_tokens // self.bs)
+                host_owned += host_ids
+            else:
+                assert req.num_computed_tokens == 0
+        assert set(manager._req_to_host_blocks) <= {r.request_id for r in self.sched.waiting}
+        assert sorted(host_owned + manager._free_host_blocks) == list(range(self.config.num_host_blocks))
         assert set(manager.req_to_blocks) == {r.request_id for r in self.sched.running}
         for block in pool.blocks[1:]:
             assert block.ref_cnt == owners[block.block_id]
@@ -182,6 +198,7 @@ class Harness:
         assert sorted(b.block_id for b in free) == list(range(1, self.config.num_blocks))
         assert all(b.ref_cnt == 0 for b in pool.blocks)
         assert self.sched.kv_cache_manager.req_to_blocks == {} and self.sched.requests == {}
+        assert self.sched.kv_cache_manager.num_free_host_blocks == self.config.num_host_blocks
 
 
 def run_ops(harness: Harness, ops: list[int]) -> None:
@@ -205,15 +222,16 @@ def run_ops(harness: Harness, ops: list[int]) -> None:
 @pytest.mark.parametrize("caching", [True, False])
 @pytest.mark.parametrize("chunked", [True, False])
 def test_random_runs_leave_every_block_free(caching: bool, chunked: bool) -> None:
-    num_preemptions = num_hit_tokens = 0
+    num_preemptions = num_swaps = num_hit_tokens = 0
     for seed in range(25):
         rng = random.Random(seed * 4 + 2 * caching + chunked)
         harness = Harness(random_config(rng, caching, chunked), rng)
         run_ops(harness, [rng.choice(range(8)) if rng.random() < 0.97 else 7 for _ in range(300)])
         num_preemptions += harness.sched.num_preemptions_total
+        num_swaps += harness.sched.num_swapped_out_total
         num_hit_tokens += harness.sched.kv_cache_manager.stats.num_hit_tokens
-    # The runs must actually exercise preemption and (when on) prefix hits.
-    assert num_preemptions > 0
+    # The runs must actually exercise preemption (recomputed and swapped) and (when on) prefix hits.
+    assert num_preemptions > num_swaps > 0
     assert (num_hit_tokens > 0) == caching
 
 

@@ -66,8 +66,8 @@ def _view(outputs) -> list[tuple]:
     return [(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in outputs]
 
 
-@pytest.mark.parametrize("tight_kv", [False, True])
-def test_async_matches_sync(tiny_llama: Path, tight_kv: bool) -> None:
+@pytest.mark.parametrize("tight_kv", [False, True, "swap"])
+def test_async_matches_sync(tiny_llama: Path, tight_kv: bool | str) -> None:
     prompts = random_prompts(5, [7, 30, 16, 50, 3, 21, 64, 12])
     # The greedy run tells which token request 2 emits 6th: stopping on it ends that request early.
     probe, _, _ = _run(tiny_llama, False, prompts[2:3], [SamplingParams(temperature=0, max_tokens=6)])
@@ -76,6 +76,8 @@ def test_async_matches_sync(tiny_llama: Path, tight_kv: bool) -> None:
     if tight_kv:  # 8 usable blocks of 16: one max_model_len request; the batch needs far more
         probe_llm = LLM(str(tiny_llama), max_model_len=112, block_size=16, kv_cache_memory_bytes=1 << 24)
         kwargs = {"kv_cache_memory_bytes": 9 * _block_bytes(probe_llm), "max_num_batched_tokens": 40}
+        if tight_kv == "swap":  # preempted requests swapped out to host blocks, some while a token is pending
+            kwargs["swap_space_bytes"] = 24 * _block_bytes(probe_llm)
     sync, sync_llm, _ = _run(tiny_llama, False, prompts, params, **kwargs)
     ahead, llm, seen = _run(tiny_llama, True, prompts, params, **kwargs)
     assert _view(ahead) == _view(sync)
@@ -89,6 +91,9 @@ def test_async_matches_sync(tiny_llama: Path, tight_kv: bool) -> None:
     if tight_kv:
         assert llm.engine.scheduler.num_preemptions_total > 0
         assert sync_llm.engine.scheduler.num_preemptions_total > 0
+    if tight_kv == "swap":
+        assert llm.engine.scheduler.num_swapped_out_total > 0
+        assert sync_llm.engine.scheduler.num_swapped_out_total > 0
     for engine in (llm.engine, sync_llm.engine):
         assert not engine.has_unfinished_requests()
         assert engine.scheduler.kv_cache_manager.num_used_blocks == 0

@@ -52,6 +52,38 @@ def test_tiny_preempted_and_recomputed_matches_hf(tiny_model: TinyModel) -> None
     assert llm.engine.scheduler.kv_cache_manager.num_used_blocks == 0
 
 
+@pytest.mark.parametrize("host_blocks", [40, 3], ids=["all-swapped", "swap-or-recompute"])
+def test_tiny_preempted_and_swapped_matches_hf(tiny_model: TinyModel, host_blocks: int) -> None:
+    """Preempted requests whose blocks fit in the host pool are swapped out and back in (no recompute);
+    with a pool of 3 blocks only short ones fit and the rest are recomputed. Output as HF's either way."""
+    prompts = random_prompts(1, LENGTHS)
+    probe = LLM(str(tiny_model.path), max_model_len=112, block_size=16)
+    llm = LLM(str(tiny_model.path), max_model_len=112, block_size=16, kv_cache_memory_bytes=9 * _block_bytes(probe),
+              swap_space_bytes=host_blocks * _block_bytes(probe))  # fmt: skip
+    scheduler = llm.engine.scheduler
+    assert scheduler.kv_cache_manager.num_host_blocks == host_blocks
+    swaps: list[tuple[list, list]] = []
+    real_swap = llm.engine.runner.swap
+
+    def swap(swap_out, swap_in):
+        swaps.append((list(swap_out), list(swap_in)))
+        real_swap(swap_out, swap_in)
+
+    llm.engine.runner.swap = swap
+    outputs = llm.generate(prompts, GREEDY)
+    _assert_matches(outputs, prompts, tiny_model.reference)
+    swapped = scheduler.num_swapped_out_total
+    assert swapped > 0 and sum(len(o) for o, _ in swaps) > 0 and sum(len(i) for _, i in swaps) > 0
+    # every block swapped out came back in (no request ended while swapped out here)
+    assert sum(len(o) for o, _ in swaps) == sum(len(i) for _, i in swaps)
+    if host_blocks == 40:
+        assert swapped == scheduler.num_preemptions_total
+    else:
+        assert 0 < swapped < scheduler.num_preemptions_total
+    kv = scheduler.kv_cache_manager
+    assert kv.num_used_blocks == 0 and kv.num_free_host_blocks == host_blocks
+
+
 @pytest.mark.parametrize("block_size", [8, 32])
 def test_tiny_chunked_prefill_matches_hf(tiny_model: TinyModel, block_size: int) -> None:
     prompts = random_prompts(1, LENGTHS)

@@ -148,6 +148,8 @@ def test_bad_engine_options_name_the_option(smollm2_path, tmp_path) -> None:
         LLM(str(smollm2_path), max_num_seq=4)
     with pytest.raises(ValueError, match="block_size"):
         LLM(str(smollm2_path), block_size=12)
+    with pytest.raises(ValueError, match="swap_space_bytes must be at least 0, got -1"):
+        LLM(str(smollm2_path), swap_space_bytes=-1)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(smollm2_path), max_model_len=100_000)
     with pytest.raises(ValueError, match="not a Hugging Face checkpoint folder"):

@@ -53,6 +53,34 @@ def test_tiny_fp32_greedy_matches_hf_on_gpu(name: str, graphs: bool, tmp_path, t
         assert runner.mixed_graphs is not None and runner.mixed_graphs.replays > 0
 
 
+def test_tiny_fp32_preempted_and_swapped_matches_hf(tmp_path, tokenizer_dir) -> None:
+    """A KV cache of one request's worth: preempted requests are swapped to pinned host blocks and back
+    (asynchronous copies on the step's stream, between graph replays), greedy output still HF's."""
+    from transformers import AutoModelForCausalLM
+
+    from inflight.backend.model_runner import kv_cache_bytes_per_block
+
+    name = next(iter(TINY_CONFIGS))
+    path = build_tiny_checkpoint(name, tmp_path / name)
+    copy_tokenizer(tokenizer_dir, path)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    prompts = _prompts(2, LENGTHS, 49152)
+    probe = LLM(str(path), dtype="float32", device="cuda", max_model_len=112, kv_cache_memory_bytes=16 << 20,
+                enable_cuda_graphs=False)  # fmt: skip
+    e = probe.engine
+    block = kv_cache_bytes_per_block(e.model_config, 16, torch.float32, e.model_config.num_kv_heads)
+    del probe, e
+    llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=112, max_num_seqs=8,
+              kv_cache_memory_bytes=9 * block, swap_space_bytes=40 * block)  # fmt: skip
+    assert llm.engine.runner.host_kv_cache.is_pinned()
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
+    for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
+        assert out.token_ids == _hf_greedy(hf, prompt, 24), f"prompt {i} differs from HF"
+    scheduler = llm.engine.scheduler
+    assert scheduler.num_swapped_out_total > 0
+    assert scheduler.kv_cache_manager.num_free_host_blocks == 40
+
+
 @pytest.mark.parametrize("name", list(TINY_CONFIGS))
 def test_tiny_fp32_mixed_graphs_chunked_prefix_cached_match_hf(name: str, tmp_path, tokenizer_dir) -> None:
     """Chunked prefill beside decodes, prefix-cache hits and more sequences than a mixed graph holds: the
