@@ -22,8 +22,11 @@ from torch import nn
 from ...kernels import ops
 from ..parallel import SINGLE_RANK, ParallelConfig, divide
 
-# Rows up to which a CUDA decode step takes the fused small-M Triton GEMV (kernels/fused_gemv.py).
-FUSED_GEMV_MAX_M = 4
+# Rows up to which a CUDA decode step takes the fused small-M Triton GEMV (kernels/fused_gemv.py). A layer's
+# four linears in CUDA graphs (.gpu/m_sweep.py, 2026-11-22), fused GEMVs against RMSNorm / SiLU-and-mul
+# kernels + cuBLAS: 1 row: 119.2 vs 126.4 us on an H200, 161.1 vs 170.7 on an H100 (fused 5.6% faster);
+# 2 to 16 rows: cuBLAS 7-9% faster on the H200, ~1% on the H100.
+FUSED_GEMV_MAX_M = 1
 
 
 class LinearMethod(ABC):
@@ -53,7 +56,7 @@ class LinearMethod(ABC):
 class UnquantizedLinearMethod(LinearMethod):
     """A dense ``[output_size, input_size]`` weight in the model dtype.
 
-    On CUDA with at most ``FUSED_GEMV_MAX_M`` rows (batch-1..4 decode) the product runs as a Triton GEMV
+    On CUDA with at most ``FUSED_GEMV_MAX_M`` rows (batch-1 decode) the product runs as a Triton GEMV
     (``kernels.fused_gemv``, faster than cuBLAS's GEMV for these shapes in CUDA graphs) with the RMSNorm
     before qkv / gate_up fused into its input load (one kernel instead of two). The SiLU-and-mul stays a
     separate kernel before down_proj: fused, it measured slower than the two kernels (its exp/div on the
