@@ -157,6 +157,12 @@ class LLMEngine:
         self.runner.allocate_kv_cache(num_blocks)
         num_host_blocks = args.swap_space_bytes // bytes_per_block
         self.runner.allocate_host_cache(num_host_blocks)
+        host_bytes = num_host_blocks * bytes_per_block
+        if self.device.type == "cuda" and host_bytes & (host_bytes - 1):
+            # NOTE: torch's pinned-memory allocator rounds an allocation up to a power of two.
+            logger.warning("swap space: %d host blocks take %.1f GiB, pinned as %.1f GiB (torch rounds pinned "
+                           "allocations up to a power of two; ask for a power of two)", num_host_blocks,
+                           host_bytes / 2**30, (1 << (host_bytes - 1).bit_length()) / 2**30)  # fmt: skip
         if self.device.type == "cuda" and args.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(args.max_num_seqs, args.max_cuda_graph_batch_size),
                                             args.max_cuda_graph_prefill_tokens, args.max_num_seqs)  # fmt: skip
