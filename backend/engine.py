@@ -436,28 +436,20 @@ class LLMEngine:
         token_ids, sampled_lp, top_lp, top_ids = step.host.read()
         self.scheduler.append_sampled_tokens(step.sample_ids, token_ids)
         outputs = []
-        requests = self._requests
-        if sampled_lp is None:  # nobody asked for logprobs: the lean loop of a large decode step
-            process = self._process_token
-            for request_id, token_id in zip(step.sample_ids, token_ids, strict=True):
-                state = requests.get(request_id)
-                if state is not None:  # else finished or aborted while the step ran: its token is dropped
-                    outputs.append(process(state, token_id, None))
-            return outputs
-        for i, request_id in enumerate(step.sample_ids):
+        requests, process = self._requests, self._process_token
+        for i, (request_id, token_id) in enumerate(zip(step.sample_ids, token_ids, strict=True)):
             state = requests.get(request_id)
             if state is None:
                 continue  # finished or aborted while the step ran: its token is dropped
             logprob = None
-            n = state.params.logprobs
-            if n is not None and sampled_lp is not None:
+            if sampled_lp is not None and (n := state.params.logprobs) is not None:
                 top = (
                     tuple(zip(top_ids[i][:n], top_lp[i][:n], strict=True))
                     if top_ids is not None and n
                     else ()
                 )
-                logprob = TokenLogprob(token_ids[i], sampled_lp[i], top)
-            outputs.append(self._process_token(state, token_ids[i], logprob))
+                logprob = TokenLogprob(token_id, sampled_lp[i], top)
+            outputs.append(process(state, token_id, logprob))
         return outputs
 
     def _sampling_batch(self, states: list[_RequestState]) -> SamplingBatch:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batching import SchedulerOutput
+from ..batching import ScheduledRequest, SchedulerOutput
 from .cuda_graphs import DecodeGraphs, MixedGraphs
 from .layers.attention import AttentionMetadata
 from .model_config import ModelConfig
@@ -101,6 +101,20 @@ def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
     slot_mapping = (
         block_tables[rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     )
+    return _step_inputs(scheduled, input_ids, positions, slot_mapping, block_tables, (starts + lens).tolist(),
+                        [0, *ends.tolist()])  # fmt: skip
+
+
+def _step_inputs(
+    scheduled: list[ScheduledRequest],
+    input_ids: np.ndarray,
+    positions: np.ndarray,
+    slot_mapping: np.ndarray,
+    block_tables: np.ndarray,
+    seq_lens: list[int],
+    query_start_loc: list[int],
+) -> StepInputs:
+    """``StepInputs`` with the sampled and pending rows: each the last token of its request's chunk."""
     sample = [i for i, r in enumerate(scheduled) if r.needs_sample]
     pending = [i for i, r in enumerate(scheduled) if r.last_token_pending]
     return StepInputs(
@@ -108,11 +122,11 @@ def flatten_step(out: SchedulerOutput, block_size: int) -> StepInputs:
         positions=positions,
         slot_mapping=slot_mapping,
         block_tables=block_tables,
-        seq_lens=(starts + lens).tolist(),
-        query_start_loc=[0, *ends.tolist()],
-        logits_rows=[int(ends[i]) - 1 for i in sample],
+        seq_lens=seq_lens,
+        query_start_loc=query_start_loc,
+        logits_rows=[query_start_loc[i + 1] - 1 for i in sample],
         sample_ids=[scheduled[i].request_id for i in sample],
-        pending_rows=[int(ends[i]) - 1 for i in pending],
+        pending_rows=[query_start_loc[i + 1] - 1 for i in pending],
         pending_ids=[scheduled[i].request_id for i in pending],
     )
 
@@ -139,20 +153,8 @@ def _flatten_small_step(out: SchedulerOutput, block_size: int) -> StepInputs:
         seq_lens.append(span.stop)
         ends.append(len(ids))
     assert len(ids) == out.num_batched_tokens, "scheduled tokens do not add up to num_batched_tokens"
-    sample = [i for i, r in enumerate(scheduled) if r.needs_sample]
-    pending = [i for i, r in enumerate(scheduled) if r.last_token_pending]
-    return StepInputs(
-        input_ids=np.array(ids, dtype=np.int64),
-        positions=np.array(positions, dtype=np.int64),
-        slot_mapping=np.array(slots, dtype=np.int64),
-        block_tables=block_tables,
-        seq_lens=seq_lens,
-        query_start_loc=ends,
-        logits_rows=[ends[i + 1] - 1 for i in sample],
-        sample_ids=[scheduled[i].request_id for i in sample],
-        pending_rows=[ends[i + 1] - 1 for i in pending],
-        pending_ids=[scheduled[i].request_id for i in pending],
-    )
+    return _step_inputs(scheduled, np.array(ids, dtype=np.int64), np.array(positions, dtype=np.int64),
+                        np.array(slots, dtype=np.int64), block_tables, seq_lens, ends)  # fmt: skip
 
 
 class ModelRunner:
@@ -193,7 +195,7 @@ class ModelRunner:
                 (num_blocks, *cache.shape[:2], *cache.shape[3:]),
                 dtype=cache.dtype,
                 pin_memory=self.device.type == "cuda",
-            )  # fmt: skip
+            )
             if num_blocks
             else None
         )

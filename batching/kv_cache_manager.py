@@ -215,16 +215,18 @@ class KVCacheManager:
         if new_blocks is None:
             return None
         assert len(new_blocks) >= len(host_ids), "a swapped-in table is smaller than its host copy"
-        del self._req_to_host_blocks[request.request_id]
-        self._free_host_blocks.extend(reversed(host_ids))
+        self._release_host_blocks(request.request_id)
         return [(h, b.block_id) for h, b in zip(host_ids, new_blocks, strict=False)]
+
+    def _release_host_blocks(self, request_id: str) -> None:
+        host_ids = self._req_to_host_blocks.pop(request_id, None)
+        if host_ids is not None:
+            self._free_host_blocks.extend(reversed(host_ids))
 
     def free(self, request: Request) -> None:
         """Release all blocks of `request` (tail first; host blocks of a swapped-out one too) and forget it.
         Unknown requests are ignored."""
-        host_ids = self._req_to_host_blocks.pop(request.request_id, None)
-        if host_ids is not None:
-            self._free_host_blocks.extend(reversed(host_ids))
+        self._release_host_blocks(request.request_id)
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         self._req_to_block_ids.pop(request.request_id, None)

@@ -48,7 +48,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions_total = 0
         self.num_swapped_out_total = 0
-        self._swap_out: list[tuple[int, int]] = []  # this schedule() call's copies (see SchedulerOutput)
         self._finished_request_ids: list[str] = []
 
     # ---- requests in and out -------------------------------------------------------------------
@@ -133,6 +132,7 @@ class Scheduler:
         running = self.running
         scheduled: list[ScheduledRequest] = []
         preempted_request_ids: list[str] = []
+        swap_out: list[tuple[int, int]] = []
         swap_in: list[tuple[int, int]] = []
 
         # 1. Running requests, oldest first.
@@ -151,7 +151,7 @@ class Scheduler:
                 # NOTE: the newest request is always behind `request` in the running list, so it
                 # has not been scheduled this step; preempting it drops no planned work.
                 victim = running.pop()
-                self._preempt(victim)
+                swap_out += self._preempt(victim)
                 preempted_request_ids.append(victim.request_id)
                 if victim is request:
                     break
@@ -203,7 +203,6 @@ class Scheduler:
             budget -= num_new_tokens
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
-        swap_out, self._swap_out = self._swap_out, []
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=config.max_num_batched_tokens - budget,
@@ -254,12 +253,14 @@ class Scheduler:
             limit = min(limit, request.num_prompt_tokens + request.max_output_tokens)
         return min(num_tokens + (1 if pending else 0), limit - 1)
 
-    def _preempt(self, request: Request) -> None:
+    def _preempt(self, request: Request) -> list[tuple[int, int]]:
         """Free a running request's device blocks and put it at the front of the waiting queue: its KV
-        swapped out to host blocks if they have room (it resumes where it was), else to be recomputed."""
+        swapped out to host blocks if they have room (it resumes where it was), else to be recomputed.
+        Returns the swap-out copies (see ``SchedulerOutput.swap_out``), none when it is recomputed."""
         kv = self.kv_cache_manager
+        copies: list[tuple[int, int]] = []
         if kv.can_swap_out(request):
-            self._swap_out += kv.swap_out(request)
+            copies = kv.swap_out(request)
             self.num_swapped_out_total += 1
         else:
             kv.free(request)
@@ -268,6 +269,7 @@ class Scheduler:
         request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
+        return copies
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[str]:
         """Append the sampled tokens of a step's `needs_sample` requests.
