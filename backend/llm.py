@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..batching import QueueFullError
 from . import gc_freeze
 from .engine import LLMEngine
 from .engine_args import EngineArgs
@@ -55,25 +57,55 @@ class LLM:
         # would walk them all (see gc_freeze); at large batches one came every few dozen steps, the GPU idle
         # meanwhile, and several came while 1,000 requests were being added.
         with gc_freeze.frozen():
-            token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]
-            completions: dict[str, CompletionOutput] = {}
-            order: list[str] = []
-            for ids, params in zip(token_lists, params_list, strict=True):
-                request_id = f"llm-{self._next_id}"
-                self._next_id += 1
-                self.engine.add_request(request_id, ids, params)
-                completions[request_id] = CompletionOutput(request_id, ids)
-                order.append(request_id)
-            gc_freeze.refreeze()  # the requests just added too
+            token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]  # all checked first
+            order = [f"llm-{self._next_id + i}" for i in range(len(token_lists))]
+            self._next_id += len(order)
+            completions = {rid: CompletionOutput(rid, ids) for rid, ids in zip(order, token_lists, strict=True)}
+            admission = _Admission(self.engine, zip(order, token_lists, params_list, strict=True))
+            admission.admit(first_step_only=True)
             progress = _progress(len(order)) if use_tqdm else None
-            while self.engine.has_unfinished_requests():
-                for delta in self.engine.step():
+            while self.engine.has_unfinished_requests() or admission.left:
+                # NOTE: the rest are queued while the first steps run on the device, not before them:
+                # adding 1,000 requests takes ~0.1 s of host time that the GPU would sit idle for.
+                for delta in self.engine.step(admission.admit if admission.left else None):
                     completions[delta.request_id].add(delta)
                     if delta.finished and progress is not None:
                         progress.update(1)
         if progress is not None:
             progress.close()
         return [completions[rid] for rid in order]
+
+
+class _Admission:
+    """Queues ``generate``'s requests in order: before the first step only what that step can take, the
+    rest from the steps' ``while_gpu_runs``, as the waiting queue has room (``max_queue_size``)."""
+
+    def __init__(self, engine: LLMEngine, requests: Iterable[tuple[str, list[int], SamplingParams]]) -> None:
+        self.engine = engine
+        self.queue = deque(requests)
+
+    @property
+    def left(self) -> bool:
+        return bool(self.queue)
+
+    def admit(self, first_step_only: bool = False) -> None:
+        config = self.engine.scheduler.config
+        tokens = seqs = 0
+        queue, added = self.queue, False
+        while queue:
+            if first_step_only and (tokens >= config.max_num_batched_tokens or seqs >= config.max_num_seqs):
+                break
+            request_id, ids, params = queue[0]
+            try:
+                self.engine.add_request(request_id, ids, params)
+            except QueueFullError:
+                if not self.engine.has_unfinished_requests():
+                    raise  # an empty queue that refuses: no step would make room (not a hang)
+                break
+            queue.popleft()
+            tokens, seqs, added = tokens + len(ids), seqs + 1, True
+        if added:
+            gc_freeze.refreeze()  # the requests just added too
 
 
 def _as_prompt_list(prompts: Any) -> list[Prompt]:
