@@ -8,6 +8,9 @@ is the whole cost and each kernel boundary costs a drain and a ramp of the memor
                  a = rmsnorm(h) * norm_weight              (RMSNorm fused into the qkv / gate_up GEMV)
     "silu_mul"   a = silu(x[:, :K]) * x[:, K:]              (SiLU-and-mul fused into the down GEMV)
 
+and, given an ``addend`` [M, N], ``y = prologue(x) @ W^T + addend`` rounded once (the residual add fused into
+o_proj / down_proj).
+
 Work split: program p owns output columns ``p*BLOCK_N ..`` and streams their ``[BLOCK_N, K]`` slab of W
 in ``BLOCK_K`` chunks through ``tl.dot`` (rows padded to 16), so Triton's pipeliner keeps ``num_stages``
 W chunks in flight. RMSNorm in one pass: ``y = rstd * ((h * norm_weight) @ W^T)``, with ``sum(h^2)``
@@ -35,8 +38,9 @@ def fused_gemv_reference(
     residual: torch.Tensor | None = None,  # "rmsnorm": [M, K] or None
     norm_weight: torch.Tensor | None = None,  # "rmsnorm": [K]
     eps: float = 1e-6,
+    addend: torch.Tensor | None = None,  # [M, N] or None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(prologue(x) @ weight^T, new residual or None)``, the unfused ops in order."""
+    """``(prologue(x) @ weight^T (+ addend), new residual or None)``, the unfused ops in order."""
     from .activation import silu_and_mul_reference
     from .rms_norm import rms_norm_reference
 
@@ -47,7 +51,8 @@ def fused_gemv_reference(
         x = silu_and_mul_reference(x)
     elif prologue != "none":
         raise ValueError(f"fused_gemv: unknown prologue {prologue!r}")
-    return F.linear(x, weight), new_residual
+    y = F.linear(x, weight) if addend is None else torch.addmm(addend, x, weight.t())
+    return y, new_residual
 
 
 @triton.jit
@@ -58,6 +63,7 @@ def _fused_gemv_kernel(
     residual_out_ptr,  # [M, K] ("rmsnorm": x + residual, or x)
     w_ptr,  # [N, K]
     out_ptr,  # [M, N]
+    addend_ptr,  # [M, N] (HAS_ADDEND)
     M,
     N,
     K,
@@ -66,9 +72,11 @@ def _fused_gemv_kernel(
     stride_residual_out,
     stride_w,
     stride_out,
+    stride_addend,
     eps,
     PROLOGUE: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu_mul
     HAS_RESIDUAL: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -136,8 +144,13 @@ def _fused_gemv_kernel(
             acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PRECISION)
         if PROLOGUE == 1:
             acc = acc * tl.rsqrt(tl.sum(sum_sq, 1) / K + eps)[:, None]
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    if HAS_ADDEND:
+        addend = tl.load(addend_ptr + rows.to(tl.int64)[:, None] * stride_addend + cols[None, :], mask=out_mask,
+                         other=0.0)  # fmt: skip
+        acc += addend.to(tl.float32)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + cols[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])  # fmt: skip
+             acc.to(out_ptr.dtype.element_ty), mask=out_mask)  # fmt: skip
 
 
 def default_config(n: int, k: int, prologue: str) -> tuple[int, int, int, int]:
@@ -160,6 +173,7 @@ def fused_gemv(
     residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    addend: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -190,6 +204,8 @@ def fused_gemv(
         if t is not None and t.stride(-1) != 1:
             raise ValueError(f"{who}: x, residual and norm_weight need a unit stride along K")
     m = x.shape[0]
+    if addend is not None and (addend.shape != (m, n) or addend.dtype != x.dtype or addend.stride(-1) != 1):
+        raise ValueError(f"{who}: addend must be [{m}, {n}] {x.dtype} with a unit stride along N")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     residual_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if prologue == "rmsnorm" else None
     on_gpu = not interpreting(x.device)
@@ -206,6 +222,7 @@ def fused_gemv(
         residual_out if residual_out is not None else dummy,
         weight,
         out,
+        addend if addend is not None else dummy,
         m,
         n,
         k,
@@ -214,9 +231,11 @@ def fused_gemv(
         residual_out.stride(0) if residual_out is not None else 0,
         weight.stride(0),
         out.stride(0),
+        addend.stride(0) if addend is not None else 0,
         eps,
         PROLOGUE=PROLOGUES[prologue],
         HAS_RESIDUAL=residual is not None,
+        HAS_ADDEND=addend is not None,
         BLOCK_M=16,
         BLOCK_N=block_n,
         BLOCK_K=block_k,

@@ -40,6 +40,11 @@ class LinearMethod(ABC):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """``x @ W.T + bias`` in the layer's format."""
 
+    def apply_add(self, layer: nn.Module, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + addend`` (the residual add after o_proj / down_proj); may write it over ``addend``.
+        This default runs the two steps; a format may fuse the add into the product's epilogue."""
+        return addend.add_(self.apply(layer, x, None))
+
     def apply_rmsnorm(self, layer: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
                       norm_weight: torch.Tensor, eps: float, bias: torch.Tensor | None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -82,6 +87,16 @@ class UnquantizedLinearMethod(LinearMethod):
             y, _ = fused_gemv(x, layer.weight)
             return y if bias is None else y + bias
         return F.linear(x, layer.weight, bias)
+
+    def apply_add(self, layer, x, addend):  # noqa: D102 (see LinearMethod)
+        if self._fused(layer, x) and x.stride(-1) == 1 and addend.stride(-1) == 1:
+            from ...kernels.fused_gemv import fused_gemv
+
+            return fused_gemv(x, layer.weight, addend=addend)[0]
+        # NOTE: in place: cuBLAS adds C in its epilogue (beta = 1), one read of the residual overlapped with
+        # the math, where a fused add-RMSNorm after the product read and wrote it twice more (2026-11-22).
+        # Out of place torch would first copy addend into the output: a pass more.
+        return addend.addmm_(x, layer.weight.t())
 
     def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):  # noqa: D102 (see LinearMethod)
         if not (self._fused(layer, x) and x.stride(-1) == 1 and norm_weight.is_contiguous()
@@ -246,8 +261,12 @@ class RowParallelLinear(LinearBase):
             loaded = loaded.narrow(1, self.parallel.tp_rank * cols, cols)
         self._copy(param, loaded, "row-parallel weight")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.linear_method.apply(self, x, None)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``x W^T + b``, plus ``residual`` when given (written over it: the caller's residual stream)."""
+        if residual is not None and self.parallel.tp_rank == 0:
+            y = self.linear_method.apply_add(self, x, residual)  # joins the sum once, on rank 0
+        else:
+            y = self.linear_method.apply(self, x, None)
         y = self.parallel.all_reduce(y)
         # NOTE: the bias is added once, after the reduction, not once per rank.
         return y + self.bias if self.bias is not None else y

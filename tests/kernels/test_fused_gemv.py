@@ -60,6 +60,24 @@ def test_rmsnorm_without_residual_returns_x(device) -> None:
     assert_close(out, ref, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("prologue", ["none", "rmsnorm"])
+def test_addend_is_added_to_the_product(device, dtype, prologue) -> None:
+    """o_proj / down_proj with the residual add fused: ``x @ W^T + addend``, rounded once."""
+    x, w, kw = _case(prologue, 3, 33, 80, dtype, device)
+    addend = (4 * torch.randn(3, 33)).to(dtype).to(device)
+    out, _ = fused_gemv(x, w, prologue, addend=addend, **kw)
+    ref, _ = fused_gemv_reference(
+        x.double(),
+        w.double(),
+        prologue,
+        addend=addend.double(),
+        **{a: (t.double() if torch.is_tensor(t) else t) for a, t in kw.items()},
+    )
+    assert_close(out, ref.to(dtype), TOL[dtype])
+    with pytest.raises(AssertionError):  # the check sees a missing addend
+        assert_close(fused_gemv(x, w, prologue, **kw)[0], ref.to(dtype), TOL[dtype])
+
+
 def test_misses_are_detected(device) -> None:
     """A wrong residual or norm weight must fail the comparison: the checks can fail."""
     x, w, kw = _case("rmsnorm", 1, 40, 96, torch.float32, device)
@@ -79,6 +97,8 @@ def test_bad_inputs_raise_value_error() -> None:
         fused_gemv(x, w, "silu_mul")
     with pytest.raises(ValueError, match="norm_weight"):
         fused_gemv(x, w, "rmsnorm")
+    with pytest.raises(ValueError, match=r"addend must be \[1, 32\]"):
+        fused_gemv(x, w, addend=torch.randn(1, 31))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
@@ -88,6 +108,8 @@ def test_bad_inputs_raise_value_error() -> None:
 )
 def test_model_sized_on_cuda(dtype, prologue, n, k) -> None:
     x, w, kw = _case(prologue, 1, n, k, dtype, torch.device("cuda"))
+    if prologue == "none":  # o_proj with the residual added
+        kw["addend"] = torch.randn(1, n, dtype=dtype, device="cuda")
     out, _ = fused_gemv(x, w, prologue, **kw)
     ref, _ = fused_gemv_reference(
         x.double(),
