@@ -61,8 +61,21 @@ def test_generate_queues_prompts_as_steps_take_them(smollm2_path) -> None:
     assert [o.token_ids for o in outs] == alone
     assert [o.prompt_token_ids for o in outs] == prompts
     assert queued_at_step[0] == 2  # max_num_seqs: what the first step can take
-    assert max(queued_at_step) <= 2 + 3  # running + a full waiting queue
+    assert max(queued_at_step) == 2 + 2  # running + max_num_seqs waiting (a step's intake)
     assert engine.scheduler.kv_cache_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
+    # A smaller waiting queue bounds it instead.
+    llm = LLM(str(smollm2_path), max_model_len=256, max_num_seqs=2, max_num_batched_tokens=64,
+              max_queue_size=1)  # fmt: skip
+    engine = llm.engine
+    queued_at_step.clear()
+    real_step = engine.step
+    engine.step = step
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        engine.step = real_step
+    assert [o.token_ids for o in outs] == alone
+    assert queued_at_step[0] == 1 and max(queued_at_step) == 2 + 1
 
 
 def test_max_tokens_min_tokens_ignore_eos(llm: LLM) -> None:
