@@ -13,6 +13,7 @@ MAX_CHARS_PER_TOKEN = 64
 
 _INT_ONLY = {int}  # bool is not: True is a flag, not token 1
 
+
 class PromptProcessor:
     """Tokenizes prompts with the checkpoint's tokenizer and chat template."""
 

@@ -60,7 +60,9 @@ class LLM:
             token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]  # all checked first
             order = [f"llm-{self._next_id + i}" for i in range(len(token_lists))]
             self._next_id += len(order)
-            completions = {rid: CompletionOutput(rid, ids) for rid, ids in zip(order, token_lists, strict=True)}
+            completions = {
+                rid: CompletionOutput(rid, ids) for rid, ids in zip(order, token_lists, strict=True)
+            }
             admission = _Admission(self.engine, zip(order, token_lists, params_list, strict=True))
             admission.admit(first_step_only=True)
             progress = _progress(len(order)) if use_tqdm else None
