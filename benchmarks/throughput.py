@@ -59,9 +59,11 @@ def bench_inflight(
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     llm.engine.start_gpu_timing()
+    before = _allocator_counts()
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
     seconds = time.perf_counter() - start
+    after = _allocator_counts()
     breakdown = llm.engine.gpu_step_breakdown()
     idle = llm.engine.gpu_idle_gaps()
     busy = None if breakdown is None else sum(k["gpu_seconds"] for k in breakdown.values())
@@ -78,12 +80,22 @@ def bench_inflight(
               "gpu_steps": breakdown,
               # the device idle between steps (waiting for the host), its largest gaps (None on CPU)
               "gpu_idle": idle,
+              # torch's CUDA caching allocator during the run: retries free the cache (a device sync)
+              "allocator": None if after is None else {k: after[k] - before[k] for k in after},
               "engine_options": options or {}}  # fmt: skip
     del llm, outputs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result
+
+
+def _allocator_counts() -> dict[str, int] | None:
+    if not torch.cuda.is_available():
+        return None
+    stats = torch.cuda.memory_stats()
+    keys = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc", "num_device_free")
+    return {k: int(stats.get(k, 0)) for k in keys}
 
 
 def bench_hf(path: Path, requests, batch_size: int, dtype: str) -> dict:
