@@ -36,17 +36,9 @@ def test_single_prompt_forms(llm: LLM) -> None:
     assert a.token_ids == b.token_ids and a.num_input_tokens == b.num_input_tokens
 
 
-def test_generate_queues_prompts_as_steps_take_them(smollm2_path) -> None:
-    """Before the first step generate queues only what that step can take (the rest while steps run, so the
-    device does not wait for 1,000 adds), and never more than max_queue_size: more prompts than the waiting
-    queue holds all complete, in order, with the tokens each gets alone."""
-    llm = LLM(str(smollm2_path), max_model_len=256, max_num_seqs=2, max_num_batched_tokens=64,
-              max_queue_size=3)  # fmt: skip
-    engine = llm.engine
-    prompts = [llm.tokenizer.encode(f"Count to {n}: one, two,") for n in range(3, 10)]
-    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
-    queued_at_step: list[int] = []
+def _generate_counting_queued(llm: LLM, prompts, params) -> tuple[list, list[int]]:
+    """``llm.generate``, and the number of requests the engine held at each step's start."""
+    engine, queued_at_step = llm.engine, []
     real_step = engine.step
 
     def step(*args, **kwargs):
@@ -55,27 +47,32 @@ def test_generate_queues_prompts_as_steps_take_them(smollm2_path) -> None:
 
     engine.step = step
     try:
-        outs = llm.generate(prompts, params)
+        return llm.generate(prompts, params), queued_at_step
     finally:
         engine.step = real_step
+
+
+@pytest.mark.parametrize(
+    "max_queue_size,first,most",
+    [(3, 2, 2 + 2), (1, 1, 2 + 1)],  # most: running + waiting (max_num_seqs, or the smaller queue)
+    ids=["step-intake", "queue-bound"],
+)
+def test_generate_queues_prompts_as_steps_take_them(smollm2_path, max_queue_size, first, most) -> None:
+    """Before the first step generate queues only what that step can take (the rest while steps run, so the
+    device does not wait for 1,000 adds), then a step's intake ahead (max_num_seqs waiting), never more than
+    max_queue_size: more prompts than the waiting queue holds all complete, in order, with the tokens each
+    gets alone."""
+    llm = LLM(str(smollm2_path), max_model_len=256, max_num_seqs=2, max_num_batched_tokens=64,
+              max_queue_size=max_queue_size)  # fmt: skip
+    prompts = [llm.tokenizer.encode(f"Count to {n}: one, two,") for n in range(3, 10)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].token_ids for p in prompts]
+    outs, queued_at_step = _generate_counting_queued(llm, prompts, params)
     assert [o.token_ids for o in outs] == alone
     assert [o.prompt_token_ids for o in outs] == prompts
-    assert queued_at_step[0] == 2  # max_num_seqs: what the first step can take
-    assert max(queued_at_step) == 2 + 2  # running + max_num_seqs waiting (a step's intake)
-    assert engine.scheduler.kv_cache_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
-    # A smaller waiting queue bounds it instead.
-    llm = LLM(str(smollm2_path), max_model_len=256, max_num_seqs=2, max_num_batched_tokens=64,
-              max_queue_size=1)  # fmt: skip
+    assert queued_at_step[0] == first and max(queued_at_step) == most
     engine = llm.engine
-    queued_at_step.clear()
-    real_step = engine.step
-    engine.step = step
-    try:
-        outs = llm.generate(prompts, params)
-    finally:
-        engine.step = real_step
-    assert [o.token_ids for o in outs] == alone
-    assert queued_at_step[0] == 1 and max(queued_at_step) == 2 + 1
+    assert engine.scheduler.kv_cache_manager.num_used_blocks == 0 and not engine.has_unfinished_requests()
 
 
 def test_max_tokens_min_tokens_ignore_eos(llm: LLM) -> None:
