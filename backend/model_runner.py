@@ -291,14 +291,7 @@ class ModelRunner:
         self.graphs.capture(pool)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        host = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            # NOTE: through pinned memory (torch's caching host allocator): a copy from pageable memory of
-            # more than a few tens of KB makes the host wait until the stream reaches it, i.e. until the step
-            # in flight ends, and the rest of this step's eager launches then ran with the GPU idle (~10 ms
-            # gaps before 16k-token prefill steps on an H100, 2026-11-22).
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return torch.from_numpy(array).to(self.device, non_blocking=True)
 
     def _pending_tokens(
         self, inputs: StepInputs, pending: PendingTokens | None
