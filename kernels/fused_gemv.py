@@ -4,7 +4,7 @@
 is the whole cost and each kernel boundary costs a drain and a ramp of the memory pipe. The prologue:
 
     "none"       a = x
-    "rmsnorm"    h = x (+ residual, rounded to the dtype; stored as the new residual)
+    "rmsnorm"    h = x (+ residual, rounded to the dtype; stored as the new residual; without one it is x)
                  a = rmsnorm(h) * norm_weight              (RMSNorm fused into the qkv / gate_up GEMV)
     "silu_mul"   a = silu(x[:, :K]) * x[:, K:]              (SiLU-and-mul fused into the down GEMV)
 
@@ -60,7 +60,7 @@ def _fused_gemv_kernel(
     x_ptr,  # [M, K] ("silu_mul": [M, 2K])
     residual_ptr,  # [M, K] (HAS_RESIDUAL)
     norm_w_ptr,  # [K] ("rmsnorm")
-    residual_out_ptr,  # [M, K] ("rmsnorm": x + residual, or x)
+    residual_out_ptr,  # [M, K] ("rmsnorm" with HAS_RESIDUAL: x + residual)
     w_ptr,  # [N, K]
     out_ptr,  # [M, N]
     addend_ptr,  # [M, N] (HAS_ADDEND)
@@ -131,7 +131,7 @@ def _fused_gemv_kernel(
                 else:
                     y_next = x_next
                     h = xc
-                if pid == 0:
+                if HAS_RESIDUAL and pid == 0:  # without one, the new residual is x itself
                     tl.store(residual_out_ptr + rows.to(tl.int64)[:, None] * stride_residual_out + ks[None, :],
                              h, mask=x_mask)  # fmt: skip
                 hf = h.to(tl.float32)
@@ -207,7 +207,13 @@ def fused_gemv(
     if addend is not None and (addend.shape != (m, n) or addend.dtype != x.dtype or addend.stride(-1) != 1):
         raise ValueError(f"{who}: addend must be [{m}, {n}] {x.dtype} with a unit stride along N")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    residual_out = torch.empty((m, k), dtype=x.dtype, device=x.device) if prologue == "rmsnorm" else None
+    # NOTE: without a residual the new residual is x itself: nothing to store (the model's norms before
+    # qkv / gate_up get none, since o_proj / down_proj add the residual in their epilogue).
+    residual_out = (
+        torch.empty((m, k), dtype=x.dtype, device=x.device)
+        if prologue == "rmsnorm" and residual is not None
+        else None
+    )
     on_gpu = not interpreting(x.device)
     if on_gpu:
         dn, dk, dw, ds = default_config(n, k, prologue)
@@ -243,4 +249,4 @@ def fused_gemv(
         num_warps=num_warps or dw,
         num_stages=num_stages or ds,
     )
-    return out, residual_out
+    return out, (x if prologue == "rmsnorm" and residual is None else residual_out)
