@@ -171,35 +171,32 @@ class Scheduler:
                 break  # preempted while its token was sampled: re-admitted once the token is known
             if kv.is_swapped(request):
                 # Its KV comes back from host blocks; it goes on from where it was.
-                num_new_tokens = min(self._num_schedulable(request) - request.num_computed_tokens, budget)
+                start = request.num_computed_tokens
+                num_new_tokens = min(self._num_schedulable(request) - start, budget)
                 assert num_new_tokens > 0, f"{request!r}: swapped out with nothing left to compute"
                 copies = kv.swap_in(request, num_new_tokens)
                 if copies is None:
                     break
                 swap_in += copies
-                self.waiting.popleft()
-                running.append(request)
-                request.status = RequestStatus.RUNNING
-                scheduled.append(self._plan(request, request.num_computed_tokens, num_new_tokens, True))
-                budget -= num_new_tokens
-                continue
-            assert request.num_computed_tokens == 0
-            computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
-            num_new_tokens = min(request.num_tokens, config.max_model_len) - num_hit_tokens
-            if not chunked and num_new_tokens > budget:
-                break
-            num_new_tokens = min(num_new_tokens, budget)
-            if kv.allocate_slots(request, num_new_tokens, computed_blocks) is None:
-                break
-            # NOTE: stats count admissions only, so a request that waits for blocks over several
-            # steps is not counted once per attempt.
-            kv.stats.record(request.num_tokens, num_hit_tokens)
+            else:
+                assert request.num_computed_tokens == 0
+                computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
+                start = num_hit_tokens  # the prefix-cache hits are computed already
+                num_new_tokens = min(request.num_tokens, config.max_model_len) - start
+                if not chunked and num_new_tokens > budget:
+                    break
+                num_new_tokens = min(num_new_tokens, budget)
+                if kv.allocate_slots(request, num_new_tokens, computed_blocks) is None:
+                    break
+                # NOTE: stats count admissions only, so a request that waits for blocks over several
+                # steps is not counted once per attempt.
+                kv.stats.record(request.num_tokens, num_hit_tokens)
+                if request.num_cached_tokens is None:
+                    request.num_cached_tokens = num_hit_tokens
             self.waiting.popleft()
             running.append(request)
             request.status = RequestStatus.RUNNING
-            if request.num_cached_tokens is None:
-                request.num_cached_tokens = num_hit_tokens
-            scheduled.append(self._plan(request, num_hit_tokens, num_new_tokens, True))
+            scheduled.append(self._plan(request, start, num_new_tokens, True))
             budget -= num_new_tokens
 
         finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
