@@ -236,10 +236,16 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Validate and queue a request; returns its prompt length. Raises ValueError for bad input and
         ``QueueFullError`` when the waiting queue is full."""
+        return self.add_checked_request(request_id, self.prompts.token_ids(prompt), params)
+
+    def add_checked_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None
+    ) -> int:
+        """``add_request`` for prompt ids that ``self.prompts.token_ids`` returned: not checked again (callers
+        that need the ids themselves, or check every prompt before queuing any, have done it)."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
-        prompt_ids = self.prompts.token_ids(prompt)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals,

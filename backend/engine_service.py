@@ -351,7 +351,7 @@ class EngineService:
             return
         try:
             ids = self.engine.prompts.token_ids(live.request.prompt)
-            self.engine.add_request(live.request_id, ids, live.request.params)
+            self.engine.add_checked_request(live.request_id, ids, live.request.params)
         except ValueError as exc:
             message = f"{_prompt_field(live.request.prompt)}: {exc}"
             self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, message), True))

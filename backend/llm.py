@@ -102,7 +102,7 @@ class _Admission:
                 break
             request_id, ids, params = queue[0]
             try:
-                engine.add_request(request_id, ids, params)
+                engine.add_checked_request(request_id, ids, params)
             except QueueFullError:
                 if not engine.has_unfinished_requests():
                     raise  # an empty queue that refuses: no step would make room (not a hang)
