@@ -7,8 +7,10 @@ chunks, and with prompts that share a long prefix (prefix-cache hits).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from inflight import LLM, SamplingParams
+from inflight.backend.model_config import ModelConfig
 from inflight.backend.model_runner import kv_cache_bytes_per_block
 
 from .conftest import TinyModel, hf_greedy, random_prompts
@@ -18,9 +20,10 @@ MAX_NEW = 24
 GREEDY = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
 
 
-def _block_bytes(llm: LLM) -> int:
-    e = llm.engine
-    return kv_cache_bytes_per_block(e.model_config, e.args.block_size, e.dtype, e.model_config.num_kv_heads)
+def _block_bytes(path, block_size: int = 16) -> int:
+    """Bytes of one KV block of the checkpoint on the CPU engine (fp32), from its config alone."""
+    cfg = ModelConfig.from_pretrained(str(path))
+    return kv_cache_bytes_per_block(cfg, block_size, torch.float32, cfg.num_kv_heads)
 
 
 def _assert_matches(outputs, prompts, reference) -> None:
@@ -40,10 +43,12 @@ def test_tiny_batched_greedy_matches_hf(tiny_model: TinyModel) -> None:
 
 def test_tiny_preempted_and_recomputed_matches_hf(tiny_model: TinyModel) -> None:
     prompts = random_prompts(1, LENGTHS)
-    probe = LLM(str(tiny_model.path), max_model_len=112, block_size=16)
     # 8 usable blocks: exactly one request of max_model_len; the batch needs about 40.
     llm = LLM(
-        str(tiny_model.path), max_model_len=112, block_size=16, kv_cache_memory_bytes=9 * _block_bytes(probe)
+        str(tiny_model.path),
+        max_model_len=112,
+        block_size=16,
+        kv_cache_memory_bytes=9 * _block_bytes(tiny_model.path),
     )
     assert llm.engine.scheduler.kv_cache_manager.num_usable_blocks == 8
     outputs = llm.generate(prompts, GREEDY)
@@ -57,9 +62,9 @@ def test_tiny_preempted_and_swapped_matches_hf(tiny_model: TinyModel, host_block
     """Preempted requests whose blocks fit in the host pool are swapped out and back in (no recompute);
     with a pool of 3 blocks only short ones fit and the rest are recomputed. Output as HF's either way."""
     prompts = random_prompts(1, LENGTHS)
-    probe = LLM(str(tiny_model.path), max_model_len=112, block_size=16)
-    llm = LLM(str(tiny_model.path), max_model_len=112, block_size=16, kv_cache_memory_bytes=9 * _block_bytes(probe),
-              swap_space_bytes=host_blocks * _block_bytes(probe))  # fmt: skip
+    block = _block_bytes(tiny_model.path)
+    llm = LLM(str(tiny_model.path), max_model_len=112, block_size=16, kv_cache_memory_bytes=9 * block,
+              swap_space_bytes=host_blocks * block)  # fmt: skip
     scheduler = llm.engine.scheduler
     assert scheduler.kv_cache_manager.num_host_blocks == host_blocks
     swaps: list[tuple[list, list]] = []
@@ -157,8 +162,7 @@ def test_smollm2_batched_greedy_matches_hf(smollm2_path, smollm2_reference) -> N
 
 
 def test_smollm2_preempted_matches_hf(smollm2_path, smollm2_reference) -> None:
-    probe = LLM(str(smollm2_path), max_model_len=128)
-    llm = LLM(str(smollm2_path), max_model_len=128, kv_cache_memory_bytes=12 * _block_bytes(probe))
+    llm = LLM(str(smollm2_path), max_model_len=128, kv_cache_memory_bytes=12 * _block_bytes(smollm2_path))
     outputs = llm.generate(SMOL_PROMPTS, GREEDY)
     assert llm.engine.scheduler.num_preemptions_total > 0
     _assert_matches(outputs, [o.prompt_token_ids for o in outputs], smollm2_reference)

@@ -55,9 +55,10 @@ def test_tiny_fp32_greedy_matches_hf_on_gpu(name: str, graphs: bool, tmp_path, t
 
 def test_tiny_fp32_preempted_and_swapped_matches_hf(tmp_path, tokenizer_dir) -> None:
     """A KV cache of one request's worth: preempted requests are swapped to pinned host blocks and back
-    (asynchronous copies on the step's stream, between graph replays), greedy output still HF's."""
+    (asynchronous copies on the swap stream, between graph replays), greedy output still HF's."""
     from transformers import AutoModelForCausalLM
 
+    from inflight.backend.model_config import ModelConfig
     from inflight.backend.model_runner import kv_cache_bytes_per_block
 
     name = next(iter(TINY_CONFIGS))
@@ -65,11 +66,8 @@ def test_tiny_fp32_preempted_and_swapped_matches_hf(tmp_path, tokenizer_dir) -> 
     copy_tokenizer(tokenizer_dir, path)
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     prompts = _prompts(2, LENGTHS, 49152)
-    probe = LLM(str(path), dtype="float32", device="cuda", max_model_len=112, kv_cache_memory_bytes=16 << 20,
-                enable_cuda_graphs=False)  # fmt: skip
-    e = probe.engine
-    block = kv_cache_bytes_per_block(e.model_config, 16, torch.float32, e.model_config.num_kv_heads)
-    del probe, e
+    cfg = ModelConfig.from_pretrained(str(path))
+    block = kv_cache_bytes_per_block(cfg, 16, torch.float32, cfg.num_kv_heads)
     llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=112, max_num_seqs=8,
               kv_cache_memory_bytes=9 * block, swap_space_bytes=40 * block)  # fmt: skip
     assert llm.engine.runner.host_kv_cache.is_pinned()
