@@ -209,8 +209,7 @@ class EngineMetrics:
         )
         self.prompt_len = histogram("inflight_request_prompt_tokens", "Prompt length", LENGTH_BUCKETS)
         self.output_len = histogram("inflight_request_generation_tokens", "Generated length", LENGTH_BUCKETS)
-        self._preemptions_seen = 0
-        self._swapped_seen = 0
+        self._totals_seen: dict[Any, int] = {}  # counter -> the running total it last counted up to
 
     def flush(self) -> int:
         """Push every held update to the factory's metrics; returns the number of pushes.
@@ -253,14 +252,15 @@ class EngineMetrics:
         self.kv_total.set(stats.num_kv_blocks_total)
         self.kv_usage.set(stats.kv_cache_usage)
         self.prefix_hit_rate.set(stats.prefix_cache_hit_rate)
-        new = stats.num_preemptions_total - self._preemptions_seen
+        self._count_up_to(self.preemptions, stats.num_preemptions_total)
+        self._count_up_to(self.swapped_out, stats.num_swapped_out_total)
+
+    def _count_up_to(self, counter: Any, total: int) -> None:
+        """Increment ``counter`` by what a running total (the scheduler's) gained since the last call."""
+        new = total - self._totals_seen.get(counter, 0)
         if new > 0:
-            self.preemptions.increment(new)
-            self._preemptions_seen = stats.num_preemptions_total
-        new = stats.num_swapped_out_total - self._swapped_seen
-        if new > 0:
-            self.swapped_out.increment(new)
-            self._swapped_seen = stats.num_swapped_out_total
+            counter.increment(new)
+            self._totals_seen[counter] = total
 
     def final_sent(self, status: str) -> None:
         self.finals[status if status in self.finals else "INTERNAL"].increment(1)

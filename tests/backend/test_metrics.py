@@ -96,6 +96,32 @@ def test_updates_wait_for_flush_and_push_their_net_change() -> None:
     assert metrics.flush() == 0 and Recorder.log == []
 
 
+def test_scheduler_totals_become_counter_increments() -> None:
+    """The scheduler reports running totals; each counter gets what is new since the last snapshot."""
+    from inflight.batching import SchedulerStats
+
+    metrics = _recorded_metrics()
+    metrics.flush()
+
+    def snapshot(preemptions: int, swapped: int) -> None:
+        metrics.update_scheduler(SchedulerStats(1, 0, 2, 3, 5, 0.4, 0.0, preemptions, swapped))
+        Recorder.log.clear()
+        metrics.flush()
+
+    def counted() -> dict[str, float]:
+        return {n: v for n, op, v in Recorder.log if op == "increment"}
+
+    snapshot(3, 1)
+    assert counted() == {
+        "inflight_preemptions_total{model=m}": 3,
+        "inflight_preemptions_swapped_total{model=m}": 1,
+    }
+    snapshot(7, 1)  # 4 more preemptions, none swapped
+    assert counted() == {"inflight_preemptions_total{model=m}": 4}
+    snapshot(7, 1)
+    assert counted() == {}
+
+
 def test_updates_from_many_threads_add_up() -> None:
     metrics = _recorded_metrics()
     metrics.flush()
