@@ -74,10 +74,10 @@ def test_async_matches_sync(tiny_llama: Path, tight_kv: bool | str) -> None:
     params = _params(stop_token=probe[0].token_ids[5])
     kwargs = {}
     if tight_kv:  # 8 usable blocks of 16: one max_model_len request; the batch needs far more
-        probe_llm = LLM(str(tiny_llama), max_model_len=112, block_size=16, kv_cache_memory_bytes=1 << 24)
-        kwargs = {"kv_cache_memory_bytes": 9 * _block_bytes(probe_llm), "max_num_batched_tokens": 40}
+        block = _block_bytes(tiny_llama)
+        kwargs = {"kv_cache_memory_bytes": 9 * block, "max_num_batched_tokens": 40}
         if tight_kv == "swap":  # preempted requests swapped out to host blocks, some while a token is pending
-            kwargs["swap_space_bytes"] = 24 * _block_bytes(probe_llm)
+            kwargs["swap_space_bytes"] = 24 * block
     sync, sync_llm, _ = _run(tiny_llama, False, prompts, params, **kwargs)
     ahead, llm, seen = _run(tiny_llama, True, prompts, params, **kwargs)
     assert _view(ahead) == _view(sync)
