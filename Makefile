@@ -1,5 +1,9 @@
 # inflight: `make serve` and `make test` are all a fresh clone needs.
 SHELL := /bin/bash
+# NOTE: Python runs without the current directory first on sys.path (PYTHONSAFEPATH, Python >= 3.11; the
+# subprocesses inherit it): this checkout's top-level kernels/ folder would shadow Hugging Face's `kernels`
+# package, which transformers >= 5.25 imports when it loads a model.
+export PYTHONSAFEPATH := 1
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -53,12 +53,13 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-def build_tiny_checkpoint(name: str, out: Path, seed: int = 0) -> Path:
-    """Write a random ``name`` model (safetensors + config + generation config) into ``out``."""
+def build_tiny_checkpoint(name: str, out: Path, seed: int = 0, **overrides) -> Path:
+    """Write a random ``name`` model (safetensors + config + generation config) into ``out``; ``overrides``
+    replace config fields (``vocab_size=1001``)."""
     import transformers
 
     config_cls, extra = TINY_CONFIGS[name]
-    config = getattr(transformers, config_cls)(**COMMON, **extra)
+    config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out)
