@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 if __package__ in (None, ""):
-    sys.path.append(str(Path(__file__).resolve().parents[2]))  # after site-packages: kernels/ would shadow HF's
+    sys.path.append(str(Path(__file__).resolve().parents[2]))  # last: kernels/ shadows HF's
 
 from benchmarks.common import copy_bandwidth_gbs, environment, write_result  # noqa: E402
 from inflight.kernels import ops  # noqa: E402

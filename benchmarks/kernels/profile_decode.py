@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 if __package__ in (None, ""):
-    sys.path.append(str(Path(__file__).resolve().parents[2]))  # after site-packages: kernels/ would shadow HF's
+    sys.path.append(str(Path(__file__).resolve().parents[2]))  # last: kernels/ shadows HF's
 
 from benchmarks.random_models import build_random_model  # noqa: E402
 

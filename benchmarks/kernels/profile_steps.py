@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 if __package__ in (None, ""):
-    sys.path.append(str(Path(__file__).resolve().parents[2]))  # after site-packages: kernels/ would shadow HF's
+    sys.path.append(str(Path(__file__).resolve().parents[2]))  # last: kernels/ shadows HF's
 
 from benchmarks.common import ceilings, environment, write_result  # noqa: E402
 from benchmarks.random_models import SHAPES  # noqa: E402
