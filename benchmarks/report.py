@@ -84,7 +84,9 @@ def _throughput(r: dict) -> list[tuple[str, str, str, str]]:
         + (f"; GPU idle {100 * ours['host_bound_fraction']:.1f}% of the run"
            if ours.get("host_bound_fraction") is not None else "")
         + (f"; {100 * ours['fraction_of_ideal']:.1f}% of the ideal {r['ideal']['ideal_out_tok_s']:.0f} out tok/s "
-           "at the measured ceilings" if ours.get("fraction_of_ideal") and r.get("ideal") else ""),  # fmt: skip
+           "at the measured ceilings" if ours.get("fraction_of_ideal") and r.get("ideal") else "")
+        + (f" ({100 * ours['fraction_of_sustained_ideal']:.1f}% of {r['ideal']['ideal_out_tok_s_sustained']:.0f} "
+           "at the held matmul rate)" if ours.get("fraction_of_sustained_ideal") else ""),  # fmt: skip
         "; ".join(p for p in peers if p) or "not run",
         _ceiling(r),
     )]  # fmt: skip

@@ -247,6 +247,10 @@ def main() -> None:
           if args.cb_requests else None)  # fmt: skip
     ideal = ideal_for_run(config, [(len(p), n) for p, n in requests], ceiling)
     ours["fraction_of_ideal"] = round(ours["output_tok_s"] / ideal["ideal_out_tok_s"], 4)
+    if "ideal_out_tok_s_sustained" in ideal:
+        ours["fraction_of_sustained_ideal"] = round(
+            ours["output_tok_s"] / ideal["ideal_out_tok_s_sustained"], 4
+        )
     print(f"ideal at the measured ceilings (benchmarks/roofline.py): {ideal}", flush=True)
     ratios = {name: round(ours["output_tok_s"] / peer["output_tok_s"], 2)
               for name, peer in (("over_hf_eager", hf), ("over_hf_continuous_batching", cb))

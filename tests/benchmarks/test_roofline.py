@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.roofline import offline_ideal
+from benchmarks.roofline import ideal_for_run, offline_ideal
 
 TINY = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1, "vocab_size": 10}  # fmt: skip
@@ -35,3 +35,20 @@ def test_matches_a_token_by_token_count(lengths) -> None:
     assert ideal["ideal_out_tok_s"] == pytest.approx(
         sum(n for _, n in lengths) / (prefill + decode + kv_bytes), rel=1e-9
     )
+
+
+@pytest.mark.parametrize("scale", [1e-12, 1e-6])  # seconds in the thousands; out tok/s in the hundreds
+def test_gpu_ideal_at_the_burst_and_the_held_matmul_rate(scale) -> None:
+    lengths = [(5, 3), (1, 7)]
+    ceiling = {"kind": "cuda", "copy_bandwidth_gbs": 2e3 * scale, "bf16_matmul_tflops": 4 * scale,
+               "bf16_matmul_sustained_tflops": 3 * scale}  # fmt: skip
+    ideal = ideal_for_run(TINY, lengths, ceiling)
+    burst = offline_ideal(TINY, lengths, 4 * scale, 2e3 * scale)
+    held = offline_ideal(TINY, lengths, 3 * scale, 2e3 * scale)
+    assert held["seconds"] > 1.2 * burst["seconds"]
+    assert ideal["seconds"] == round(burst["seconds"], 2)
+    assert ideal["seconds_sustained"] == round(held["seconds"], 2)
+    assert ideal["ideal_out_tok_s"] == round(burst["ideal_out_tok_s"], 1)
+    assert ideal["ideal_out_tok_s_sustained"] == round(held["ideal_out_tok_s"], 1)
+    del ceiling["bf16_matmul_sustained_tflops"]  # results measured before the held rate was
+    assert "ideal_out_tok_s_sustained" not in ideal_for_run(TINY, lengths, ceiling)
