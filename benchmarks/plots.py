@@ -94,6 +94,15 @@ def plot_throughput(result: dict[str, Any], json_path: Path) -> list[Path]:
     ax.bar([b[0] for b in bars], [b[1] for b in bars], color=["C0", "C1", "C2"][: len(bars)])
     for i, (_, value) in enumerate(bars):
         ax.text(i, value, f"{value:.0f}", ha="center", va="bottom")
+    ideal = result.get("ideal") or {}
+    for key, label, style in (("ideal_out_tok_s", "ideal at the burst matmul rate", "--"),
+                              ("ideal_out_tok_s_sustained", "ideal at the held matmul rate", ":")):  # fmt: skip
+        if ideal.get(key):
+            ax.axhline(ideal[key], color="0.3", linestyle=style, label=f"{label}: {ideal[key]:.0f}")
+    if ideal:
+        top = max([b[1] for b in bars] + [v for k, v in ideal.items() if k.startswith("ideal_out_tok_s")])
+        ax.set_ylim(top=1.2 * top)  # room for the legend above the lines
+        ax.legend(loc="upper right", fontsize="small")
     ax.set(ylabel="output tokens/s", title=f"{result['model']}, {result['workload']}\n{result['device']}")
     return [_save(fig, json_path.with_suffix(".png"), plt)]
 
