@@ -141,13 +141,17 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _check(what: str, value: float | None, target: float, unit: str, higher: bool, source: str) -> str:
-    """One row: measured value, target, met or missed by how much."""
+def _check(what: str, value: float | None, target: float, unit: str, higher: bool, source: str,
+           bound: float | None = None) -> str:  # fmt: skip
+    """One row: measured value, target, met or missed by how much (and, for a goal above ``bound``, the
+    device's ideal at its held matmul rate, that the goal cannot be met on it)."""
     if value is None:
         return f"| {what} | not measured | {'≥' if higher else '≤'} {target:g}{unit} | - | {source} |"
     met = value >= target if higher else value <= target
     gap = (value / target - 1) * 100
     verdict = "met" if met else f"missed by {abs(gap):.1f}%"
+    if not met and bound is not None and bound < target:
+        verdict += f"; above the ideal at the held matmul rate ({bound:,.0f})"
     return (
         f"| {what} | {value:,.1f}{unit} | {'≥' if higher else '≤'} {target:g}{unit} | {verdict} | {source} |"
     )
@@ -192,6 +196,7 @@ def device_targets(tag: str) -> str:
         ("128/128", thr128, goals["128/128"]),
     ):
         value = result["inflight"]["output_tok_s"] if result else None
+        bound = ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
         rows.append(
             _check(
                 f"{name} offline, out tok/s",
@@ -200,6 +205,7 @@ def device_targets(tag: str) -> str:
                 "",
                 True,
                 f"throughput-{name.replace('/', 'x')}-{tag}.json",
+                bound,
             )
         )
     ratios = (thr128 or {}).get("ratios") or {}

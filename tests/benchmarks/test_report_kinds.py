@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from benchmarks.report import _serving, _throughput, profile_table
+from benchmarks.report import _check, _serving, _throughput, profile_table
 
 CPU = {"kind": "cpu", "threads": 2, "copy_bandwidth_gbs": 12.5, "fp32_matmul_gflops": 50.0}
 
@@ -56,3 +56,10 @@ def test_profile_table_shows_each_group_against_its_ideal() -> None:
     )
     assert lines[3].endswith("| 0.10 | 11.00 |")
     assert "profile-steps-h200.json" in lines[-1]
+
+
+def test_a_missed_goal_above_the_held_rate_ideal_says_so() -> None:
+    row = _check("128/128 offline, out tok/s", 18_000, 20_000, "", True, "r.json", bound=19_442)
+    assert "| missed by 10.0%; above the ideal at the held matmul rate (19,442) |" in row
+    assert "| missed by 10.0% |" in _check("x", 18_000, 20_000, "", True, "r.json", bound=21_000)
+    assert "| met |" in _check("x", 20_500, 20_000, "", True, "r.json", bound=19_442)
