@@ -143,8 +143,8 @@ def _load(name: str) -> dict | None:
 
 def _check(what: str, value: float | None, target: float, unit: str, higher: bool, source: str,
            bound: float | None = None) -> str:  # fmt: skip
-    """One row: measured value, target, met or missed by how much (and, for a goal above ``bound``, the
-    device's ideal at its held matmul rate, that the goal cannot be met on it)."""
+    """One row: measured value, target, met or missed by how much, and whether a missed goal is above
+    ``bound`` (the ideal at the device's held matmul rate: then no engine meets it at this precision)."""
     if value is None:
         return f"| {what} | not measured | {'≥' if higher else '≤'} {target:g}{unit} | - | {source} |"
     met = value >= target if higher else value <= target
