@@ -173,7 +173,8 @@ class _StepGraphs:
         raise NotImplementedError
 
     def run(self, inputs: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Replay the smallest graph that holds the step; returns the hidden states of its real tokens.
+        """Replay the smallest graph that holds the step; returns the hidden states of the whole bucket:
+        the step's tokens first, then the padding's rows (meaningless; a GEMM keeps rows apart).
 
         ``fill`` (rows, token ids on the device) overwrites input ids that the host does not know yet.
         """
@@ -190,7 +191,7 @@ class _StepGraphs:
         self.block_tables[:n, :width].copy_(tables.view(n, width))
         self.graphs[key].replay()  # starts with `_unpack`
         self.replays += 1
-        return self.outputs[key][:t]
+        return self.outputs[key]
 
     def _copy_query_start_loc(self, staged: torch.Tensor) -> None:
         self.query_start_loc[: staged.shape[0]].copy_(staged)

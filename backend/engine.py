@@ -166,6 +166,8 @@ class LLMEngine:
         if self.device.type == "cuda" and args.enable_cuda_graphs:
             self.runner.capture_cuda_graphs(min(args.max_num_seqs, args.max_cuda_graph_batch_size),
                                             args.max_cuda_graph_prefill_tokens, args.max_num_seqs)  # fmt: skip
+        if self.device.type == "cuda":
+            self.runner.warm_logits(args.max_num_seqs, self.dtype)
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=args.max_num_seqs,

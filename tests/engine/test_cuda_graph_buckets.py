@@ -153,8 +153,8 @@ def test_mixed_graph_run_gives_the_eager_steps_hidden_states(runner) -> None:
         runner.kv_cache.copy_(cache)
         graphed = graphs.run(inputs, fill)
     assert graphs.replays == 1 and graphs._bucket(17, 3) == (32, 4)
-    assert graphed.shape == eager.shape == (17, 32)
-    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    assert graphed.shape == (32, 32) and eager.shape == (17, 32)  # the whole bucket: the step's rows first
+    torch.testing.assert_close(graphed[:17], eager, rtol=1e-5, atol=1e-5)
     assert graphs.input_ids[9] == 123 and graphs.slot_mapping[17:32].eq(-1).all()
     assert graphs.query_start_loc[:5].tolist() == [0, 9, 10, 17, 17] and graphs.seq_lens[3] == 0
 
@@ -178,3 +178,45 @@ def test_decode_graph_run_stages_the_step(runner) -> None:
     assert graphs.seq_lens[:4].tolist() == [6, 21, 41, 0]
     assert graphs.block_tables[:3, :3].tolist() == [[7, 0, 0], [3, 4, 0], [6, 8, 9]]
     assert graphs.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]  # static: 0..n
+
+
+class _CountingModel:
+    """The runner's model with the row counts of its logits GEMMs recorded."""
+
+    def __init__(self, model) -> None:
+        self.model, self.rows, self.config = model, [], model.config
+
+    def compute_logits(self, hidden):
+        self.rows.append(hidden.shape[0])
+        return self.model.compute_logits(hidden)
+
+
+def test_logits_gemm_rows_are_padded_to_the_warmed_sizes(runner) -> None:
+    """After ``warm_logits`` every logits GEMM has a row count from the warmed ladder (each warmed once), and
+    the logits of the step's rows are those of an unpadded GEMM over exactly those rows."""
+    import torch
+
+    counting = _CountingModel(runner.model)
+    model, runner.model = runner.model, counting
+    try:
+        runner.warm_logits(40, torch.float32)
+        assert runner.logits_sizes == [1, 2, 4, 8, 16, 32, 40] and counting.rows == runner.logits_sizes
+        hidden = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+        cases = [  # (tokens of the step, rows in `hidden`, sampled rows, the GEMM's rows)
+            (3, 4, [0, 1, 2], 4),  # a decode step from a graph: the bucket's padding rows fill the GEMM
+            (3, 3, [0, 1, 2], 4),  # the same step run eagerly: the last row repeated
+            (9, 9, [2, 5, 8], 4),  # a prefill step: the chunks' last tokens
+            (20, 32, list(range(20)), 32),
+            (33, 48, list(range(33)), 40),
+            (8, 8, [0, 7], 2),  # a size of the ladder: no padding
+            (44, 48, list(range(44)), 44),  # past the ladder (more rows than max_num_seqs): as it is
+        ]
+        for tokens, available, rows, gemm in cases:
+            counting.rows.clear()
+            logits = runner._logits(hidden[:available], tokens, rows)
+            assert counting.rows == [gemm], (tokens, rows)
+            expect = model.compute_logits(hidden[rows])
+            assert logits.shape == expect.shape == (len(rows), 300)
+            torch.testing.assert_close(logits, expect, rtol=1e-6, atol=1e-6)
+    finally:
+        runner.model, runner.logits_sizes = model, []
