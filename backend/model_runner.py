@@ -359,7 +359,7 @@ class ModelRunner:
 
     def warm_logits(self, max_rows: int, dtype: torch.dtype) -> None:
         """From now on the logits GEMM runs on a row count from ``graph_batch_sizes(max_rows)`` (the step's
-        rows padded up; one more row at most every 16), each of which runs once here.
+        rows padded up, by 15 rows at most), each of which runs once here.
 
         NOTE: the first GEMM of a new shape costs cuBLAS 2-3 ms of host time and can wait for the device
         to drain; the row count is the step's number of sampled requests, new at almost every step of a
