@@ -364,9 +364,9 @@ class ModelRunner:
         NOTE: cuBLAS's first GEMM of a new shape costs up to ~12 ms of host time (this one's median on an
         H200: 4.8 ms, against 0.06 ms repeated: ``benchmarks/kernels/bench_gemm_first_call.py``) and can
         wait for the device to drain; the row count is the step's number of sampled requests, new at almost
-        every step of a batch that winds down or fills up. Left alone, 128/128 of an 8B model on an H200 (2026-12-03) idled
-        the GPU 37 ms (gaps of 12 and 10 ms before the steps where requests finish, 8 and 6 ms before
-        prefill steps) and not at all on a second run of the same requests.
+        every step of a batch that winds down or fills up. Left alone, 128/128 of an 8B model on an H200
+        (2026-12-03) idled the GPU 37 ms (gaps of 12 and 10 ms before the steps where requests finish, 8 and
+        6 ms before prefill steps) and not at all on a second run of the same requests in the same process.
         """
         sizes = graph_batch_sizes(max_rows)
         hidden = torch.zeros(sizes[-1], self.model.config.hidden_size, dtype=dtype, device=self.device)
