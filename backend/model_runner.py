@@ -314,7 +314,10 @@ class ModelRunner:
         return index[0], pending.device_ids.index_select(0, index[1])
 
     def _forward_eager(
-        self, inputs: StepInputs, fill: tuple[torch.Tensor, torch.Tensor] | None
+        self,
+        inputs: StepInputs,
+        fill: tuple[torch.Tensor, torch.Tensor] | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         meta = AttentionMetadata(
             slot_mapping=self._to_device(inputs.slot_mapping),
@@ -331,7 +334,7 @@ class ModelRunner:
         input_ids = self._to_device(inputs.input_ids)
         if fill is not None:
             input_ids.index_copy_(0, *fill)
-        return self.model(input_ids, self._to_device(inputs.positions), meta)
+        return self.model(input_ids, self._to_device(inputs.positions), meta, rows)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, pending: PendingTokens | None = None) -> ModelOutput:
@@ -351,6 +354,13 @@ class ModelRunner:
             and self.mixed_graphs.can_run(len(inputs.input_ids), num_seqs)
         ):
             hidden = self.mixed_graphs.run(inputs, fill)
+        elif inputs.logits_rows and len(inputs.logits_rows) < len(inputs.input_ids):
+            # The last layer goes past attention for the sampled rows only (padded as ``_logits`` would).
+            index = self._padded_rows(inputs.logits_rows)
+            hidden = self._forward_eager(inputs, fill, self._to_device(np.asarray(index, dtype=np.int64)))
+            logits = self.model.compute_logits(hidden)
+            n = len(inputs.logits_rows)
+            return ModelOutput(inputs.sample_ids, logits if len(index) == n else logits[:n])
         else:
             hidden = self._forward_eager(inputs, fill)
         if not inputs.logits_rows:
@@ -381,15 +391,19 @@ class ModelRunner:
         """Logits of ``rows`` of ``hidden`` (the step's ``num_tokens`` tokens, then any padding rows), with the
         GEMM's row count padded to ``logits_sizes`` (see ``warm_logits``)."""
         n = len(rows)
-        sizes = self.logits_sizes
-        size = sizes[bisect.bisect_left(sizes, n)] if sizes and n <= sizes[-1] else n
-        if n == num_tokens and size <= hidden.shape[0]:
-            picked = hidden[:size]  # every token is sampled (decode): its rows in order, then padding
+        index = self._padded_rows(rows)
+        if n == num_tokens and len(index) <= hidden.shape[0]:
+            picked = hidden[: len(index)]  # every token is sampled (decode): its rows in order, then padding
         else:
-            index = np.asarray(rows + [rows[-1]] * (size - n), dtype=np.int64)
-            picked = hidden.index_select(0, self._to_device(index))
+            picked = hidden.index_select(0, self._to_device(np.asarray(index, dtype=np.int64)))
         logits = self.model.compute_logits(picked)
-        return logits if size == n else logits[:n]
+        return logits if len(index) == n else logits[:n]
+
+    def _padded_rows(self, rows: list[int]) -> list[int]:
+        """``rows`` with the last repeated up to the next size of ``logits_sizes`` (as they are past it)."""
+        sizes, n = self.logits_sizes, len(rows)
+        size = sizes[bisect.bisect_left(sizes, n)] if sizes and n <= sizes[-1] else n
+        return rows + [rows[-1]] * (size - n)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The CUDA graphs' host side, on CPU: bucket ladders and the padded input layout (``pack_step``).
+"""The CUDA graphs' host side, on CPU: bucket ladders and the padded input layout (``pack_step``); and the
+runner's logits rows (the GEMM's padded row count, the last layer run for the sampled rows only).
 
 Replaying the graphs needs a GPU: ``tests/gpu/test_gpu_engine.py`` checks their output against HF.
 """
@@ -220,3 +221,41 @@ def test_logits_gemm_rows_are_padded_to_the_warmed_sizes(runner) -> None:
             torch.testing.assert_close(logits, expect, rtol=1e-6, atol=1e-6)
     finally:
         runner.model, runner.logits_sizes = model, []
+
+
+def test_last_layer_runs_past_attention_for_the_sampled_rows_only(runner) -> None:
+    """An eager step with ``rows`` gives exactly those rows of the full forward, writes the same K/V for
+    every token, and ``execute`` gives the same logits as the full forward's sampled rows."""
+    import torch
+
+    from inflight.backend.models.llama import LlamaModel
+
+    calls = []  # the row count each decoder layer's down_proj ran on
+    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+             for layer in runner.model.model.layers]  # fmt: skip
+    out = _step([(0, 16, [1, 2]), (16, 9, [3, 4]), (0, 7, [5])], 16)  # a chunk past a prefix, a new prompt
+    inputs = flatten_step(out, 16)
+    try:
+        with torch.inference_mode():
+            runner._forward_eager(flatten_step(_step([(0, 16, [3])], 16), 16), None)  # the chunk's prefix
+            before = runner.kv_cache.clone()
+            full = runner._forward_eager(inputs, None)
+            cache_full = runner.kv_cache.clone()
+            for rows in ([15, 24, 31], [24, 31, 31, 31], [0]):
+                runner.kv_cache.copy_(before)
+                calls.clear()
+                pruned = runner._forward_eager(inputs, None, torch.tensor(rows))
+                assert calls == [32, len(rows)]  # layer 0 over every token, the last over `rows`
+                torch.testing.assert_close(pruned, full[rows], rtol=1e-5, atol=1e-5)
+                assert torch.equal(runner.kv_cache, cache_full)
+            runner.kv_cache.copy_(before)
+            calls.clear()
+            logits = runner.execute(out).logits
+            assert calls == [32, 3] and inputs.logits_rows == [15, 24, 31]
+            torch.testing.assert_close(
+                logits, runner.model.compute_logits(full[[15, 24, 31]]), rtol=1e-5, atol=1e-5
+            )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert isinstance(runner.model.model, LlamaModel) and len(runner.model.model.layers) == 2
