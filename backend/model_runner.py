@@ -356,11 +356,9 @@ class ModelRunner:
             hidden = self.mixed_graphs.run(inputs, fill)
         elif inputs.logits_rows and len(inputs.logits_rows) < len(inputs.input_ids):
             # The last layer goes past attention for the sampled rows only (padded as ``_logits`` would).
-            index = self._padded_rows(inputs.logits_rows)
-            hidden = self._forward_eager(inputs, fill, self._to_device(np.asarray(index, dtype=np.int64)))
-            logits = self.model.compute_logits(hidden)
-            n = len(inputs.logits_rows)
-            return ModelOutput(inputs.sample_ids, logits if len(index) == n else logits[:n])
+            index = self._to_device(self._padded_rows(inputs.logits_rows))
+            hidden = self._forward_eager(inputs, fill, index)
+            return ModelOutput(inputs.sample_ids, self._head(hidden, len(inputs.logits_rows)))
         else:
             hidden = self._forward_eager(inputs, fill)
         if not inputs.logits_rows:
@@ -391,19 +389,25 @@ class ModelRunner:
         """Logits of ``rows`` of ``hidden`` (the step's ``num_tokens`` tokens, then any padding rows), with the
         GEMM's row count padded to ``logits_sizes`` (see ``warm_logits``)."""
         n = len(rows)
-        index = self._padded_rows(rows)
-        if n == num_tokens and len(index) <= hidden.shape[0]:
-            picked = hidden[: len(index)]  # every token is sampled (decode): its rows in order, then padding
+        if n == num_tokens and self._logits_size(n) <= hidden.shape[0]:
+            picked = hidden[: self._logits_size(n)]  # every token is sampled (decode): in order, then padding
         else:
-            picked = hidden.index_select(0, self._to_device(np.asarray(index, dtype=np.int64)))
-        logits = self.model.compute_logits(picked)
-        return logits if len(index) == n else logits[:n]
+            picked = hidden.index_select(0, self._to_device(self._padded_rows(rows)))
+        return self._head(picked, n)
 
-    def _padded_rows(self, rows: list[int]) -> list[int]:
-        """``rows`` with the last repeated up to the next size of ``logits_sizes`` (as they are past it)."""
-        sizes, n = self.logits_sizes, len(rows)
-        size = sizes[bisect.bisect_left(sizes, n)] if sizes and n <= sizes[-1] else n
-        return rows + [rows[-1]] * (size - n)
+    def _head(self, picked: torch.Tensor, n: int) -> torch.Tensor:
+        """The logits of the first ``n`` of ``picked``'s rows (the rest pad the GEMM's row count)."""
+        logits = self.model.compute_logits(picked)
+        return logits if picked.shape[0] == n else logits[:n]
+
+    def _logits_size(self, n: int) -> int:
+        """The GEMM's row count for ``n`` rows: the next size of ``logits_sizes`` (``n`` past them)."""
+        sizes = self.logits_sizes
+        return sizes[bisect.bisect_left(sizes, n)] if sizes and n <= sizes[-1] else n
+
+    def _padded_rows(self, rows: list[int]) -> np.ndarray:
+        """``rows`` with the last repeated up to ``_logits_size`` rows, as an index array."""
+        return np.asarray(rows + [rows[-1]] * (self._logits_size(len(rows)) - len(rows)), dtype=np.int64)
 
 
 @contextlib.contextmanager
