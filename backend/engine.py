@@ -39,6 +39,7 @@ import torch
 from ..batching import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 from .detokenizer import IncrementalDetokenizer
 from .engine_args import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
+from .finish import check_stop
 from .inputs import Prompt, PromptProcessor
 from .model_config import ModelConfig
 from .model_runner import ModelRunner, PendingTokens, kv_cache_bytes_per_block
@@ -481,16 +482,17 @@ class LLMEngine:
         request = state.request
         if logprob is not None:
             state.cumulative_logprob += logprob.logprob
-        num_out = len(request.output_token_ids)
         stop_string = state.detokenizer.add_token(token_id)
-        finish_reason, stop_reason = None, None
-        # NOTE: the sampler bans EOS and stop ids until min_tokens are out, so a hit here is always allowed.
-        if token_id in state.stop_token_ids:
-            finish_reason, stop_reason = "stop", token_id
-        elif stop_string is not None:
-            finish_reason, stop_reason = "stop", stop_string
-        elif num_out >= state.max_tokens or request.num_tokens >= self.max_model_len:
-            finish_reason = "length"
+        finish = check_stop(
+            token_id,
+            stop_string,
+            len(request.output_token_ids),
+            request.num_tokens,
+            state.stop_token_ids,
+            state.max_tokens,
+            self.max_model_len,
+        )
+        finish_reason, stop_reason = finish or (None, None)
         if finish_reason is not None:
             self._forget(request.request_id)
             self.scheduler.finish_requests(request.request_id, _FINISH_STATUS[finish_reason])

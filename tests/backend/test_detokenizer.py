@@ -247,12 +247,23 @@ def test_stop_string_at_the_very_start(tokenizer: PreTrainedTokenizerBase) -> No
     assert set(deltas) == {""} and detokenizer.text == "" and detokenizer.check_stop() == "\n\nUser:"
 
 
-def test_earliest_stop_string_wins(tokenizer: PreTrainedTokenizerBase) -> None:
-    """Both stop strings end with the same token; the one that starts first cuts the text."""
+@pytest.mark.parametrize("stop", [["lovely", "a lovely"], ["a lovely", "lovely"]])
+def test_earliest_stop_string_wins(tokenizer: PreTrainedTokenizerBase, stop: list[str]) -> None:
+    """Both stop strings end with the same token; the one that starts first in the text cuts it, in
+    whichever order they are listed."""
     output_ids = _output_ids(tokenizer, " Paris. It is a lovely city")
-    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=["lovely", "a lovely"])
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=stop)
     assert "".join(_stream(detokenizer, output_ids)) == " Paris. It is "
     assert detokenizer.check_stop() == "a lovely"
+
+
+@pytest.mark.parametrize("stop", [["city", "It"], ["It", "city"]])
+def test_earliest_stop_string_wins_in_separate_tokens(tokenizer: PreTrainedTokenizerBase, stop) -> None:
+    """Stop strings completed by different tokens: the first one the text reaches wins, in either order."""
+    output_ids = _output_ids(tokenizer, " Paris. It is a lovely city")
+    detokenizer = IncrementalDetokenizer(tokenizer, _ids(tokenizer, PROMPT), stop=stop)
+    assert "".join(_stream(detokenizer, output_ids)) == " Paris. "
+    assert detokenizer.check_stop() == "It"
 
 
 def test_hold_back_while_streaming(tokenizer: PreTrainedTokenizerBase) -> None:

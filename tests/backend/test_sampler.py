@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from inflight.backend.sampler import Sampler, SamplingBatch, apply_penalties, filtered_probs
+from inflight.backend.sampler import Sampler, SamplingBatch, _step_seed, apply_penalties, filtered_probs
 from inflight.backend.sampling_params import SamplingParams
 
 # A 4-token distribution with no ties and no exact top-p / min-p boundaries near the thresholds used.
@@ -39,11 +39,21 @@ def test_greedy_equals_argmax() -> None:
 
 
 def test_mixed_greedy_and_random_rows() -> None:
+    """Greedy rows take the argmax; a seeded random row draws argmax(softmax(logits / T) / E), E ~ Exp(1)
+    from the generator that (seed, number of output tokens) seeds (the module's documented method)."""
     torch.manual_seed(1)
     logits = torch.randn(4, 50)
-    params = [SamplingParams(temperature=t, seed=3) for t in (0.0, 1.0, 0.0, 0.7)]
-    out = Sampler()(logits, _batch(params, 50))
-    assert out.sampled_token_ids[0] == logits[0].argmax() and out.sampled_token_ids[2] == logits[2].argmax()
+    params = [SamplingParams(temperature=t, seed=3 + i) for i, t in enumerate((0.0, 1.0, 0.0, 0.7))]
+    outputs = [[], [4, 4], [], [9]]
+    out = Sampler()(logits, _batch(params, 50, outputs=outputs))
+    for row, p in enumerate(params):
+        if p.is_greedy:
+            expected = int(logits[row].argmax())
+        else:
+            generator = torch.Generator().manual_seed(_step_seed(p.seed, len(outputs[row])))
+            noise = torch.empty(50).exponential_(generator=generator)
+            expected = int((torch.softmax(logits[row] / p.temperature, dim=-1) / noise).argmax())
+        assert int(out.sampled_token_ids[row]) == expected, row
 
 
 def test_sampler_does_not_modify_its_input() -> None:
@@ -65,6 +75,54 @@ def test_top_k_keeps_exactly_k(k: int) -> None:
         expected = torch.softmax(logits[row].topk(k).values, dim=-1)
         assert torch.allclose(probs[row][logits[row].topk(k).indices], expected, atol=1e-6)
     assert torch.allclose(probs[1], logits[1].softmax(-1), atol=1e-7)  # top-k off: untouched
+
+
+@pytest.mark.parametrize("ks", [[1, 2, 5, 3], [3, 0, 1]], ids=["mixed", "one-row-off"])
+def test_top_k_only_path_keeps_each_rows_own_k(ks: list[int]) -> None:
+    """No row has top-p, so the batch takes the top-k-only path (one `topk` of the batch's largest k):
+    rows with a smaller k keep exactly their own k, not the batch's largest; k = 0 is off."""
+    torch.manual_seed(11)
+    logits = torch.randn(len(ks), 40)
+    batch = _batch([SamplingParams(top_k=k) for k in ks], 40)
+    assert batch.top_p is None and batch.max_top_k == (40 if 0 in ks else max(ks))
+    probs = filtered_probs(logits.clone(), batch)
+    for row, k in enumerate(ks):
+        if k == 0:
+            assert torch.allclose(probs[row], logits[row].softmax(-1), atol=1e-7)
+            continue
+        top = logits[row].topk(k)
+        assert probs[row].nonzero().flatten().sort().values.tolist() == sorted(top.indices.tolist())
+        assert torch.allclose(probs[row][top.indices], top.values.softmax(-1), atol=1e-6)
+
+
+# Powers of two: their log-softmax round-trips exactly in float32, so the top-p and min-p thresholds below
+# fall exactly on a token's probability (the boundary itself is tested, not a value near it).
+EXACT_PROBS = [0.5, 0.25, 0.125, 0.125]
+
+
+def test_exact_probs_round_trip() -> None:
+    """The precondition of the boundary tests: softmax(log(EXACT_PROBS)) and its ascending cumsum are exact."""
+    logits = torch.tensor([EXACT_PROBS]).log()
+    assert logits.softmax(-1).tolist() == [EXACT_PROBS]
+    assert logits.sort(dim=-1).values.softmax(-1).cumsum(-1).tolist() == [[0.125, 0.25, 0.5, 1.0]]
+
+
+@pytest.mark.parametrize(("top_p", "num_kept"), [(0.5, 1), (0.75, 2), (0.875, 3), (1.0, 4)])
+def test_top_p_at_exactly_the_mass_of_the_best_tokens(top_p: float, num_kept: int) -> None:
+    """top_p equal to the mass of the best n tokens keeps exactly those n: the set reaches top_p, so no
+    further token is needed. At 0.875 tokens 2 and 3 tie: exactly one of them is kept."""
+    kept = _kept(SamplingParams(top_p=top_p), EXACT_PROBS)
+    assert len(kept) == num_kept
+    assert kept[: min(num_kept, 2)] == [0, 1][:num_kept]
+    if num_kept == 3:
+        assert set(kept) in ({0, 1, 2}, {0, 1, 3})
+
+
+@pytest.mark.parametrize(("min_p", "kept"), [(0.25, [0, 1, 2, 3]), (0.5, [0, 1]), (1.0, [0])])
+def test_min_p_keeps_a_token_exactly_at_the_threshold(min_p: float, kept: list[int]) -> None:
+    """A token is dropped when its probability is below min_p * max; exactly at it, it stays
+    (0.25 * 0.5 = 0.125 keeps the tied pair; 0.5 * 0.5 = 0.25 keeps token 1; 1.0 keeps the best only)."""
+    assert _kept(SamplingParams(min_p=min_p), EXACT_PROBS) == kept
 
 
 def test_top_k_exact_even_with_ties() -> None:

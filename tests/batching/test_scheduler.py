@@ -191,6 +191,32 @@ def test_without_chunked_prefill_prompts_are_whole_and_fifo() -> None:
     assert out2.num_batched_tokens == 13
 
 
+def test_without_chunked_prefill_a_prompt_of_exactly_the_budget_is_admitted() -> None:
+    """Whole prompts only: a prompt as long as the remaining budget fits (`>`, not `>=`). With
+    max_num_batched_tokens == max_model_len, refusing it would starve a full-length prompt forever."""
+    sched = make_scheduler(
+        max_model_len=16, max_num_batched_tokens=16, enable_chunked_prefill=False, num_blocks=10
+    )
+    sched.add_request(make_request("full", range(16)))
+    out = sched.schedule()
+    assert [(s.request_id, s.start_position, len(s.token_ids)) for s in out.scheduled] == [("full", 0, 16)]
+    assert out.num_batched_tokens == 16
+
+    sched = make_scheduler(
+        max_model_len=16, max_num_batched_tokens=16, enable_chunked_prefill=False, num_blocks=10
+    )
+    sched.add_request(make_request("a", range(10)))
+    sched.update_from_output(sched.schedule(), {"a": 5})
+    sched.add_request(make_request("b", range(20, 35)))  # 15 tokens: the budget left after a's decode
+    sched.add_request(make_request("c", [7]))  # one token more than is left: waits for the next step
+    out = sched.schedule()
+    assert [(s.request_id, s.start_position, len(s.token_ids)) for s in out.scheduled] == [
+        ("a", 10, 1),
+        ("b", 0, 15),
+    ]
+    assert out.num_batched_tokens == 16 and [r.request_id for r in sched.waiting] == ["c"]
+
+
 def test_max_num_seqs_limits_the_running_set() -> None:
     sched = make_scheduler(max_num_seqs=2)
     for rid, start in (("a", 0), ("b", 10), ("c", 20)):
