@@ -94,9 +94,20 @@ def test_integral_floats_and_single_values_are_normalized() -> None:
 
 
 def test_boundaries_accepted() -> None:
-    SamplingParams(max_tokens=None, min_tokens=100)  # no cap: any min_tokens
-    SamplingParams(max_tokens=5, min_tokens=5, top_k=-1, top_p=1.0, min_p=1.0, seed=0, logprobs=0)
-    SamplingParams(seed=2**63 - 1, logprobs=MAX_LOGPROBS, presence_penalty=-2, frequency_penalty=2)
+    """Each limit itself is allowed and kept as given."""
+    no_cap = SamplingParams(max_tokens=None, min_tokens=100)  # no cap: any min_tokens
+    assert (no_cap.max_tokens, no_cap.min_tokens) == (None, 100)
+    low = SamplingParams(max_tokens=5, min_tokens=5, top_k=-1, top_p=1.0, min_p=1.0, seed=0, logprobs=0)
+    assert (low.max_tokens, low.min_tokens, low.top_k, low.top_p, low.min_p) == (5, 5, -1, 1.0, 1.0)
+    assert (low.seed, low.logprobs) == (0, 0)
+    high = SamplingParams(seed=2**63 - 1, logprobs=MAX_LOGPROBS, presence_penalty=-2, frequency_penalty=2)
+    assert (high.seed, high.logprobs, high.presence_penalty, high.frequency_penalty) == (
+        2**63 - 1,
+        MAX_LOGPROBS,
+        -2.0,
+        2.0,
+    )
+    assert MAX_LOGPROBS == 20  # OpenAI's top_logprobs limit
 
 
 def test_from_dict_converts_json_strings() -> None:

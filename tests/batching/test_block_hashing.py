@@ -1,6 +1,7 @@
 """Chained block hashes and the Request's incremental bookkeeping."""
 
 import hashlib
+import struct
 import subprocess
 import sys
 
@@ -8,6 +9,27 @@ import pytest
 
 from inflight.batching import Request, RequestStatus
 from inflight.batching.block_pool import compute_block_hashes, hash_block_tokens
+
+
+def _reference_hash(parent: bytes | None, token_ids: list[int]) -> bytes:
+    """The documented digest, computed directly: SHA-256 of a marker byte (0: first block; 1: the parent
+    digest follows), the parent digest, and the token ids as native-order signed 64-bit integers."""
+    head = b"\x00" if parent is None else b"\x01" + parent
+    return hashlib.sha256(head + struct.pack(f"={len(token_ids)}q", *token_ids)).digest()
+
+
+def _reference_chain(token_ids: list[int], block_size: int) -> list[bytes]:
+    hashes: list[bytes] = []
+    for start in range(0, len(token_ids) // block_size * block_size, block_size):
+        hashes.append(_reference_hash(hashes[-1] if hashes else None, token_ids[start : start + block_size]))
+    return hashes
+
+
+def test_hash_is_the_documented_sha256_digest() -> None:
+    assert hash_block_tokens(None, [1, 2, 3, 4]) == _reference_hash(None, [1, 2, 3, 4])
+    parent = _reference_hash(None, [9, 9])
+    assert hash_block_tokens(parent, [5, -1, 2**63 - 1]) == _reference_hash(parent, [5, -1, 2**63 - 1])
+    assert compute_block_hashes(list(range(11)), 4) == _reference_chain(list(range(11)), 4)
 
 
 def test_hash_is_a_sha256_digest_and_depends_on_parent_and_order() -> None:
@@ -28,11 +50,13 @@ def test_no_parent_is_not_confused_with_a_parent_of_token_bytes() -> None:
 
 def test_compute_block_hashes_chains_and_skips_partial_block() -> None:
     tokens = list(range(10, 21))  # 11 tokens, block size 4 -> 2 full blocks
-    h0 = hash_block_tokens(None, [10, 11, 12, 13])
-    h1 = hash_block_tokens(h0, [14, 15, 16, 17])
+    h0 = _reference_hash(None, [10, 11, 12, 13])
+    h1 = _reference_hash(h0, [14, 15, 16, 17])
     assert compute_block_hashes(tokens, 4) == [h0, h1]
     assert compute_block_hashes(tokens[:3], 4) == []
     assert compute_block_hashes(tokens[4:8], 4, parent=h0) == [h1]
+    with pytest.raises(ValueError, match="block_size must be positive, got 0"):
+        compute_block_hashes(tokens, 0)
 
 
 def test_same_block_tokens_after_different_prefixes_hash_differently() -> None:
@@ -49,14 +73,14 @@ def test_request_bookkeeping_and_incremental_block_hashes() -> None:
     assert (req.num_tokens, req.num_prompt_tokens, req.num_output_tokens) == (10, 10, 0)
     assert req.status == RequestStatus.WAITING and req.num_computed_tokens == 0
     assert req.num_cached_tokens is None and req.num_preemptions == 0 and req.arrival_index == 7
-    h0 = hash_block_tokens(None, [3, 1, 4, 1])
-    h1 = hash_block_tokens(h0, [5, 9, 2, 6])
+    h0 = _reference_hash(None, [3, 1, 4, 1])
+    h1 = _reference_hash(h0, [5, 9, 2, 6])
     assert req.block_hashes == [h0, h1]
 
     req.append_output_token(8)  # 11 tokens: block 2 not full yet
     assert req.block_hashes == [h0, h1]
     req.append_output_token(7)  # 12 tokens: block 2 = [5, 3, 8, 7] is full
-    assert req.block_hashes == [h0, h1, hash_block_tokens(h1, [5, 3, 8, 7])]
+    assert req.block_hashes == [h0, h1, _reference_hash(h1, [5, 3, 8, 7])]
     assert req.output_token_ids == [8, 7]
     assert req.all_token_ids == [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 8, 7]
     assert (req.num_tokens, req.num_output_tokens) == (12, 2)
@@ -67,7 +91,7 @@ def test_request_bookkeeping_and_incremental_block_hashes() -> None:
 def test_block_size_one_hashes_every_token() -> None:
     req = Request("r", [5, 6], block_size=1)
     req.append_output_token(7)
-    assert req.block_hashes == compute_block_hashes([5, 6, 7], 1)
+    assert req.block_hashes == _reference_chain([5, 6, 7], 1)
     assert len(req.block_hashes) == 3
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from inflight.client import InflightClient, Result
@@ -56,18 +54,36 @@ def test_chat_and_token_id_prompts_match_engine_direct(triton_server, greedy_ref
     assert by_ids.token_ids == greedy_reference(PROMPT, MAX_TOKENS).token_ids
 
 
-def test_logprobs_and_cumulative_logprob(triton_server) -> None:
+def test_logprobs_and_cumulative_logprob(triton_server, smollm2_path, smollm2_tokenizer) -> None:
+    """Each token's logprob and its top-2 match HF transformers' log_softmax on the same ids (fp32 CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    num_top, max_tokens = 2, 6
     result, _ = _streamed(
-        _client(triton_server, "grpc"), prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2
+        _client(triton_server, "grpc"), prompt=PROMPT, max_tokens=max_tokens, temperature=0, logprobs=num_top
     )
-    assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids) == 6
-    for entry, token_id in zip(result.logprobs, result.token_ids, strict=True):
-        assert entry["token_id"] == token_id and entry["logprob"] <= 0.0
-        assert len(entry["top"]) >= 2
+    assert result.logprobs is not None and len(result.logprobs) == len(result.token_ids) == max_tokens
+    prompt_ids = smollm2_tokenizer.encode(PROMPT)
+    assert result.num_input_tokens == len(prompt_ids)
+
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt_ids + result.token_ids])).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt_ids) - 1 : -1], dim=-1)  # row i predicts output token i
+    for step, (entry, token_id) in enumerate(zip(result.logprobs, result.token_ids, strict=True)):
+        assert entry["token_id"] == token_id
+        assert entry["logprob"] == pytest.approx(expected[step, token_id].item(), abs=1e-4)
+        top_values, top_ids = expected[step].topk(num_top)
+        # JSON object keys are strings; the server lists the most likely first.
+        assert [int(t) for t in entry["top"]] == top_ids.tolist(), f"step {step}"
+        assert list(entry["top"].values()) == pytest.approx(top_values.tolist(), abs=1e-4)
+        assert top_ids[0].item() == token_id  # greedy takes the most likely token
     total = sum(entry["logprob"] for entry in result.logprobs)
-    assert result.cumulative_logprob is not None and math.isclose(
-        result.cumulative_logprob, total, abs_tol=1e-3
-    )
+    # NOTE: the cumulative_logprob output is an FP32 tensor: the sum, rounded to float32.
+    assert result.cumulative_logprob == pytest.approx(total, abs=1e-5)
+    reference_total = sum(expected[i, t].item() for i, t in enumerate(result.token_ids))
+    assert result.cumulative_logprob == pytest.approx(reference_total, abs=1e-4 * max_tokens)
 
 
 def test_stop_string_and_seeded_sampling(triton_server) -> None:
