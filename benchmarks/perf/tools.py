@@ -74,13 +74,15 @@ def run_perf_analyzer(
     requests_per_window: int = 4,
     model: str = "llm",
     timeout_s: float = 600.0,
+    profile_export: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """`perf_analyzer --streaming` over gRPC at each concurrency level of `concurrency` (start:end:step).
 
     NOTE: count windows of `requests_per_window` requests with the stability check off (`-s 999`, so three
     windows per level): on a small shared CPU machine the default check rarely passes and perf_analyzer
     then drops the level; `--request-count` would do, but 2.51 refuses it with a concurrency range.
-    Its report goes to stdout (returned) and `csv_path`.
+    Its report goes to stdout (returned) and `csv_path`; every request's responses to `profile_export`
+    when given (see `response_token_counts`).
     """
     command = [
         str(_venv_bin("perf_analyzer")), "-m", model, "-u", grpc_url, "-i", "grpc", "--streaming",
@@ -88,6 +90,8 @@ def run_perf_analyzer(
         "--measurement-mode", "count_windows", "--measurement-request-count", str(requests_per_window),
         "--stability-percentage", "999",
     ]  # fmt: skip
+    if profile_export is not None:
+        command += ["--profile-export-file", str(profile_export)]
     return subprocess.run(command, env=perf_env(), capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -198,10 +202,18 @@ def tokens_sent(artifact_dir: Path) -> list[int]:
     """
     counts = []
     for export in sorted(artifact_dir.glob("*/profile_export.json")):
-        for experiment in json.loads(export.read_text())["experiments"]:
-            for request in experiment["requests"]:
-                ids = [r.get("output_ids", []) for r in request["response_outputs"]]
-                counts.append(sum(len(i) if isinstance(i, list) else 1 for i in ids))
+        counts += [sum(request) for request in response_token_counts(export)]
+    return counts
+
+
+def response_token_counts(export: Path) -> list[list[int]]:
+    """Per request in a perf_analyzer profile export (every experiment), the number of token ids (`output_ids`)
+    in each of its responses."""
+    counts = []
+    for experiment in json.loads(export.read_text())["experiments"]:
+        for request in experiment["requests"]:
+            ids = [r.get("output_ids", []) for r in request["response_outputs"]]
+            counts.append([len(i) if isinstance(i, list) else 1 for i in ids])
     return counts
 
 

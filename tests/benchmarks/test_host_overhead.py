@@ -13,5 +13,7 @@ def test_host_overhead_runs_the_engine_with_a_stand_in_model(smollm2_path) -> No
     # decode steps of all four: 7 tokens, the first from the prompt step.
     assert row["decode_steps"] >= 4
     assert set(row["phases_ms"]) == set(PHASES)
-    assert all(v >= 0 for v in row["phases_ms"].values()) and row["phases_ms"]["schedule"] > 0
-    assert sum(row["phases_ms"].values()) <= 2 * row["host_ms_per_step"]
+    # Every phase runs inside each step, so in every step its time is at most the step's, and so is its
+    # median (the figures are rounded to the microsecond). Above zero: it ran in the decode steps.
+    host = row["host_ms_per_step"]
+    assert all(0 < v <= host + 0.001 for v in row["phases_ms"].values()), (row["phases_ms"], host)

@@ -44,27 +44,37 @@ def test_summarize_counts_failed_requests_apart() -> None:
     assert (s["completed"], s["failed"], s["errors"]) == (1, 1, ["UNAVAILABLE: queue full"])
 
 
+# NOTE: only a hang reaches this: the waits it bounds take microseconds.
+HANG_S = 60.0
+
+
 class FakeTarget:
-    """Streams `max_tokens` one-token responses 5 ms apart from a thread; tracks requests in flight."""
+    """Streams `max_tokens` one-token responses from a thread; tracks requests in flight.
+
+    No response starts before `full` requests are in flight at once (or `total` were sent): a driver that
+    keeps `full` in flight reaches that whatever the machine's speed, and one that keeps fewer hangs.
+    """
 
     name = "fake"
 
-    def __init__(self) -> None:
-        self.in_flight = self.max_in_flight = 0
-        self.lock = threading.Lock()
-        self.sent_at: list[float] = []
+    def __init__(self, full: int = 1, total: int = 0) -> None:
+        self.full, self.total = full, total
+        self.in_flight = self.max_in_flight = self.sent = 0
+        self.changed = threading.Condition()
 
     def __call__(self, spec: RequestSpec, on_response) -> None:
-        with self.lock:
+        with self.changed:
             self.in_flight += 1
+            self.sent += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
-            self.sent_at.append(time.monotonic())
+            self.changed.notify_all()
 
         def run() -> None:
+            with self.changed:
+                self.changed.wait_for(lambda: self.in_flight >= self.full or self.sent == self.total, HANG_S)
             for i in range(spec.max_tokens):
-                time.sleep(0.005)
                 if i == spec.max_tokens - 1:
-                    with self.lock:
+                    with self.changed:
                         self.in_flight -= 1
                 on_response(time.monotonic(), 1, i == spec.max_tokens - 1, None)
 
@@ -72,8 +82,8 @@ class FakeTarget:
 
 
 def test_drive_keeps_the_concurrency_and_the_arrival_times() -> None:
-    target = FakeTarget()
-    records = drive(schedule(12, 3, 4, 100, seed=0), target, concurrency=3, timeout_s=30)
+    target = FakeTarget(full=3, total=12)
+    records = drive(schedule(12, 3, 4, 100, seed=0), target, concurrency=3, timeout_s=HANG_S)
     assert target.max_in_flight == 3
     assert all(r.num_tokens == 4 and r.finished is not None for r in records)
     target = FakeTarget()
@@ -81,7 +91,7 @@ def test_drive_keeps_the_concurrency_and_the_arrival_times() -> None:
     # NOTE: the driver's clock starts 10 ms after it is called, so it starts no earlier than this. (Not
     # the first request's send time: sent late on a loaded machine, it would make the next ones look early.)
     earliest_start = time.monotonic() + 0.01
-    records = drive(specs, target, timeout_s=30)
+    records = drive(specs, target, timeout_s=HANG_S)
     for spec, record in zip(specs, records, strict=True):
         assert record.sent >= earliest_start + spec.arrival_s  # never early
 

@@ -1,5 +1,6 @@
 """`python -m tests.reliability [--fast] [pytest args]`: every scenario (full sizes unless --fast), then a table
-(scenario, requests tried, failures, leaked KV blocks, crashes, seconds); exits non-zero on any failure."""
+(scenario, requests tried, failures, leaked KV blocks, crashes, seconds), each scenario's notes and wall-clock
+figures (median, worst, the hang bound it fails at); exits non-zero on any failure."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def main(argv: list[str]) -> int:
             "-p",
             "no:cacheprovider",
             "tests/reliability",
+            "--reliability-table",
             *([] if fast else ["--reliability-full"]),
             *args,
         ]
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> int:
         if i == 0:
             print("  ".join("-" * w for w in widths))
     for nodeid, s in RESULTS.items():
-        for note in s.notes:
+        for note in [*s.notes, *s.timing_lines()]:
             print(f"  {nodeid.split('::', 1)[1]}: {note}")
     bad = [s for s in RESULTS.values() if s.outcome != "passed" or s.failures or s.leaked_blocks or s.crashes]
     total = sum(s.requests for s in RESULTS.values())

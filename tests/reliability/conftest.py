@@ -41,6 +41,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--reliability-full", action="store_true", help="run the reliability scenarios at full size"
     )
+    parser.addoption(
+        "--reliability-table",
+        action="store_true",
+        help="leave the wall-clock figures to the runner's table (python -m tests.reliability)",
+    )
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Each scenario's wall-clock figures (median, worst, hang bound): what is normal, in every run."""
+    if config.getoption("--reliability-table", default=False):
+        return
+    lines = [
+        f"{nodeid.split('::', 1)[1]}: {line}" for nodeid, s in RESULTS.items() for line in s.timing_lines()
+    ]
+    if lines:
+        terminalreporter.section("reliability wall-clock figures")
+        for line in lines:
+            terminalreporter.write_line(line)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

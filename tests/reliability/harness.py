@@ -1,13 +1,16 @@
 """What the reliability scenarios share: per-scenario numbers, servers with special settings, a load driver.
 
-Every scenario records a `ScenarioStats` (requests tried, failures, leaked KV blocks, crashes) in `RESULTS`;
-the runner (`python -m tests.reliability`) prints them as a table.
+Every scenario records a `ScenarioStats` (requests tried, failures, leaked KV blocks, crashes, wall-clock
+figures) in `RESULTS`; the runner (`python -m tests.reliability`) prints them as a table, and plain pytest
+prints the figures in its summary (conftest.py).
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import random
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,6 +38,12 @@ from tests.serving.triton_helpers import (
 
 # KV bytes of one 16-token block of SmolLM2-135M in float32: 2 (K, V) x 30 layers x 16 x 3 heads x 64 x 4.
 BYTES_PER_BLOCK = 2 * 30 * 16 * 3 * 64 * 4
+# NOTE: a scenario's wall-clock figures (how long a refusal, an abort or a state change took) are recorded
+# and printed, and fail the scenario only at this bound: a hang, not a slow machine. On the 2-core CPU
+# machine a refusal takes under 0.2 s, an abort after a client's death about 0.5 s, a stub's exit or a
+# client's error after a stub kill about 2 s (the printed p50 / max). A client's own give-up point
+# (`drive`'s `timeout_s`) is no shorter.
+HANG_S = 60.0
 
 
 @dataclass
@@ -49,11 +58,31 @@ class ScenarioStats:
     seconds: float = 0.0
     outcome: str = "?"
     notes: list[str] = field(default_factory=list)
+    timings: dict[str, list[float]] = field(default_factory=dict)  # kind -> seconds of each sample
+    hang_bounds: dict[str, float] = field(default_factory=dict)  # kind -> the bound it fails at
 
     def fail(self, message: str) -> None:
         self.failures += 1
         if len(self.notes) < 5:
             self.notes.append(message)
+
+    def timed(self, kind: str, seconds: float, hang_s: float = HANG_S) -> bool:
+        """Record how long one `kind` of thing took; at `hang_s` or more it is a hang, and a failure.
+        Returns False then."""
+        self.timings.setdefault(kind, []).append(seconds)
+        self.hang_bounds[kind] = hang_s
+        if seconds < hang_s:
+            return True
+        self.fail(f"{kind}: {seconds:.1f} s, a hang (bound {hang_s:.0f} s)")
+        return False
+
+    def timing_lines(self) -> list[str]:
+        """One line per kind of figure: median and worst (the normal figure), and the bound it fails at."""
+        return [
+            f"{kind}: p50 {statistics.median(values):.2f} s, max {max(values):.2f} s over {len(values)} "
+            f"(hang bound {self.hang_bounds[kind]:.0f} s)"
+            for kind, values in self.timings.items()
+        ]
 
 
 RESULTS: dict[str, ScenarioStats] = {}
@@ -103,7 +132,17 @@ def stub_rss_bytes(server: TritonServer) -> int:
     return 0
 
 
-def settle(server: TritonServer, timeout_s: float = 30.0) -> dict[str, float]:
+def wait_until(predicate: Callable[[], bool], hang_s: float = HANG_S, interval_s: float = 0.05) -> float:
+    """Poll `predicate` until it is true; the seconds that took (infinite if not within `hang_s`)."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start >= hang_s:
+            return math.inf
+        time.sleep(interval_s)
+    return time.monotonic() - start
+
+
+def settle(server: TritonServer, timeout_s: float = HANG_S) -> dict[str, float]:
     """Wait until the server holds no request and no KV block (or the timeout); returns the metrics then
     (settled: the same twice, a metrics push apart, so not the idle state from before the scenario)."""
     deadline = time.monotonic() + timeout_s
@@ -150,7 +189,8 @@ class Outcome:
     job: Job
     result: StreamResult
     cancelled: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # from sending to the end
+    ended: float = 0.0  # time.monotonic() at the end
 
 
 class StreamWorker:
@@ -194,7 +234,8 @@ class StreamWorker:
         while not self.events.empty():
             result, error = self.events.get()
             r.num_final += 1 if error is not None else int(record_response(r, result))
-        return Outcome(job, r, False, time.monotonic() - start)
+        now = time.monotonic()
+        return Outcome(job, r, False, now - start, now)
 
     def _cancel(self, job: Job, r: StreamResult, start: float) -> Outcome:
         self.client.stop_stream(cancel_requests=True)
@@ -202,7 +243,8 @@ class StreamWorker:
             result, error = self.events.get()
             r.num_final += 1 if error is not None else int(record_response(r, result))
         self._open()
-        return Outcome(job, r, True, time.monotonic() - start)
+        now = time.monotonic()
+        return Outcome(job, r, True, now - start, now)
 
     def close(self) -> None:
         # NOTE: nothing is in flight here, so end the stream gracefully. Cancelling the RPC right after a final
@@ -214,9 +256,11 @@ class StreamWorker:
 
 def drive(
     url: str, jobs: Iterable[Job], concurrency: int, timeout_s: float = 120.0,
-    on_outcome: Callable[[Outcome], None] | None = None,
+    on_outcome: Callable[[Outcome], None] | None = None, start: threading.Barrier | None = None,
 ) -> list[Outcome]:  # fmt: skip
-    """Run `jobs` over `concurrency` streams (one request in flight per stream); every outcome, in order done."""
+    """Run `jobs` over `concurrency` streams (one request in flight per stream); every outcome, in order done.
+    `start`: each stream, once open, waits there before its first request (the caller passing it too sends
+    them all at once: a burst)."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for job in jobs:
         todo.put(job)
@@ -226,6 +270,8 @@ def drive(
     def work() -> None:
         worker = StreamWorker(url)
         try:
+            if start is not None:
+                start.wait(HANG_S)
             while True:
                 try:
                     job = todo.get_nowait()

@@ -9,6 +9,7 @@ import pytest
 from benchmarks.perf.tools import (
     output_length_matches,
     read_perf_csv,
+    response_token_counts,
     run_genai_perf,
     run_perf_analyzer,
     tokens_sent,
@@ -20,15 +21,20 @@ OUTPUT_TOKENS = 6
 
 def test_perf_analyzer_streaming_smoke(triton_server, tmp_path: Path) -> None:
     data = write_input_data(tmp_path / "input.json", ["The capital of France is", "Hello"], max_tokens=4)
-    done = run_perf_analyzer(triton_server.url_grpc, data, tmp_path / "pa.csv", "1:2", requests_per_window=2)
+    export = tmp_path / "pa_export.json"
+    done = run_perf_analyzer(
+        triton_server.url_grpc, data, tmp_path / "pa.csv", "1:2", requests_per_window=2, profile_export=export
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Detected decoupled model" in done.stdout
     rows = read_perf_csv(tmp_path / "pa.csv")
     assert [row["Concurrency"] for row in rows] == ["1", "2"]
     for row in rows:
-        assert float(row["Inferences/Second"]) > 0
-        # Streamed: four responses (tokens) per request; a window's edges cut a few off.
-        assert float(row["Response Throughput"]) > 2 * float(row["Inferences/Second"])
+        assert float(row["Inferences/Second"]) > 0 and float(row["Response Throughput"]) > 0
+    # Streamed: every request's responses carry its four tokens, none empty. (How many responses depends on
+    # how fast the server's sender is: a busy one coalesces tokens.)
+    requests = response_token_counts(export)
+    assert requests and all(sum(r) == 4 and 1 <= len(r) <= 4 and all(r) for r in requests), requests
 
 
 @pytest.mark.parametrize("backend", ["vllm", "tensorrtllm"])
