@@ -123,3 +123,11 @@ def test_batching_is_pure_python() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_request_defaults_and_its_block_size_error_names_the_request() -> None:
+    req = Request("r", [1, 2], block_size=4)
+    assert req.arrival_index == 0 and req.max_output_tokens is None and req.num_pending_tokens == 0
+    for block_size in (0, -2):
+        with pytest.raises(ValueError, match=f"^request 'r': block_size must be positive, got {block_size}$"):
+            Request("r", [1], block_size=block_size)

@@ -168,3 +168,70 @@ def test_reset_prefix_cache_only_when_all_blocks_free() -> None:
 def test_pool_needs_a_usable_block() -> None:
     with pytest.raises(ValueError, match="num_blocks"):
         BlockPool(num_blocks=1, enable_caching=True)
+
+
+def test_pool_of_two_blocks_is_the_smallest_and_the_error_states_the_limit() -> None:
+    """num_blocks=2 is the null block plus one usable block: accepted; 1 is refused with the limit."""
+    pool = BlockPool(num_blocks=2, enable_caching=True)
+    assert free_ids(pool) == [1] and pool.num_usable_blocks == 1
+    with pytest.raises(ValueError, match=r"^num_blocks must be at least 2 \(block 0 is reserved\), got 1$"):
+        BlockPool(num_blocks=1, enable_caching=True)
+
+
+def test_get_new_blocks_error_states_the_request_and_the_free_count() -> None:
+    pool = BlockPool(num_blocks=4, enable_caching=False)
+    with pytest.raises(ValueError, match="^cannot get 4 blocks: only 3 are free$"):
+        pool.get_new_blocks(4)
+
+
+def test_empty_free_queue_lists_nothing_and_popleft_says_why() -> None:
+    queue = FreeBlockQueue([])
+    assert queue.get_all_free_blocks() == [] and len(queue) == 0
+    with pytest.raises(ValueError, match="^no free blocks$"):
+        queue.popleft()
+    block = KVCacheBlock(7)
+    queue.append(block)
+    assert queue.get_all_free_blocks() == [block]
+    assert queue.popleft() is block
+
+
+def test_free_queue_rejects_a_block_with_only_one_link() -> None:
+    """A block is in a queue exactly when both links are set: append refuses a block with either link
+    set, remove a block with either link missing (before it touches any neighbour)."""
+    queue = FreeBlockQueue([KVCacheBlock(1)])
+    neighbour = KVCacheBlock(9)
+    with pytest.raises(AssertionError, match="^block 7 is already free$"):
+        queue.append(KVCacheBlock(7, next_free_block=neighbour))
+    with pytest.raises(AssertionError, match="^block 8 is not free$"):
+        queue.remove(KVCacheBlock(8, prev_free_block=neighbour))
+    assert neighbour.prev_free_block is None and neighbour.next_free_block is None
+    assert [b.block_id for b in queue.get_all_free_blocks()] == [1]
+
+
+def test_cache_full_blocks_enters_only_the_blocks_from_num_cached_blocks_on() -> None:
+    pool = BlockPool(num_blocks=4, enable_caching=True)
+    blocks = pool.get_new_blocks(3)
+    pool.cache_full_blocks(blocks, [HA, HB, HC], num_cached_blocks=1, num_full_blocks=2)
+    assert [b.block_hash for b in blocks] == [None, HB, None]
+    assert pool.get_cached_block(HA) is None and pool.get_cached_block(HB) is blocks[1]
+
+
+def test_a_duplicate_block_is_skipped_and_the_blocks_after_it_are_still_cached() -> None:
+    pool = BlockPool(num_blocks=5, enable_caching=True)
+    first = pool.get_new_blocks(1)
+    pool.cache_full_blocks(first, [HA], 0, 1)
+    second = pool.get_new_blocks(3)  # computed the first block again, then two new ones
+    pool.cache_full_blocks(second, [HA, HB, HC], 0, 3)
+    assert pool.get_cached_block(HA) is first[0] and second[0].block_hash is None
+    assert pool.get_cached_block(HB) is second[1] and pool.get_cached_block(HC) is second[2]
+
+
+def test_cache_full_blocks_checks_both_lengths_before_caching_anything() -> None:
+    pool = BlockPool(num_blocks=4, enable_caching=True)
+    blocks = pool.get_new_blocks(1)
+    with pytest.raises(AssertionError):
+        pool.cache_full_blocks(blocks, [HA, HB], 0, 2)  # two hashes, a table of one block
+    assert pool.get_cached_block(HA) is None and blocks[0].block_hash is None
+    with pytest.raises(AssertionError):
+        pool.cache_full_blocks(pool.get_new_blocks(2), [HA], 0, 2)  # two blocks, one hash
+    assert pool.get_cached_block(HA) is None

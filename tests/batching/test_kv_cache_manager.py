@@ -1,5 +1,7 @@
 """KVCacheManager: block tables, prefix hits (never covering the last token), atomic allocation."""
 
+import pytest
+
 from inflight.batching import KVCacheManager, Request
 
 
@@ -179,3 +181,100 @@ def test_reset_prefix_cache_through_the_manager() -> None:
     manager.free(req)
     assert manager.reset_prefix_cache() is True
     assert manager.get_computed_blocks(Request("b", [1, 2, 3], block_size=2)) == ([], 0)
+
+
+def test_manager_validation_messages_and_host_pool_defaults() -> None:
+    with pytest.raises(ValueError, match="^block_size must be positive, got 0$"):
+        KVCacheManager(num_blocks=4, block_size=0)
+    with pytest.raises(ValueError, match="^num_host_blocks must be at least 0, got -1$"):
+        KVCacheManager(num_blocks=4, block_size=2, num_host_blocks=-1)
+    manager = KVCacheManager(num_blocks=4, block_size=2)  # no host pool unless asked for
+    assert manager.num_host_blocks == 0 and manager.num_free_host_blocks == 0
+    manager = KVCacheManager(num_blocks=4, block_size=2, num_host_blocks=3)
+    assert manager.num_host_blocks == 3 and manager.num_free_host_blocks == 3
+
+
+def test_unknown_request_has_an_empty_table_and_nothing_to_swap_out() -> None:
+    manager = KVCacheManager(num_blocks=4, block_size=2)
+    req = Request("r", [1, 2, 3], block_size=2)
+    assert manager.get_blocks("r") == [] and manager.get_block_ids("r") == []
+    assert not manager.can_swap_out(req)  # no host blocks, and no blocks to move
+
+
+def test_swap_out_and_in_move_whole_tables_with_exact_block_ids() -> None:
+    manager = KVCacheManager(num_blocks=7, block_size=4, num_host_blocks=3)  # device 1..6, host 0..2
+    a = Request("a", list(range(6)), block_size=4)  # 2 blocks
+    b = Request("b", list(range(100, 109)), block_size=4)  # 3 blocks
+    assert not manager.can_swap_out(a)  # no blocks yet: nothing to swap
+    admit(manager, a)
+    admit(manager, b)
+    assert manager.get_block_ids("a") == [1, 2] and manager.get_block_ids("b") == [3, 4, 5]
+    assert manager.can_swap_out(a) and manager.can_swap_out(b)  # 2 and 3 blocks, 3 host blocks free
+
+    assert manager.swap_out(a) == [(1, 0), (2, 1)]  # host blocks lowest first
+    assert manager.is_swapped(a) and manager.num_free_host_blocks == 1
+    assert manager.get_block_ids("a") == [] and free_ids(manager) == [6, 2, 1]
+    assert not manager.can_swap_out(b)  # 3 blocks, 1 host block left
+
+    # Back in with one more token: 7 tokens, 2 blocks, taken from the front of the free queue.
+    assert manager.swap_in(a, 1) == [(0, 6), (1, 2)]
+    assert not manager.is_swapped(a) and manager.num_free_host_blocks == 3
+    assert manager.get_block_ids("a") == [6, 2] and free_ids(manager) == [1]
+
+
+def test_a_block_filled_after_a_chunk_without_full_blocks_is_cached() -> None:
+    manager = KVCacheManager(num_blocks=6, block_size=4)
+    req = Request("r", list(range(10)), block_size=4)
+    assert [b.block_id for b in manager.allocate_slots(req, 3)] == [1]  # tokens 0..2: nothing full
+    req.num_computed_tokens = 3
+    assert manager.block_pool.get_cached_block(req.block_hashes[0]) is None
+    assert manager.allocate_slots(req, 1) == []  # token 3 fills block 1, which the table has
+    req.num_computed_tokens = 4
+    assert manager.block_pool.get_cached_block(req.block_hashes[0]) is manager.block_pool.blocks[1]
+
+
+def test_prefix_hits_are_refused_for_a_request_that_already_has_blocks() -> None:
+    manager = KVCacheManager(num_blocks=6, block_size=4)
+    admit(manager, Request("a", list(range(8)), block_size=4))  # blocks 1, 2 cached
+    b = Request("b", list(range(9)), block_size=4)
+    hits, num_hit = manager.get_computed_blocks(b)
+    assert [block.block_id for block in hits] == [1, 2] and num_hit == 8
+    assert [block.block_id for block in manager.allocate_slots(b, 2)] == [3]  # computed without the hits
+    b.num_computed_tokens = 2
+    with pytest.raises(AssertionError, match="^prefix hits are only added to an empty table$"):
+        manager.allocate_slots(b, 1, hits)
+    assert manager.get_block_ids("b") == [3] and ref_cnts(manager, [1, 2, 3]) == [1, 1, 1]
+
+
+def test_block_id_list_handed_out_after_a_zero_token_allocation_grows_with_the_table() -> None:
+    """get_block_ids returns the manager's own list, which grows as the request gets blocks."""
+    manager = KVCacheManager(num_blocks=6, block_size=4)
+    req = Request("r", list(range(6)), block_size=4)
+    assert manager.allocate_slots(req, 0) == []
+    block_ids = manager.get_block_ids("r")
+    assert block_ids == [] and free_ids(manager) == [1, 2, 3, 4, 5]
+    assert [b.block_id for b in manager.allocate_slots(req, 6)] == [1, 2]
+    assert block_ids == [1, 2] and manager.get_block_ids("r") is block_ids
+
+
+def test_a_duplicate_block_stays_uncached_after_the_cached_copy_is_evicted() -> None:
+    """Blocks are offered to the cache map once, when they fill: b's copy of a's first block is a duplicate
+    then and stays a plain block, even once a's copy is evicted by b's own later chunks."""
+    manager = KVCacheManager(num_blocks=4, block_size=4)  # usable blocks 1..3
+    pool = manager.block_pool
+    a = Request("a", [0, 1, 2, 3, 9], block_size=4)
+    assert [block.block_id for block in manager.allocate_slots(a, 5)] == [1, 2]
+    b = Request("b", [0, 1, 2, 3, 5, 6, 7, 8, 10, 11, 12, 13, 14], block_size=4)
+    assert [block.block_id for block in manager.allocate_slots(b, 4)] == [3]  # no lookup: a duplicate
+    b.num_computed_tokens = 4
+    assert pool.get_cached_block(b.block_hashes[0]) is pool.blocks[1] and pool.blocks[3].block_hash is None
+    manager.free(a)
+    assert free_ids(manager) == [2, 1]
+    assert [block.block_id for block in manager.allocate_slots(b, 4)] == [2]
+    b.num_computed_tokens = 8
+    assert [block.block_id for block in manager.allocate_slots(b, 4)] == [1]  # evicts a's cached block
+    b.num_computed_tokens = 12
+    assert pool.get_cached_block(b.block_hashes[0]) is None and pool.blocks[3].block_hash is None
+    assert pool.get_cached_block(b.block_hashes[1]) is pool.blocks[2]
+    assert pool.get_cached_block(b.block_hashes[2]) is pool.blocks[1]
+    assert manager.get_computed_blocks(Request("c", [0, 1, 2, 3, 4], block_size=4)) == ([], 0)

@@ -247,3 +247,53 @@ def test_a_victim_too_big_for_the_host_pool_is_recomputed_and_an_abort_frees_hos
     assert out.preempted_request_ids == ["c"] and out.swap_out == [(4, 0)] and kv2.is_swapped(c)
     sched2.finish_requests("c", RequestStatus.FINISHED_ABORTED)
     assert not kv2.is_swapped(c) and kv2.num_free_host_blocks == 1 and list(sched2.waiting) == []
+
+
+def test_two_victims_swapped_out_in_one_step_are_both_counted() -> None:
+    sched = make_scheduler(max_num_seqs=4, num_host_blocks=2)
+    reqs = [Request(rid, [i] * 4, 4) for i, rid in enumerate("abcd")]
+    for req in reqs:
+        sched.add_request(req)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1], [2], [3], [4]]
+    sched.update_from_output(out1, {rid: 100 + i for i, rid in enumerate("abcd")})
+
+    # a needs a block: d (newest) goes to host block 0; b needs one: c goes to host block 1.
+    out2 = sched.schedule()
+    assert out2.preempted_request_ids == ["d", "c"] and out2.swap_out == [(4, 0), (3, 1)]
+    assert [s.block_ids for s in out2.scheduled] == [[1, 4], [2, 3]]
+    stats = sched.get_stats()
+    assert (stats.num_preemptions_total, stats.num_swapped_out_total) == (2, 2)
+    assert (sched.num_preemptions_total, sched.num_swapped_out_total) == (2, 2)
+    assert stats.num_kv_blocks_used == 4 and stats.num_waiting == 2
+
+
+def test_a_request_preempted_twice_counts_both_preemptions() -> None:
+    sched = make_scheduler()
+    a = Request("a", list(range(7)), 4)  # blocks 1, 2
+    x = Request("x", list(range(10, 14)), 4)  # block 3
+    b = Request("b", list(range(20, 23)), 4)  # block 4
+    for req in (a, x, b):
+        sched.add_request(req)
+    out1 = sched.schedule()
+    assert [s.block_ids for s in out1.scheduled] == [[1, 2], [3], [4]]
+    sched.update_from_output(out1, {"a": 7, "x": 14, "b": 23})
+
+    out2 = sched.schedule()  # a's token 8 fits block 2; x's token 5 needs a block: b is preempted
+    assert out2.preempted_request_ids == ["b"] and b.num_preemptions == 1
+    sched.update_from_output(out2, {"a": 8, "x": 15})
+    sched.finish_requests("x", RequestStatus.FINISHED_ABORTED)
+    assert free_ids(sched) == [4, 3]
+
+    out3 = sched.schedule()  # a's token 9 takes block 4; b (prompt + output: 4 tokens) comes back in block 3
+    assert out3.scheduled == [
+        ScheduledRequest("a", [8], 8, [1, 2, 4], True, False),
+        ScheduledRequest("b", [20, 21, 22, 23], 0, [3], True, True),
+    ]
+    sched.update_from_output(out3, {"a": 9, "b": 24})
+
+    out4 = sched.schedule()  # b's token 5 needs a second block, none is free: b preempts itself
+    assert out4.scheduled == [ScheduledRequest("a", [9], 9, [1, 2, 4], True, False)]
+    assert out4.preempted_request_ids == ["b"]
+    assert b.num_preemptions == 2 and sched.num_preemptions_total == 2
+    assert sched.get_stats().num_preemptions_total == 2
