@@ -106,7 +106,7 @@ class _MetricsWriter:
                 if item[0] is not _record_step:
                     self._apply(*item)
             if stopping or time.monotonic() >= next_flush:
-                self._apply(self.metrics.flush, ())
+                self._apply(self.metrics.flush, (True,))
                 next_flush = time.monotonic() + self.flush_interval_s
             if stopping:
                 return

@@ -96,6 +96,24 @@ def test_updates_wait_for_flush_and_push_their_net_change() -> None:
     assert metrics.flush() == 0 and Recorder.log == []
 
 
+def test_a_periodic_flush_counts_itself_after_every_other_push() -> None:
+    """A reader that sees inflight_metrics_flushes_total advance sees the updates that flush pushed."""
+    metrics = _recorded_metrics()
+    metrics.flush()
+    Recorder.log.clear()
+    assert metrics.flush(periodic=True) == 1
+    assert Recorder.log == [("inflight_metrics_flushes_total{model=m}", "increment", 1)]
+    Recorder.log.clear()
+    metrics.generation_tokens.increment(2)
+    metrics.running.set(4)
+    assert metrics.flush(periodic=True) == 3
+    assert [name for name, _, _ in Recorder.log] == [
+        "inflight_generation_tokens_total{model=m}",
+        "inflight_num_requests_running{model=m}",
+        "inflight_metrics_flushes_total{model=m}",
+    ]
+
+
 def test_scheduler_totals_become_counter_increments() -> None:
     """The scheduler reports running totals; each counter gets what is new since the last snapshot."""
     from inflight.batching import SchedulerStats

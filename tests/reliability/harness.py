@@ -144,10 +144,10 @@ def wait_until(predicate: Callable[[], bool], hang_s: float = HANG_S, interval_s
 
 def settle(server: TritonServer, timeout_s: float = HANG_S) -> dict[str, float]:
     """Wait until the server holds no request and no KV block (or the timeout); returns the metrics then
-    (settled: the same twice, a metrics push apart, so not the idle state from before the scenario)."""
+    (settled: read after two more metric pushes, so not the idle state from before the scenario)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        m = settled_metrics(server.url_metrics, timeout_s=max(1.0, deadline - time.monotonic()))
+        m = settled_metrics(server.url_metrics, timeout_s=max(HANG_S / 2, deadline - time.monotonic()))
         idle = (
             m.get("inflight_kv_blocks_used", 0) == 0
             and m.get("inflight_requests_open", 0) == 0

@@ -18,6 +18,7 @@ from tests.reliability.harness import (
     final_count,
     finals,
     received,
+    settle,
     stub_pid,
     wait_until,
 )
@@ -32,7 +33,7 @@ def test_cancellation_storm(scenario, rel_server, reference, full: bool) -> None
     stub = stub_pid(rel_server)
     rng = random.Random(1)
     for rnd in range(rounds):
-        before = metrics(rel_server.url_metrics)
+        before = settle(rel_server)  # earlier requests' counts all pushed
         jobs = []
         for i in range(64):
             prompt = PROMPTS[i % len(PROMPTS)]
@@ -112,7 +113,7 @@ def test_client_killed_without_cancelling(scenario, rel_server, protocol: str) -
     rounds = 3
     after_kill: list[int] = []
     for _ in range(rounds):
-        before = metrics(rel_server.url_metrics)
+        before = settle(rel_server)  # earlier requests' counts all pushed
         script, url = (
             (_GRPC_CLIENT, rel_server.url_grpc) if protocol == "grpc" else (_HTTP_CLIENT, rel_server.url_http)
         )

@@ -73,10 +73,12 @@ def test_config_that_cannot_hold_one_request_fails_to_load(scenario, smollm2_pat
 def test_kv_pressure_preempts_and_every_request_matches(scenario, small_server, reference, full) -> None:
     max_tokens = 100 if full else 24
     stub = stub_pid(small_server)
-    before = metrics(small_server.url_metrics)
+    before = settle(small_server)  # the previous scenario's counts all pushed
     jobs = [Job(f"kv{i}", {"text_input": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "stream": i % 2 == 0,
                           "temperature": 0.0, "exclude_input_in_output": True}) for i in range(32)]  # fmt: skip
-    outcomes = drive(small_server.url_grpc, jobs, concurrency=32, timeout_s=600)
+    # NOTE: the 32 streams send at once (a barrier), so they overlap whatever the machine's speed: their KV
+    # (about 3 blocks each) is far more than the server's 12 blocks, and preemption is certain.
+    outcomes = drive(small_server.url_grpc, jobs, concurrency=32, timeout_s=600, start=threading.Barrier(32))
     scenario.requests = len(outcomes)
     for o in outcomes:
         exp = reference(o.job.values["text_input"], max_tokens)
@@ -96,8 +98,9 @@ def test_same_seed_same_output_alone_batched_and_preempted(scenario, rel_server,
     fill = [Job(f"seed-fill{i}", {"text_input": PROMPTS[i % 8], "max_tokens": 24, "temperature": 0.7,
                                   "exclude_input_in_output": True}) for i in range(15)]  # fmt: skip
     batched = drive(rel_server.url_grpc, [*fill[:8], Job("seed-batched", probe), *fill[8:]], concurrency=16)
-    before = metrics(small_server.url_metrics)["inflight_preemptions_total"]
-    pressure = drive(small_server.url_grpc, [*fill, Job("seed-preempted", probe), *fill], concurrency=31)
+    before = settle(small_server)["inflight_preemptions_total"]
+    pressure = drive(small_server.url_grpc, [*fill, Job("seed-preempted", probe), *fill], concurrency=31,
+                     start=threading.Barrier(31))  # fmt: skip  # all at once: preemption is certain
     preempted = settle(small_server)["inflight_preemptions_total"] - before
     scenario.requests = 1 + len(batched) + len(pressure)
     got = {o.job.rid: o.result for o in [alone, *batched, *pressure] if o.job.rid.startswith("seed-")

@@ -160,22 +160,26 @@ def metrics(url: str) -> dict[str, float]:
     return samples
 
 
-def settled_metrics(url: str, timeout_s: float = 15.0) -> dict[str, float]:
-    """The inflight_* samples once they stopped changing: the same twice, a metrics push apart.
+FLUSHES = "inflight_metrics_flushes_total"
 
-    The model pushes its metrics every METRICS_FLUSH_INTERVAL_S, so a single read can miss what the last
-    requests did; a count compared before and after a test must start from a settled read.
+
+def settled_metrics(url: str, timeout_s: float = 60.0) -> dict[str, float]:
+    """The inflight_* samples with every update made before this call: read once the model's periodic
+    metrics push has run twice more.
+
+    The model holds metric updates and pushes them every METRICS_FLUSH_INTERVAL_S, counting each push last in
+    inflight_metrics_flushes_total; a push that began before this call may have missed what happened just
+    before it, the next one cannot. `timeout_s` only bounds a hang (pushes stopped): it raises then.
     """
-    from inflight.backend.metrics import METRICS_FLUSH_INTERVAL_S
-
     deadline = time.monotonic() + timeout_s
-    last = metrics(url)
+    start = metrics(url).get(FLUSHES, 0.0)
     while True:
-        time.sleep(METRICS_FLUSH_INTERVAL_S + 0.2)
         now = metrics(url)
-        if now == last or time.monotonic() > deadline:
+        if now.get(FLUSHES, 0.0) >= start + 2:
             return now
-        last = now
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the model pushed no metrics for {timeout_s:.0f} s ({FLUSHES} stuck)")
+        time.sleep(0.05)  # NOTE: a poll interval; the wait ends on the counter, not on time
 
 
 def wait_for_metric(url: str, name: str, expected: float, timeout_s: float = 15.0) -> float:
