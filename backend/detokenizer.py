@@ -72,6 +72,10 @@ class IncrementalDetokenizer:
             self._prefix_text = ""
         else:
             self._prefix_text = self._decode(context)
+        # NOTE: bytes of a character the prompt leaves unfinished show as one U+FFFD in the prompt's text; the
+        # first character decoded with them (the finished character, or the U+FFFD of the invalid run) takes
+        # that U+FFFD's place in a full decode, so it is not output text: the byte path skips it.
+        self._skip_first_char = self._bytes is not None and bool(self._utf8.getstate()[0])
 
         stops = [stop] if isinstance(stop, str) else list(stop)
         self.stop = [s for s in stops if s]
@@ -98,7 +102,7 @@ class IncrementalDetokenizer:
             return None
         self.num_output_tokens += 1
         if self._bytes is not None:
-            text = self._utf8.decode(self._bytes.get(token_id))
+            text = self._utf8_text(self._bytes.get(token_id))
             if text:
                 self._append_text(text)
             return self.matched_stop
@@ -146,7 +150,7 @@ class IncrementalDetokenizer:
         if self.matched_stop is not None:
             return
         if self._bytes is not None:
-            text = self._utf8.decode(b"", final=True)
+            text = self._utf8_text(b"", final=True)
             if text:
                 self._append_text(text)
             return
@@ -155,6 +159,15 @@ class IncrementalDetokenizer:
         text = self._decode(self._token_ids[self._prefix_offset :])
         if len(text) > len(self._prefix_text):
             self._advance(text)
+
+    def _utf8_text(self, data: bytes, final: bool = False) -> str:
+        """The byte path's text for the next bytes: the UTF-8 decoder's, past a character that takes the place
+        of the prompt's unfinished one (see `__init__`)."""
+        text = self._utf8.decode(data, final)
+        if text and self._skip_first_char:
+            self._skip_first_char = False
+            return text[1:]
+        return text
 
     def _emit_settled(self, text: str) -> None:
         """Emit the held text that no later token can change, if any; the rest stays held.
@@ -258,8 +271,9 @@ class _ByteTable:
             return b""  # an id past the vocabulary decodes to nothing
         if _ALPHABET.issuperset(token):  # the common token: one C-level translation
             return token.translate(_TO_LATIN1).encode("latin-1")
-        # NOTE: a character outside the byte alphabet stands for its own UTF-8 bytes, as in the decoder.
-        return b"".join(bytes([_BYTE_OF_CHAR[c]]) if c in _BYTE_OF_CHAR else c.encode() for c in token)
+        # NOTE: as in the ByteLevel decoder, a token with any character outside the byte alphabet stands for
+        # its own UTF-8 bytes, all of it ("Ġ日" decodes to "Ġ日", not " 日").
+        return token.encode()
 
 
 def _byte_alphabet() -> dict[str, int]:

@@ -128,7 +128,7 @@ class SamplingBatch:
         return cls(
             vocab_size=vocab_size,
             all_greedy=all(greedy),
-            all_random=not any(greedy),
+            all_random=bool(greedy) and not any(greedy),  # NOTE: an empty batch is all greedy, not both
             # NOTE: an all-greedy batch (the common decode case) needs no per-row tensors at all.
             is_greedy=None if all(greedy) else torch.tensor(greedy, dtype=torch.bool, device=device),
             temperature=None

@@ -1,87 +1,28 @@
 """IncrementalDetokenizer: streamed deltas against full decodes, with a byte-level BPE (SmolLM2) and a
 sentencepiece-style byte-fallback BPE; stop strings split across tokens; hold-back while streaming."""
 
-import json
-
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase
 
 from inflight.backend import detokenizer as detokenizer_module
 from inflight.backend.detokenizer import IncrementalDetokenizer
-
-PROMPT = "The capital of France is"
-TEXTS = [
-    " Paris. It is a lovely city, with many old streets.",
-    " Paris 😀 and 日本語, 世界! héllo wörld 🇫🇷 ok",
-    "\n\n  spaces   and\ttabs  😀😀 end",
-]
-CORPUS = [
-    "The capital of France is Paris.",
-    "The quick brown fox jumps over the lazy dog.",
-    "Hello world, hello there! It is a lovely city.",
-    "日本 is Japan; streaming text one token at a time.",
-] * 4
+from tests.backend.detokenizer_support import PROMPT, TEXTS, make_byte_fallback_tokenizer
+from tests.backend.detokenizer_support import SlowTokenizer as _SlowTokenizer
+from tests.backend.detokenizer_support import decode as _decode
+from tests.backend.detokenizer_support import ids as _ids
+from tests.backend.detokenizer_support import output_ids as _output_ids
+from tests.backend.detokenizer_support import stream as _stream
 
 
 @pytest.fixture(scope="module")
 def byte_fallback_tokenizer() -> PreTrainedTokenizerBase:
-    """A Llama-2-style tokenizer trained here: "▁" for spaces, <0xNN> byte-fallback tokens, a decoder
-    that strips the leading space of a decode."""
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tokenizer.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    # NOTE: the trainer has no byte-fallback option: add the 256 byte tokens to the trained vocab.
-    spec = json.loads(tokenizer.to_str())
-    vocab = spec["model"]["vocab"]
-    for byte in range(256):
-        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
+    return make_byte_fallback_tokenizer()
 
 
 @pytest.fixture(params=["smollm2", "byte_fallback"])
 def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
     name = "smollm2_tokenizer" if request.param == "smollm2" else "byte_fallback_tokenizer"
     return request.getfixturevalue(name)
-
-
-def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def _output_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """The ids a model would generate for `text` after the prompt (the text's own leading space kept)."""
-    prompt_ids = _ids(tokenizer, PROMPT)
-    full_ids = _ids(tokenizer, PROMPT + text)
-    assert full_ids[: len(prompt_ids)] == prompt_ids
-    return full_ids[len(prompt_ids) :]
-
-
-def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int], skip_special_tokens: bool = True) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
-
-
-def _stream(detokenizer: IncrementalDetokenizer, output_ids: list[int]) -> list[str]:
-    """Feed tokens one by one as the engine does; the last delta is the finishing one."""
-    deltas = []
-    for token_id in output_ids:
-        stop = detokenizer.add_token(token_id)
-        deltas.append(detokenizer.get_delta(finished=stop is not None))
-        if stop is not None:
-            return deltas
-    deltas.append(detokenizer.get_delta(finished=True))
-    return deltas
 
 
 def test_byte_fallback_tokenizer_really_splits_characters(
@@ -152,16 +93,6 @@ def test_special_tokens(tokenizer: PreTrainedTokenizerBase, skip_special_tokens:
     text = "".join(_stream(detokenizer, output_ids))
     assert text == _decode(tokenizer, output_ids, skip_special_tokens)
     assert (tokenizer.eos_token in text) is not skip_special_tokens
-
-
-class _SlowTokenizer:
-    """Only `decode`: takes the detokenizer's generic path (no Rust backend tokenizer)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        self._tokenizer = tokenizer
-
-    def decode(self, ids: list[int], **kwargs: object) -> str:
-        return self._tokenizer.decode(ids, **kwargs)
 
 
 def test_generic_decode_path_gives_the_same_deltas(tokenizer: PreTrainedTokenizerBase, monkeypatch) -> None:

@@ -162,6 +162,13 @@ def test_min_p_boundary(min_p: float, kept: list[int]) -> None:
     assert _kept(SamplingParams(min_p=min_p)) == kept
 
 
+def test_min_p_threshold_is_each_rows_own() -> None:
+    """min_p scales each row's own best probability: 0.5 * 0.8 drops row 0's 0.1s, 0.5 * 0.4 keeps row 1's."""
+    logits = torch.tensor([[0.8, 0.1, 0.1], [0.4, 0.3, 0.3]]).log()
+    probs = filtered_probs(logits.clone(), _batch([SamplingParams(min_p=0.5)] * 2, 3))
+    assert (probs > 0).tolist() == [[True, False, False], [True, True, True]]
+
+
 def test_temperature_scales_logits() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0]])
     probs = filtered_probs(logits.clone(), _batch([SamplingParams(temperature=0.5)], 3))
@@ -182,6 +189,21 @@ def test_penalties_exact_values() -> None:
     assert penalized(presence_penalty=0.5, frequency_penalty=0.25) == [2.0, -2.0, 0.5, -1.25, 3.0]
     assert penalized(repetition_penalty=2.0, presence_penalty=0.5) == [1.0, -2.5, 0.5, -1.5, 3.0]
     assert penalized() == logits[0].tolist()
+
+
+def test_repetition_penalty_between_zero_and_one_divides() -> None:
+    """Positive logits below 1 are divided too (and 0 stays 0): HF's rule is by sign, not by size."""
+    logits = torch.tensor([[0.5, 1.0, 0.0, -0.5, 2.0]])
+    batch = _batch([SamplingParams(repetition_penalty=2.0)], 5, prompts=[[0, 1, 2, 3, 4]])
+    assert apply_penalties(logits.clone(), batch)[0].tolist() == [0.25, 0.5, 0.0, -1.0, 1.0]
+
+
+def test_repetition_penalty_alone_changes_the_greedy_choice() -> None:
+    """An all-greedy batch with only a repetition penalty (no presence, frequency or bans) is penalized:
+    the seen token 0 drops from 3.0 to 1.5, below token 1."""
+    logits = torch.tensor([[3.0, 2.0, 0.0]])
+    out = Sampler()(logits, _batch([SamplingParams(temperature=0, repetition_penalty=2.0)], 3, prompts=[[0]]))
+    assert out.sampled_token_ids.tolist() == [1]
 
 
 def test_penalties_change_the_greedy_choice_per_row() -> None:
