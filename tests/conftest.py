@@ -44,3 +44,12 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy(src / name, dst / name)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """The order's seed, last (`make test` runs with -q, which hides pytest-randomly's header line)."""
+    seed = getattr(config.option, "randomly_seed", None)  # None with -p no:randomly
+    if seed is not None:
+        terminalreporter.write_line(
+            f"test order: pytest-randomly seed {seed} (replay: --randomly-seed={seed})"
+        )

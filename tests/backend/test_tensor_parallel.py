@@ -138,6 +138,10 @@ def _rank_main(rank: int, init_file: str, out_dir: str, paths: dict[str, str]) -
         results = {"layers": _layers(parallel)}
         results.update({case: _logits(Path(p), parallel) for case, p in paths.items()})
         torch.save(results, out / f"rank{rank}.pt")
+        # NOTE: both ranks out of their last collective before either tears gloo down: a rank that destroyed
+        # its group while its peer still had one in flight aborted the peer ("terminate called without an
+        # active exception", once in a loaded make test run).
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())

@@ -163,7 +163,7 @@ def test_stub_killed_readiness_false_clients_get_errors_reload_restores(scenario
     for _ in threads[:4]:
         assert started.acquire(timeout=120), "a stream never started"
     threads[4].start()  # its step sleeps faults.STALL_SECONDS: the 4 streams pause, nothing is sent
-    # NOTE: waits for the pause (STALL_SECONDS long) whenever the stalled step begins; the kill lands in it.
+    # NOTE: waits for the pause (STALL_SECONDS, a minute) whenever the stalled step begins; the kill lands in it.
     quiet = wait_until(lambda: time.monotonic() - last_token[0] >= QUIET_S, interval_s=0.02)
     assert scenario.timed("the streams paused for the stalled step", quiet), scenario.notes
     for pid in pids:
