@@ -46,3 +46,14 @@ def _seed() -> None:
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: dict) -> None:
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     torch.testing.assert_close(actual.cpu().float(), expected.cpu().float(), **tol)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without a GPU, the `cuda`-marked tests (model-sized shapes, compiled kernels only) are not collected:
+    `make test-gpu` runs them. Reported as deselected, never as skipped."""
+    if torch.cuda.is_available():
+        return
+    gpu_only = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if gpu_only:
+        config.hook.pytest_deselected(items=gpu_only)
+        items[:] = [item for item in items if item.get_closest_marker("cuda") is None]

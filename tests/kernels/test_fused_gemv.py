@@ -101,7 +101,7 @@ def test_bad_inputs_raise_value_error() -> None:
         fused_gemv(x, w, addend=torch.randn(1, 31))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
+@pytest.mark.cuda  # model-sized shapes: the compiled kernel only (make test-gpu)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
     "prologue,n,k", [("rmsnorm", 6144, 4096), ("none", 4096, 4096), ("silu_mul", 4096, 14336)]

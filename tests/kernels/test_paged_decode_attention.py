@@ -131,7 +131,7 @@ def test_empty_sequence_gives_zeros(device, partition_size) -> None:
     assert torch.equal(out[1].cpu(), torch.zeros(4, 64))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
+@pytest.mark.cuda  # model-sized shapes: the compiled kernel only (make test-gpu)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("window", [None, 700])
 @pytest.mark.parametrize("partition_size", [512, 4096], ids=["split", "unsplit"])

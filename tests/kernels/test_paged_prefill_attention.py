@@ -140,7 +140,7 @@ def test_dispatch_matches_reference(device, query_lens) -> None:
     assert_close(out, ref, ATTENTION_TOL[torch.float32])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
+@pytest.mark.cuda  # model-sized shapes: the compiled kernel only (make test-gpu)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("window", [None, 300])
 def test_model_sized_on_cuda(dtype, window) -> None:
@@ -170,7 +170,7 @@ def test_model_sized_on_cuda(dtype, window) -> None:
     assert_close(out, ref, ATTENTION_TOL[dtype])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="model-sized shapes: compiled kernel only")
+@pytest.mark.cuda  # model-sized shapes: the compiled kernel only (make test-gpu)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("window", [None, 300])
 @pytest.mark.parametrize("use_tma", [False, None], ids=["pointers", "auto-tma"])
