@@ -6,23 +6,12 @@ from transformers import PreTrainedTokenizerBase
 
 from inflight.backend import detokenizer as detokenizer_module
 from inflight.backend.detokenizer import IncrementalDetokenizer
-from tests.backend.detokenizer_support import PROMPT, TEXTS, make_byte_fallback_tokenizer
+from tests.backend.detokenizer_support import PROMPT, TEXTS
 from tests.backend.detokenizer_support import SlowTokenizer as _SlowTokenizer
 from tests.backend.detokenizer_support import decode as _decode
 from tests.backend.detokenizer_support import ids as _ids
 from tests.backend.detokenizer_support import output_ids as _output_ids
 from tests.backend.detokenizer_support import stream as _stream
-
-
-@pytest.fixture(scope="module")
-def byte_fallback_tokenizer() -> PreTrainedTokenizerBase:
-    return make_byte_fallback_tokenizer()
-
-
-@pytest.fixture(params=["smollm2", "byte_fallback"])
-def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
-    name = "smollm2_tokenizer" if request.param == "smollm2" else "byte_fallback_tokenizer"
-    return request.getfixturevalue(name)
 
 
 def test_byte_fallback_tokenizer_really_splits_characters(

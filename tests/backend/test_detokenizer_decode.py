@@ -14,21 +14,9 @@ from tests.backend.detokenizer_support import (
     SlowTokenizer,
     decode,
     ids,
-    make_byte_fallback_tokenizer,
     output_ids,
     stream,
 )
-
-
-@pytest.fixture(scope="module")
-def byte_fallback_tokenizer() -> PreTrainedTokenizerBase:
-    return make_byte_fallback_tokenizer()
-
-
-@pytest.fixture(params=["smollm2", "byte_fallback"])
-def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
-    name = "smollm2_tokenizer" if request.param == "smollm2" else "byte_fallback_tokenizer"
-    return request.getfixturevalue(name)
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])

@@ -9,23 +9,11 @@ from tests.backend.detokenizer_support import (
     PROMPT,
     decode,
     ids,
-    make_byte_fallback_tokenizer,
     output_ids,
     stream,
 )
 
 LOVELY = " Paris. It is a lovely city"
-
-
-@pytest.fixture(scope="module")
-def byte_fallback_tokenizer() -> PreTrainedTokenizerBase:
-    return make_byte_fallback_tokenizer()
-
-
-@pytest.fixture(params=["smollm2", "byte_fallback"])
-def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
-    name = "smollm2_tokenizer" if request.param == "smollm2" else "byte_fallback_tokenizer"
-    return request.getfixturevalue(name)
 
 
 def _token_texts(tokenizer: PreTrainedTokenizerBase, token_ids: list[int]) -> list[str]:

@@ -22,8 +22,8 @@ def make_scheduler(**overrides: object) -> Scheduler:
     return Scheduler(SchedulerConfig(**{**BASE, **overrides}))
 
 
-def make_request(request_id: str, token_ids: list[int] | range) -> Request:
-    return Request(request_id, list(token_ids), block_size=4)
+def make_request(request_id: str, token_ids: list[int] | range, **kwargs: object) -> Request:
+    return Request(request_id, list(token_ids), block_size=4, **kwargs)
 
 
 def test_lifecycle_prefill_then_decodes() -> None:

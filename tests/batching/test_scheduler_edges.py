@@ -7,23 +7,12 @@ import pytest
 
 from inflight.batching import (
     PENDING_TOKEN_ID,
-    Request,
     RequestStatus,
     ScheduledRequest,
-    Scheduler,
     SchedulerConfig,
 )
 
-BASE = dict(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=32, block_size=4, num_blocks=10)
-
-
-def make_scheduler(**overrides: object) -> Scheduler:
-    return Scheduler(SchedulerConfig(**{**BASE, **overrides}))
-
-
-def make_request(request_id: str, token_ids: list[int], **kwargs: object) -> Request:
-    return Request(request_id, token_ids, block_size=4, **kwargs)
-
+from .test_scheduler import BASE, make_request, make_scheduler
 
 # ---- the running loop --------------------------------------------------------------------------------
 
