@@ -45,10 +45,10 @@ $(CHECKOUT_PTH): | $(STAMP)
 model: $(MODEL_DIR)/config.json
 
 $(MODEL_DIR)/config.json: | $(STAMP)
-	$(PY) -m inflight.backend.gguf_to_hf --default-model --out $(MODEL_DIR) --workdir $(CACHE)
+	$(PY) -m inflight.tools.gguf_to_hf --default-model --out $(MODEL_DIR) --workdir $(CACHE)
 
 serve: setup model
-	$(PY) -m inflight.backend.server --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+	$(PY) -m inflight.tools.server --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--metrics-port $(METRICS_PORT) $(if $(MODEL),--model "$(MODEL)")
 
 # Throughput and latency through the real server: perf_analyzer, then genai-perf (vllm and tensorrtllm modes).

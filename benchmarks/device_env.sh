@@ -11,4 +11,4 @@ else
   export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
-python3 -c 'import inflight.backend.engine, torch, triton; print("device_env:", torch.__version__, triton.__version__, torch.cuda.get_device_name())'
+python3 -c 'import inflight.backend.engine.engine, torch, triton; print("device_env:", torch.__version__, triton.__version__, torch.cuda.get_device_name())'

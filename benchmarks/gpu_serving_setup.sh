@@ -4,10 +4,10 @@
 #   source benchmarks/gpu_serving_setup.sh
 # Then `python3` is /tmp/inflight-venv's (numpy 1.26 + tritonclient first, the image's torch after) and
 #   python3 -m benchmarks.serving ... / python3 -m benchmarks.bench ...
-# start the real tritonserver through inflight.backend.server like on a CPU machine.
+# start the real tritonserver through inflight.tools.server like on a CPU machine.
 #  1. ../shared/gpu/remote-env.sh (carried as .gpu/remote-env.sh): the venv, the server unpacked in
 #     /tmp/inflight-tritonserver, PATH with the venv first (the Python stub takes its packages from it);
-#  2. links that server into the venv's site-packages, where inflight.backend.server.find_triton() looks
+#  2. links that server into the venv's site-packages, where inflight.tools.server.find_triton() looks
 #     for the nvidia-pytriton wheel's layout (pytriton/tritonserver, nvidia_pytriton.libs);
 #  3. makes `import inflight` and `python3 -m benchmarks...` resolve to this checkout in the venv (a .pth file,
 #     after site-packages; PYTHONSAFEPATH keeps the cwd off sys.path);
@@ -35,10 +35,10 @@ _bench_setup() {
 import os, sys
 os.chdir("/")  # import as the stub will: from site-packages, not from the current directory
 import numpy, torch, tritonclient.grpc  # noqa: F401
-import inflight.backend.engine  # noqa: F401
+import inflight.backend.engine.engine  # noqa: F401
 from transformers import AutoTokenizer  # noqa: F401  (the engine's first import of transformers)
 import transformers.generation.utils  # noqa: F401
-from inflight.backend.server import backend_directory, find_triton
+from inflight.tools.server import backend_directory, find_triton
 install = find_triton()
 backend_directory(install)
 assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: the Triton 2.51 stub needs numpy 1.x"

@@ -47,7 +47,7 @@ class _StandIn:
         self.table = torch.tensor(words, dtype=torch.int64)
 
     def execute(self, out: Any, pending: Any = None) -> Any:
-        from inflight.backend.model_runner import ModelOutput, flatten_step
+        from inflight.backend.executor.model_runner import ModelOutput, flatten_step
 
         inputs = flatten_step(out, self.block_size)
         n = len(inputs.sample_ids)
@@ -69,8 +69,8 @@ _WORDS = ("the of and to in is was for on are with as by at from that this be or
 def measure(model: Path, num_seqs: int, prompt_len: int, output_len: int, seed: int = 0) -> dict[str, Any]:
     """Run ``num_seqs`` requests through the engine with a stand-in model; host ms per decode step."""
     from inflight import LLM, SamplingParams
-    from inflight.backend.model_config import ModelConfig
-    from inflight.backend.model_runner import kv_cache_bytes_per_block
+    from inflight.backend.executor.model_config import ModelConfig
+    from inflight.backend.executor.model_runner import kv_cache_bytes_per_block
 
     cfg = ModelConfig.from_pretrained(str(model))
     max_len = prompt_len + output_len

@@ -118,7 +118,7 @@ def _server_counters(url: str) -> dict[str, float] | None:
     """
     import urllib.request
 
-    from inflight.backend.metrics import METRICS_FLUSH_INTERVAL_S
+    from inflight.backend.serving.metrics import METRICS_FLUSH_INTERVAL_S
 
     time.sleep(METRICS_FLUSH_INTERVAL_S + 0.2)
 

@@ -139,16 +139,16 @@ class EngineDirectTarget:
     name = "engine_direct"
 
     def __init__(self, model: str, options: dict[str, Any]) -> None:
-        from inflight.backend.engine import LLMEngine
-        from inflight.backend.engine_args import EngineArgs
-        from inflight.backend.engine_service import EngineService, tune_interpreter_for_serving
+        from inflight.backend.engine.args import EngineArgs
+        from inflight.backend.engine.engine import LLMEngine
+        from inflight.backend.serving.service import EngineService, tune_interpreter_for_serving
 
         tune_interpreter_for_serving()  # as the Triton model does in its stub
         self.service = EngineService(LLMEngine(EngineArgs.from_options(model, options)))
 
     def __call__(self, spec: RequestSpec, on_response: OnResponse) -> None:
-        from inflight.backend.sampling_params import SamplingParams
-        from inflight.backend.triton_inputs import GenerateRequest
+        from inflight.backend.engine.sampling_params import SamplingParams
+        from inflight.backend.serving.triton_inputs import GenerateRequest
 
         request = GenerateRequest(
             prompt=list(spec.prompt_ids), params=SamplingParams(**sampling_options(spec)), stream=True,

@@ -22,11 +22,11 @@ __all__ = ["LLM", "SamplingParams", "__version__"]
 def __getattr__(name: str) -> Any:
     # NOTE: lazy, so `import inflight.batching` (pure Python) does not import torch.
     if name == "LLM":
-        from inflight.backend.llm import LLM
+        from inflight.backend.engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from inflight.backend.sampling_params import SamplingParams
+        from inflight.backend.engine.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(f"module 'inflight' has no attribute {name!r}")

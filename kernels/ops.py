@@ -1,7 +1,7 @@
 """Elementwise operations the model layers call, dispatched by device.
 
 CUDA tensors run the OpenAI Triton kernels; CPU tensors the torch references (the CPU path is for
-development and CI). Attention dispatches in ``inflight.backend.layers.attention``.
+development and CI). Attention dispatches in ``inflight.backend.executor.layers.attention``.
 """
 
 from __future__ import annotations

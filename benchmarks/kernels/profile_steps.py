@@ -103,7 +103,7 @@ def ideal_ms(shape: dict[str, int], step: Step, copy_gbs: float, matmul_tflops: 
 
 def step_inputs(step: Step, block_size: int, max_blocks: int, vocab_size: int):
     """A ``StepInputs`` for ``step``: sequence i owns blocks [1 + i * w, 1 + (i + 1) * w), w = its blocks."""
-    from inflight.backend.model_runner import flatten_step
+    from inflight.backend.executor.model_runner import flatten_step
     from inflight.batching import ScheduledRequest, SchedulerOutput
 
     width = math.ceil(step.context / block_size)
@@ -128,9 +128,9 @@ def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, devi
     """The model with random bf16 weights (in memory) and a KV cache of ``kv_tokens`` tokens."""
     from transformers import LlamaConfig
 
-    from inflight.backend.model_config import ModelConfig
-    from inflight.backend.model_runner import ModelRunner
-    from inflight.backend.weight_loader import empty_model
+    from inflight.backend.executor.model_config import ModelConfig
+    from inflight.backend.executor.model_runner import ModelRunner
+    from inflight.backend.executor.weight_loader import empty_model
 
     folder = Path(tempfile.mkdtemp(prefix="profile-steps-"))
     LlamaConfig(
@@ -197,7 +197,7 @@ def profile_step(runner, inputs, iters: int = 3) -> tuple[dict[str, float], list
 
 def partition_sweep(runner, inputs, sizes: list[int]) -> list[dict[str, float]]:
     """The eager step's time with decode attention's split-K partition forced to each size."""
-    from inflight.backend.layers import attention
+    from inflight.backend.executor.layers import attention
 
     default = attention.decode_partition_size
     rows = []
@@ -228,8 +228,8 @@ def main() -> None:
     steps = [s for s in STEPS if not args.only or any(text in s.name for text in args.only)]
     kv_tokens = max(s.num_seqs * math.ceil(s.context / 16) * 16 for s in steps)
     runner = build_runner(SHAPES[args.shape], max_model_len, kv_tokens, torch.device("cuda"))
-    from inflight.backend.cuda_graphs import MixedGraphs
-    from inflight.backend.layers.attention import decode_partition_size
+    from inflight.backend.executor.cuda_graphs import MixedGraphs
+    from inflight.backend.executor.layers.attention import decode_partition_size
 
     mixed = MixedGraphs(runner.model, runner.device, 1024, 16, math.ceil(max_model_len / runner.block_size),
                         max_model_len)  # fmt: skip

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from inflight.backend.server import REPO_ROOT, is_ready
+from inflight.tools.server import REPO_ROOT, is_ready
 
 from .tools import (
     output_length_matches,

@@ -1,7 +1,7 @@
 """Run NVIDIA's perf_analyzer and genai-perf against the inflight model (used by `make perf` and the tests).
 
 perf_analyzer is the binary that `tritonclient[all]==2.51.0` installs into the venv's bin/; it needs the
-libraries that `inflight.backend.server.perf_env()` exposes. genai-perf 0.0.16 drives that same binary.
+libraries that `inflight.tools.server.perf_env()` exposes. genai-perf 0.0.16 drives that same binary.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inflight.backend.server import (
+from inflight.tools.server import (
     CACHE_DIR,
     DEFAULT_MODEL_REPOSITORY,
     TritonServer,

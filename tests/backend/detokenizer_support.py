@@ -8,7 +8,7 @@ import json
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from inflight.backend.detokenizer import IncrementalDetokenizer
+from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 
 PROMPT = "The capital of France is"
 TEXTS = [

@@ -7,9 +7,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from inflight.backend import engine_service
-from inflight.backend.engine_service import EngineService
-from inflight.backend.outputs import RequestOutput
+from inflight.backend.engine.outputs import RequestOutput
+from inflight.backend.serving import service as engine_service
+from inflight.backend.serving.service import EngineService
 
 # NOTE: every wait on another thread is bounded by this, so a broken service fails instead of hanging; the
 # waits it bounds take milliseconds (a tiny model's steps), so only a hang reaches it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from inflight.backend.layers import attention
+from inflight.backend.executor.layers import attention
 
 
 @pytest.fixture(autouse=True)

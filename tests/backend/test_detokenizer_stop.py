@@ -4,7 +4,7 @@ one-character stop, stop strings starting at the same character; and the count o
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from inflight.backend.detokenizer import IncrementalDetokenizer
+from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from tests.backend.detokenizer_support import (
     PROMPT,
     decode,

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 
-from inflight.backend.engine import LLMEngine
-from inflight.backend.engine_args import EngineArgs
-from inflight.backend.engine_service import EngineService, ErrorKind
-from inflight.backend.metrics import EngineMetrics
-from inflight.backend.sampling_params import SamplingParams
-from inflight.backend.triton_inputs import GenerateRequest
+from inflight.backend.engine.args import EngineArgs
+from inflight.backend.engine.engine import LLMEngine
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.serving.metrics import EngineMetrics
+from inflight.backend.serving.service import EngineService, ErrorKind
+from inflight.backend.serving.triton_inputs import GenerateRequest
 
 from ..conftest import copy_tokenizer
 from ..engine.tiny_models import build_tiny_checkpoint

@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from inflight.backend import faults
-from inflight.backend.engine import EngineDeadError
-from inflight.backend.faults import FaultInjector, FaultRule, InjectedFault, parse_fault_spec
+from inflight.backend.engine.engine import EngineDeadError
+from inflight.backend.serving import faults
+from inflight.backend.serving.faults import FaultInjector, FaultRule, InjectedFault, parse_fault_spec
 from inflight.batching import ScheduledRequest, SchedulerOutput
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from inflight.backend.finish import check_stop
+from inflight.backend.engine.finish import check_stop
 
 EOS, STOP_ID, OTHER = 2, 7, 5
 STOP_IDS = frozenset({EOS, STOP_ID})

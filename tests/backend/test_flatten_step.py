@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from inflight.backend.model_runner import SMALL_STEP_TOKENS, flatten_step
+from inflight.backend.executor.model_runner import SMALL_STEP_TOKENS, flatten_step
 from inflight.batching.scheduler_types import ScheduledRequest, SchedulerOutput
 
 

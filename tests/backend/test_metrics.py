@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-from inflight.backend.metrics import LATENCY_BUCKETS, BatchedHistogram, EngineMetrics
+from inflight.backend.serving.metrics import LATENCY_BUCKETS, BatchedHistogram, EngineMetrics
 
 
 class Counter:

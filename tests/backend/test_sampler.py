@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from inflight.backend.sampler import Sampler, SamplingBatch, _step_seed, apply_penalties, filtered_probs
-from inflight.backend.sampling_params import SamplingParams
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.executor.sampler import (
+    Sampler,
+    SamplingBatch,
+    _step_seed,
+    apply_penalties,
+    filtered_probs,
+)
 
 # A 4-token distribution with no ties and no exact top-p / min-p boundaries near the thresholds used.
 PROBS = [0.5, 0.3, 0.15, 0.05]

@@ -6,8 +6,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from inflight.backend.sampler import Sampler, SamplingBatch, _flatten, _step_seed
-from inflight.backend.sampling_params import SamplingParams
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.executor.sampler import Sampler, SamplingBatch, _flatten, _step_seed
 
 VOCAB = 10
 TENSOR_FIELDS = (

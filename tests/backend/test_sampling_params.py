@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from inflight.backend.sampling_params import MAX_LOGPROBS, SamplingParams
+from inflight.backend.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 def test_defaults_match_vllm() -> None:

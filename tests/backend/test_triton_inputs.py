@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from inflight.backend.sampling_params import SamplingParams
-from inflight.backend.triton_inputs import (
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.serving.triton_inputs import (
     FLAG_INPUTS,
     LIST_INPUTS,
     SAMPLING_INPUTS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from inflight.backend.triton_model import engine_args_from_parameters
+from inflight.backend.serving.triton_model import engine_args_from_parameters
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "model_repository" / "llm" / "config.pbtxt"
@@ -29,7 +29,7 @@ def test_the_shipped_config_parses() -> None:
 
 def test_the_shipped_config_lists_every_engine_option() -> None:
     """A user sets every engine option in config.pbtxt: none may be missing from the shipped file."""
-    from inflight.backend.engine_args import EngineArgs
+    from inflight.backend.engine.args import EngineArgs
 
     # `model` and `tokenizer` come from model_path and tokenizer_path.
     options = set(EngineArgs.__dataclass_fields__) - {"model", "tokenizer"}

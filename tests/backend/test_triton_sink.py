@@ -12,8 +12,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from inflight.backend.engine_service import ErrorKind, ServiceError
-from inflight.backend.triton_model import _TritonSink
+from inflight.backend.serving.service import ErrorKind, ServiceError
+from inflight.backend.serving.triton_model import _TritonSink
 
 from .service_doubles import HANG_S
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from benchmarks.kernels.profile_steps import Step, build_runner, ideal_ms, kernel_group, run_step, step_inputs
-from inflight.backend.model_runner import kv_cache_bytes_per_block
+from inflight.backend.executor.model_runner import kv_cache_bytes_per_block
 
 TINY = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 64, "max_position_embeddings": 256, "tie_word_embeddings": False,

@@ -103,7 +103,7 @@ def _serve(engine, prompts, params, arrive_at: list[int], monkeypatch):
     """The serving loop's order: wait for a small step (handling what it returns), take in the requests due,
     step. Returns each request's tokens and finish reason, (in-flight step size, waited) before each
     iteration, and how many first tokens the waits returned."""
-    from inflight.backend import engine as engine_module
+    from inflight.backend.engine import engine as engine_module
 
     waits_on_device = []
     wait = engine_module._HostTokens.wait

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from inflight.backend.cuda_graphs import MixedGraphs, graph_batch_sizes, graph_token_sizes, pack_step
-from inflight.backend.model_runner import flatten_step
+from inflight.backend.executor.cuda_graphs import MixedGraphs, graph_batch_sizes, graph_token_sizes, pack_step
+from inflight.backend.executor.model_runner import flatten_step
 from inflight.batching import ScheduledRequest, SchedulerOutput
 
 
@@ -107,7 +107,7 @@ class _EagerReplay:
         self.graphs, self.key, self.max_query_len = graphs, key, max_query_len
 
     def replay(self) -> None:
-        from inflight.backend.layers.attention import AttentionMetadata
+        from inflight.backend.executor.layers.attention import AttentionMetadata
 
         g, (T, S) = self.graphs, self.key
         g._unpack(T, S)
@@ -163,7 +163,7 @@ def test_mixed_graph_run_gives_the_eager_steps_hidden_states(runner) -> None:
 def test_decode_graph_run_stages_the_step(runner) -> None:
     import torch
 
-    from inflight.backend.cuda_graphs import DecodeGraphs
+    from inflight.backend.executor.cuda_graphs import DecodeGraphs
 
     graphs = DecodeGraphs(runner.model, runner.device, 8, 8, 128)
     unpack_only = type("UnpackOnly", (), {"__init__": lambda self, key: setattr(self, "key", key),
@@ -228,7 +228,7 @@ def test_last_layer_runs_past_attention_for_the_sampled_rows_only(runner) -> Non
     every token, and ``execute`` gives the same logits as the full forward's sampled rows."""
     import torch
 
-    from inflight.backend.models.llama import LlamaModel
+    from inflight.backend.executor.models.llama import LlamaModel
 
     calls = []  # the row count each decoder layer's down_proj ran on
     hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from inflight import LLM, SamplingParams
-from inflight.backend.model_config import ModelConfig
-from inflight.backend.model_runner import kv_cache_bytes_per_block
+from inflight.backend.executor.model_config import ModelConfig
+from inflight.backend.executor.model_runner import kv_cache_bytes_per_block
 
 from .conftest import TinyModel, hf_greedy, random_prompts
 

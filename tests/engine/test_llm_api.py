@@ -249,7 +249,7 @@ def test_generate_freezes_the_heap_only_while_it_runs(llm: LLM) -> None:
 def test_heap_freeze_nests() -> None:
     import gc
 
-    from inflight.backend import gc_freeze
+    from inflight.backend.engine import gc_freeze
 
     assert gc.get_freeze_count() == 0
     gc_freeze.freeze()  # an outer user (the serving loop)

@@ -58,8 +58,8 @@ def test_tiny_fp32_preempted_and_swapped_matches_hf(tmp_path, tokenizer_dir) -> 
     (asynchronous copies on the swap stream, between graph replays), greedy output still HF's."""
     from transformers import AutoModelForCausalLM
 
-    from inflight.backend.model_config import ModelConfig
-    from inflight.backend.model_runner import kv_cache_bytes_per_block
+    from inflight.backend.executor.model_config import ModelConfig
+    from inflight.backend.executor.model_runner import kv_cache_bytes_per_block
 
     name = next(iter(TINY_CONFIGS))
     path = build_tiny_checkpoint(name, tmp_path / name)

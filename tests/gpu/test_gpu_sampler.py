@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from inflight.backend.sampler import Sampler, SamplingBatch, apply_penalties, filtered_probs
-from inflight.backend.sampling_params import SamplingParams
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.executor.sampler import Sampler, SamplingBatch, apply_penalties, filtered_probs
 
 VOCAB = 257
 CUDA = torch.device("cuda")

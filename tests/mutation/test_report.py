@@ -59,19 +59,22 @@ def test_mutant_names_and_diffs_are_read_as_mutmut_writes_them() -> None:
     assert (
         function_name("inflight.batching.scheduler.xǁSchedulerǁschedule__mutmut_14") == "Scheduler.schedule"
     )
-    assert function_name("inflight.backend.sampler.x__top_k_only__mutmut_3") == "_top_k_only"
-    assert function_name("inflight.backend.finish.x_check_stop__mutmut_1") == "check_stop"
+    assert function_name("inflight.backend.executor.sampler.x__top_k_only__mutmut_3") == "_top_k_only"
+    assert function_name("inflight.backend.engine.finish.x_check_stop__mutmut_1") == "check_stop"
     diff = "\n".join([
         "--- inflight/backend/finish.py", "+++ inflight/backend/finish.py", "@@ -1,3 +1,3 @@",
         " def f(a):", "-    return a <= 1", "+    return a < 1",
     ])  # fmt: skip
     survivor = Survivor.from_diff(
-        "inflight.backend.finish.x_f__mutmut_1", "backend/finish.py", "survived", diff
+        "inflight.backend.engine.finish.x_f__mutmut_1", "backend/engine/finish.py", "survived", diff
     )
     assert (survivor.function, survivor.before, survivor.after) == ("f", "return a <= 1", "return a < 1")
     from tests.mutation.report import Explained
 
-    explain([survivor], [Explained("backend/finish.py", "f", "return a <= 1", "return a < 1", "equal here")])
+    explain(
+        [survivor],
+        [Explained("backend/engine/finish.py", "f", "return a <= 1", "return a < 1", "equal here")],
+    )
     assert survivor.why == "equal here"
-    explain([survivor], [Explained("backend/finish.py", "f", None, None, "any change of f")])
+    explain([survivor], [Explained("backend/engine/finish.py", "f", None, None, "any change of f")])
     assert survivor.why == "any change of f"

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from inflight.backend.server import TritonServer
+from inflight.tools.server import TritonServer
 from tests.reliability.harness import BYTES_PER_BLOCK, RESULTS, ScenarioStats, start_server
 
-# Token ids that trigger the test-only fault injection (backend/faults.py): on the small server a step that
+# Token ids that trigger the test-only fault injection (backend/serving/faults.py): on the small server a step that
 # computes STEP_FAULT_TOKEN fails (its requests end with INTERNAL), FATAL_TOKEN kills the engine thread; on
 # the shared server a step that computes STALL_TOKEN sleeps faults.STALL_SECONDS first (the stub kill).
 # No other request contains them, so the other scenarios on those servers are unaffected.

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from inflight.backend.server import (
+from inflight.tools.server import (
     DEFAULT_MODEL_REPOSITORY,
     TritonServer,
     explicit_model_control,

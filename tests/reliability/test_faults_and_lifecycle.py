@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from inflight.backend.server import is_ready, stub_pids
 from inflight.client import InflightClient, InflightError, ModelUnavailableError
+from inflight.tools.server import is_ready, stub_pids
 from tests.reliability.conftest import FATAL_TOKEN, STALL_TOKEN, STEP_FAULT_TOKEN
 from tests.reliability.harness import (
     HANG_S,

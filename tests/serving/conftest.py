@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from inflight.backend.server import DEFAULT_MODEL_REPOSITORY, TritonServer, write_model_repository
+from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, write_model_repository
 
 # Small engine settings: CI is a 2-core CPU machine.
 SERVER_PARAMETERS = {

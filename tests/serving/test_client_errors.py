@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from inflight.backend.server import free_port
 from inflight.client import InflightClient, InflightError
+from inflight.tools.server import free_port
 
 from .triton_helpers import metrics, settled_metrics
 

@@ -1,4 +1,4 @@
-"""inflight.backend.server's pieces that need no running server: repository copy, backend dir, envs."""
+"""inflight.tools.server's pieces that need no running server: repository copy, backend dir, envs."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from inflight.backend import server
-from inflight.backend.server import (
+from inflight.tools import server
+from inflight.tools.server import (
     DEFAULT_MODEL_REPOSITORY,
     get_parameter,
     set_parameters,

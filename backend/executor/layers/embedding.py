@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
 
 
 class VocabParallelEmbedding(nn.Module):

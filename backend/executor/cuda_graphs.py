@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .layers.attention import AttentionMetadata
+from inflight.backend.executor.layers.attention import AttentionMetadata
 
 if TYPE_CHECKING:
-    from .model_runner import StepInputs
+    from inflight.backend.executor.model_runner import StepInputs
 
 logger = logging.getLogger("inflight")
 

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..batching import ScheduledRequest, SchedulerOutput
-from .cuda_graphs import DecodeGraphs, MixedGraphs, graph_batch_sizes
-from .layers.attention import AttentionMetadata
-from .model_config import ModelConfig
+from inflight.backend.executor.cuda_graphs import DecodeGraphs, MixedGraphs, graph_batch_sizes
+from inflight.backend.executor.layers.attention import AttentionMetadata
+from inflight.backend.executor.model_config import ModelConfig
+from inflight.batching import ScheduledRequest, SchedulerOutput
 
 
 @dataclass
@@ -268,7 +268,7 @@ class ModelRunner:
         del hidden
         # NOTE: prefill attention picks its tiles by the step's longest query (SHORT_QUERY_TOKENS), so a
         # short prompt runs too: its kernels compile now, not in a user's first short request.
-        from ..kernels.paged_prefill_attention import SHORT_QUERY_TOKENS
+        from inflight.kernels.paged_prefill_attention import SHORT_QUERY_TOKENS
 
         if num_tokens > SHORT_QUERY_TOKENS:
             self._forward_eager(prompt(16), None)

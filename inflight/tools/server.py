@@ -1,6 +1,6 @@
 """Start the real NVIDIA Triton Inference Server (from the `nvidia-pytriton` wheel) on our model repository.
 
-    python -m inflight.backend.server [--model-repository DIR] [--model HF_FOLDER] [--http-port 8000] ...
+    python -m inflight.tools.server [--model-repository DIR] [--model HF_FOLDER] [--http-port 8000] ...
 
 The wheel ships `pytriton/tritonserver/bin/tritonserver`, its libraries (`nvidia_pytriton.libs/`), the
 Python backend and one backend stub per Python version. We assemble a backend directory for the running
@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 CACHE_DIR = Path(os.environ.get("INFLIGHT_CACHE_DIR", REPO_ROOT / ".cache"))
 # Parameters holding paths: a relative one is made absolute (the backend would take it from its cwd).
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve the model repository until Ctrl-C / SIGTERM."""
     env = os.environ
     parser = argparse.ArgumentParser(
-        prog="python -m inflight.backend.server", description=__doc__.splitlines()[0]
+        prog="python -m inflight.tools.server", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--model-repository", type=Path, default=DEFAULT_MODEL_REPOSITORY)
     parser.add_argument("--model", default=env.get("MODEL"), help="HF checkpoint folder (sets model_path)")

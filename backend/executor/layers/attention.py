@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ...kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
-from ...kernels.rotary import rotary_embedding_reference
-from .rotary import RotaryEmbedding
+from inflight.backend.executor.layers.rotary import RotaryEmbedding
+from inflight.kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
+from inflight.kernels.rotary import rotary_embedding_reference
 
 
 @dataclass
@@ -64,8 +64,8 @@ class Attention(nn.Module):
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
     def _forward_cuda(self, positions, q, k, v, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
-        from ...kernels.paged_attention import paged_attention
-        from ...kernels.rotary import rotary_embedding_write_kv_cache
+        from inflight.kernels.paged_attention import paged_attention
+        from inflight.kernels.rotary import rotary_embedding_write_kv_cache
 
         # Prefill reads this step's keys from the rotated k rows (and v) rather than through the cache.
         # (Not after a q/k norm, which makes k contiguous and v not: the kernel takes one stride for both.)

@@ -7,13 +7,13 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..batching import QueueFullError
-from . import gc_freeze
-from .engine import LLMEngine
-from .engine_args import EngineArgs
-from .inputs import Prompt
-from .outputs import CompletionOutput
-from .sampling_params import SamplingParams
+from inflight.backend.engine import gc_freeze
+from inflight.backend.engine.args import EngineArgs
+from inflight.backend.engine.engine import LLMEngine
+from inflight.backend.engine.outputs import CompletionOutput
+from inflight.backend.engine.prompts import Prompt
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.batching import QueueFullError
 
 logger = logging.getLogger("inflight")
 

@@ -28,13 +28,13 @@ from typing import Protocol
 
 import numpy as np
 
-from ..batching import QueueFullError
-from . import gc_freeze
-from .engine import LLMEngine
-from .metrics import METRICS_FLUSH_INTERVAL_S, EngineMetrics
-from .outputs import RequestOutput
-from .response_builder import build_outputs
-from .triton_inputs import GenerateRequest
+from inflight.backend.engine import gc_freeze
+from inflight.backend.engine.engine import LLMEngine
+from inflight.backend.engine.outputs import RequestOutput
+from inflight.backend.serving.metrics import METRICS_FLUSH_INTERVAL_S, EngineMetrics
+from inflight.backend.serving.responses import build_outputs
+from inflight.backend.serving.triton_inputs import GenerateRequest
+from inflight.batching import QueueFullError
 
 logger = logging.getLogger("inflight")
 

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...kernels import ops
-from ..parallel import SINGLE_RANK, ParallelConfig, divide
+from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig, divide
+from inflight.kernels import ops
 
 # Rows up to which a CUDA decode step takes the fused small-M Triton GEMV (kernels/fused_gemv.py). A layer's
 # four linears in CUDA graphs (.gpu/m_sweep.py, 2026-11-22), fused GEMVs against RMSNorm / SiLU-and-mul
@@ -82,7 +82,7 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._fused(layer, x) and x.stride(-1) == 1:
-            from ...kernels.fused_gemv import fused_gemv
+            from inflight.kernels.fused_gemv import fused_gemv
 
             y, _ = fused_gemv(x, layer.weight)
             return y if bias is None else y + bias
@@ -90,7 +90,7 @@ class UnquantizedLinearMethod(LinearMethod):
 
     def apply_add(self, layer, x, addend):  # noqa: D102 (see LinearMethod)
         if self._fused(layer, x) and x.stride(-1) == 1 and addend.stride(-1) == 1:
-            from ...kernels.fused_gemv import fused_gemv
+            from inflight.kernels.fused_gemv import fused_gemv
 
             return fused_gemv(x, layer.weight, addend=addend)[0]
         # NOTE: in place: cuBLAS adds C in its epilogue (beta = 1), one read of the residual overlapped with
@@ -102,7 +102,7 @@ class UnquantizedLinearMethod(LinearMethod):
         if not (self._fused(layer, x) and x.stride(-1) == 1 and norm_weight.is_contiguous()
                 and (residual is None or residual.stride(-1) == 1)):  # fmt: skip
             return super().apply_rmsnorm(layer, x, residual, norm_weight, eps, bias)
-        from ...kernels.fused_gemv import fused_gemv
+        from inflight.kernels.fused_gemv import fused_gemv
 
         y, new_residual = fused_gemv(x, layer.weight, "rmsnorm", residual=residual, norm_weight=norm_weight,
                                      eps=eps)  # fmt: skip

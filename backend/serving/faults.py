@@ -20,8 +20,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ..batching import SchedulerOutput
-from .engine import EngineDeadError
+from inflight.backend.engine.engine import EngineDeadError
+from inflight.batching import SchedulerOutput
 
 KINDS = ("step", "fatal", "stall")
 TRIGGERS = ("every", "after", "token")

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .inputs import Prompt
-from .sampling_params import SamplingParams
+from inflight.backend.engine.prompts import Prompt
+from inflight.backend.engine.sampling_params import SamplingParams
 
 # Scalar inputs that are sampling options (TensorRT-LLM spellings are mapped by SamplingParams.from_dict).
 SAMPLING_INPUTS = (

@@ -36,17 +36,17 @@ from typing import Any
 
 import torch
 
-from ..batching import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
-from .detokenizer import IncrementalDetokenizer
-from .engine_args import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
-from .finish import check_stop
-from .inputs import Prompt, PromptProcessor
-from .model_config import ModelConfig
-from .model_runner import ModelRunner, PendingTokens, kv_cache_bytes_per_block
-from .outputs import RequestOutput, TokenLogprob
-from .sampler import Sampler, SamplerOutput, SamplingBatch
-from .sampling_params import SamplingParams
-from .weight_loader import load_model
+from inflight.backend.engine.args import DEFAULT_CPU_KV_CACHE_BYTES, EngineArgs
+from inflight.backend.engine.detokenizer import IncrementalDetokenizer
+from inflight.backend.engine.finish import check_stop
+from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
+from inflight.backend.engine.prompts import Prompt, PromptProcessor
+from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.executor.model_config import ModelConfig
+from inflight.backend.executor.model_runner import ModelRunner, PendingTokens, kv_cache_bytes_per_block
+from inflight.backend.executor.sampler import Sampler, SamplerOutput, SamplingBatch
+from inflight.backend.executor.weight_loader import load_model
+from inflight.batching import Request, RequestStatus, Scheduler, SchedulerConfig, SchedulerOutput
 
 logger = logging.getLogger("inflight")
 

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from .outputs import RequestOutput, TokenLogprob
-from .triton_inputs import GenerateRequest
+from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
+from inflight.backend.serving.triton_inputs import GenerateRequest
 
 
 def _strings(*values: str) -> np.ndarray:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling_params import SamplingParams
+from inflight.backend.engine.sampling_params import SamplingParams
 
 _MASK64 = 2**64 - 1
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .layers.rotary import rope_parameters
+from inflight.backend.executor.layers.rotary import rope_parameters
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 

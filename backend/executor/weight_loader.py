@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .model_config import ModelConfig
-from .models import MODEL_REGISTRY
-from .parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.model_config import ModelConfig
+from inflight.backend.executor.models import MODEL_REGISTRY
+from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
 
 logger = logging.getLogger("inflight")
 

@@ -10,14 +10,18 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..layers.activation import SiluAndMul
-from ..layers.attention import Attention, AttentionMetadata
-from ..layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from ..layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding
-from ..model_config import ModelConfig
-from ..parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.layers.activation import SiluAndMul
+from inflight.backend.executor.layers.attention import Attention, AttentionMetadata
+from inflight.backend.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from inflight.backend.executor.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from inflight.backend.executor.layers.norm import RMSNorm
+from inflight.backend.executor.layers.rotary import RotaryEmbedding
+from inflight.backend.executor.model_config import ModelConfig
+from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
 
 # checkpoint name piece -> (our fused parameter's name piece, shard id)
 _FUSED_SHARDS = {

@@ -15,12 +15,23 @@ from typing import Any
 
 import numpy as np
 
-from .engine import LLMEngine
-from .engine_args import EngineArgs
-from .engine_service import EngineService, ErrorKind, ServiceError, tune_interpreter_for_serving
-from .faults import FaultInjector, parse_fault_spec
-from .metrics import EngineMetrics, triton_metric_factory
-from .triton_inputs import FLAG_INPUTS, LIST_INPUTS, PROMPT_INPUTS, SAMPLING_INPUTS, parse_request
+from inflight.backend.engine.args import EngineArgs
+from inflight.backend.engine.engine import LLMEngine
+from inflight.backend.serving.faults import FaultInjector, parse_fault_spec
+from inflight.backend.serving.metrics import EngineMetrics, triton_metric_factory
+from inflight.backend.serving.service import (
+    EngineService,
+    ErrorKind,
+    ServiceError,
+    tune_interpreter_for_serving,
+)
+from inflight.backend.serving.triton_inputs import (
+    FLAG_INPUTS,
+    LIST_INPUTS,
+    PROMPT_INPUTS,
+    SAMPLING_INPUTS,
+    parse_request,
+)
 
 logger = logging.getLogger("inflight")
 
@@ -167,7 +178,7 @@ class TritonPythonModel:
     def _unload_self(self) -> None:
         """The engine died: ask Triton to unload this model so that its readiness turns false.
 
-        Works when the server runs with ``--model-control-mode=explicit`` (``inflight.backend.server`` does);
+        Works when the server runs with ``--model-control-mode=explicit`` (``inflight.tools.server`` does);
         a load request (``POST /v2/repository/models/<name>/load``) then brings it back. In other modes Triton
         refuses, and the model stays "ready" while answering UNAVAILABLE (``inflight_engine_healthy`` is 0).
         """
