@@ -4,8 +4,8 @@ sentencepiece-style byte-fallback BPE; stop strings split across tokens; hold-ba
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from inflight.backend.engine import detokenizer as detokenizer_module
+from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from tests.backend.detokenizer_support import PROMPT, TEXTS
 from tests.backend.detokenizer_support import SlowTokenizer as _SlowTokenizer
 from tests.backend.detokenizer_support import decode as _decode

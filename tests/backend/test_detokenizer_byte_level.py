@@ -10,8 +10,8 @@ from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from inflight.backend.engine import detokenizer as detokenizer_module
+from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from tests.backend.detokenizer_support import PROMPT, decode, ids, output_ids, stream
 
 

@@ -6,8 +6,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from inflight.backend.engine import detokenizer as detokenizer_module
+from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from tests.backend.detokenizer_support import (
     PROMPT,
     TEXTS,
