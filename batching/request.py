@@ -41,8 +41,13 @@ class Request:
     in flight. `num_pending_tokens` counts the output tokens that steps in flight are sampling (the
     scheduler plans the next step before the engine has read them: it may compute a pending token's
     KV, the runner taking its id on the device). `block_hashes` holds the chained hashes of the full
-    blocks of `all_token_ids` and is extended as output tokens fill blocks. `max_output_tokens` (if
-    given) lets the scheduler stop planning a request whose pending tokens already reach its limit.
+    blocks of `all_token_ids` and is extended as output tokens fill blocks.
+
+    `max_output_tokens` is the caller's limit (None: as many as fit) until `Scheduler.add_request`
+    admits the request; from then on it is always an int, the most output tokens the request may have:
+    the given limit clamped to the room its prompt leaves (``max_model_len - num_prompt_tokens``). The
+    sequence cap `max_model_len` is expressed only through it: the scheduler never plans the KV of the
+    token that reaches it, and the engine finishes the request when it reads that token.
     """
 
     def __init__(

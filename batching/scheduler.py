@@ -48,18 +48,19 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions_total = 0
         self.num_swapped_out_total = 0
-        self._finished_request_ids: list[str] = []
 
     # ---- requests in and out -------------------------------------------------------------------
 
     def add_request(self, request: Request) -> None:
-        """Queue a new request at the back of the waiting queue.
+        """Queue a new request at the back of the waiting queue and set its `max_output_tokens` to the
+        room its prompt leaves (``max_model_len - num_prompt_tokens``), or to the given limit if smaller.
 
         Raises:
             QueueFullError: the waiting queue holds `max_queue_size` requests (or more: preempted
                 requests return to the queue regardless of the limit).
-            ValueError: the request is not new, its id is in use, its block size differs, or its
-                prompt is longer than `max_model_len`.
+            ValueError: the request is not new, its id is in use, its block size differs, its prompt
+                leaves no room to generate (it has `max_model_len` tokens or more), or its
+                `max_output_tokens` is below 1.
         """
         max_queue_size = self.config.max_queue_size
         if max_queue_size is not None and len(self.waiting) >= max_queue_size:
@@ -73,19 +74,27 @@ class Scheduler:
                 f"request {request.request_id!r}: block_size {request.block_size} != "
                 f"scheduler block_size {self.config.block_size}"
             )
-        if request.num_tokens > self.config.max_model_len:
+        max_model_len = self.config.max_model_len
+        if request.num_tokens >= max_model_len:
             raise ValueError(
-                f"request {request.request_id!r}: prompt_token_ids has {request.num_tokens} tokens, "
-                f"more than max_model_len ({self.config.max_model_len})"
+                f"request {request.request_id!r}: prompt_token_ids has {request.num_tokens} tokens, but "
+                f"max_model_len is {max_model_len}: a prompt may have at most {max_model_len - 1} tokens "
+                "(one must be left to generate)"
             )
+        given = request.max_output_tokens
+        if given is not None and given < 1:
+            raise ValueError(
+                f"request {request.request_id!r}: max_output_tokens must be at least 1, got {given}"
+            )
+        room = max_model_len - request.num_prompt_tokens
+        request.max_output_tokens = room if given is None else min(given, room)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Finish (stop, abort, ...) waiting or running requests and free their blocks.
 
-        Unknown or already finished ids are ignored. The ids are reported in the next
-        SchedulerOutput's `finished_request_ids`.
+        Unknown or already finished ids are ignored.
         """
         if not status.is_finished:
             raise ValueError(f"status must be a FINISHED_* status, got {status.name}")
@@ -101,7 +110,6 @@ class Scheduler:
                 self.waiting.remove(request)
             self.kv_cache_manager.free(request)
             request.status = status
-            self._finished_request_ids.append(request_id)
 
     def get_request(self, request_id: str) -> Request | None:
         """The unfinished request with this id, or None."""
@@ -131,7 +139,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         running = self.running
         scheduled: list[ScheduledRequest] = []
-        preempted_request_ids: list[str] = []
+        preempted = False
         swap_out: list[tuple[int, int]] = []
         swap_in: list[tuple[int, int]] = []
 
@@ -152,20 +160,18 @@ class Scheduler:
                 # has not been scheduled this step; preempting it drops no planned work.
                 victim = running.pop()
                 swap_out += self._preempt(victim)
-                preempted_request_ids.append(victim.request_id)
+                preempted = True
                 if victim is request:
                     break
             if request.status != RequestStatus.RUNNING:
                 break  # `request` preempted itself: nothing left to take blocks from
-            scheduled.append(self._plan(request, request.num_computed_tokens, num_new_tokens, False))
+            scheduled.append(self._plan(request, request.num_computed_tokens, num_new_tokens))
             budget -= num_new_tokens
             req_index += 1
 
         # 2. Waiting requests, FIFO. NOTE: none in a step that preempted: the pool is short, and
         # admitting would just preempt again next step.
-        while (
-            not preempted_request_ids and self.waiting and budget > 0 and len(running) < config.max_num_seqs
-        ):
+        while not preempted and self.waiting and budget > 0 and len(running) < config.max_num_seqs:
             request = self.waiting[0]
             if request.num_pending_tokens:
                 break  # preempted while its token was sampled: re-admitted once the token is known
@@ -182,7 +188,9 @@ class Scheduler:
                 assert request.num_computed_tokens == 0
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
                 start = num_hit_tokens  # the prefix-cache hits are computed already
-                num_new_tokens = min(request.num_tokens, config.max_model_len) - start
+                # NOTE: all its known tokens: fewer than max_output_tokens are outputs (the engine finishes
+                # a request when it reads the token that reaches the limit), so its last token is not one.
+                num_new_tokens = request.num_tokens - start
                 if not chunked and num_new_tokens > budget:
                     break
                 num_new_tokens = min(num_new_tokens, budget)
@@ -196,20 +204,17 @@ class Scheduler:
             self.waiting.popleft()
             running.append(request)
             request.status = RequestStatus.RUNNING
-            scheduled.append(self._plan(request, start, num_new_tokens, True))
+            scheduled.append(self._plan(request, start, num_new_tokens))
             budget -= num_new_tokens
 
-        finished_request_ids, self._finished_request_ids = self._finished_request_ids, []
         return SchedulerOutput(
             scheduled=scheduled,
             num_batched_tokens=config.max_num_batched_tokens - budget,
-            preempted_request_ids=preempted_request_ids,
-            finished_request_ids=finished_request_ids,
             swap_out=swap_out,
             swap_in=swap_in,
         )
 
-    def _plan(self, request: Request, start: int, num_new_tokens: int, is_new: bool) -> ScheduledRequest:
+    def _plan(self, request: Request, start: int, num_new_tokens: int) -> ScheduledRequest:
         """Compute tokens ``start .. start + num_new_tokens - 1`` of ``request`` this step (its blocks are
         allocated): advances its ``num_computed_tokens`` and, if the chunk ends its tokens, its pending
         count."""
@@ -232,23 +237,16 @@ class Scheduler:
             start,
             self.kv_cache_manager.get_block_ids(request.request_id),
             needs_sample,
-            is_new,
             pending,
         )
 
     def _num_schedulable(self, request: Request) -> int:
         """How far a running request may be computed: its known tokens and its first pending token (the
         runner takes that id from the step just before this one), but never the request's last token,
-        the one that reaches ``max_model_len`` or ``max_output_tokens`` (its KV is never needed: the
-        engine finishes the request when it reads that token)."""
-        num_tokens = len(request.all_token_ids)
-        pending = request.num_pending_tokens
-        limit = self.config.max_model_len
-        if not pending and num_tokens == request.num_prompt_tokens:
-            return min(num_tokens, limit)  # the prompt
-        if request.max_output_tokens is not None:
-            limit = min(limit, request.num_prompt_tokens + request.max_output_tokens)
-        return min(num_tokens + (1 if pending else 0), limit - 1)
+        the one that reaches ``max_output_tokens`` (its KV is never needed: the engine finishes the
+        request when it reads that token). A prompt is always whole: ``max_output_tokens`` >= 1."""
+        num_tokens = len(request.all_token_ids) + (1 if request.num_pending_tokens else 0)
+        return min(num_tokens, request.num_prompt_tokens + request.max_output_tokens - 1)
 
     def _preempt(self, request: Request) -> list[tuple[int, int]]:
         """Free a running request's device blocks and put it at the front of the waiting queue: its KV
@@ -268,43 +266,20 @@ class Scheduler:
         self.waiting.appendleft(request)
         return copies
 
-    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: dict[str, int]) -> list[str]:
-        """Append the sampled tokens of a step's `needs_sample` requests.
-
-        Requests that finished meanwhile are skipped. A request that reaches `max_model_len` tokens
-        is finished here with FINISHED_LENGTH (it could not be computed further).
-
-        Returns:
-            The ids finished here with FINISHED_LENGTH (the caller must report them as finished).
+    def append_sampled_tokens(self, request_ids: list[str], token_ids: list[int]) -> None:
+        """Append a step's sampled tokens: ``token_ids[i]`` to request ``request_ids[i]`` (a step's
+        `needs_sample` requests in order). Ids no longer live (finished or aborted while the step ran)
+        are skipped. Nothing is finished here: the engine ends a request whose output count reaches its
+        `max_output_tokens` (the scheduler never plans past it).
 
         Raises:
-            ValueError: a live `needs_sample` request has no entry in `sampled_token_ids`.
+            ValueError: the two lists differ in length.
         """
-        request_ids = [s.request_id for s in output.scheduled if s.needs_sample]
-        for request_id in request_ids:
-            if request_id in self.requests and request_id not in sampled_token_ids:
-                raise ValueError(f"no sampled token for request {request_id!r}")
-        return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, 0) for r in request_ids])
-
-    def append_sampled_tokens(self, request_ids: list[str], token_ids: list[int]) -> list[str]:
-        """`update_from_output` for a step's sampled requests in order (``request_ids``) and their tokens.
-
-        Returns:
-            The ids finished here with FINISHED_LENGTH (the caller must report them as finished).
-        """
-        length_capped_ids = []
         requests = self.requests
-        max_model_len = self.config.max_model_len
         for request_id, token_id in zip(request_ids, token_ids, strict=True):
             request = requests.get(request_id)
-            if request is None:
-                continue  # finished or aborted while the step ran
-            request.append_output_token(token_id)
-            if len(request.all_token_ids) >= max_model_len:
-                length_capped_ids.append(request_id)
-        if length_capped_ids:
-            self.finish_requests(length_capped_ids, RequestStatus.FINISHED_LENGTH)
-        return length_capped_ids
+            if request is not None:
+                request.append_output_token(token_id)
 
     # ---- stats ---------------------------------------------------------------------------------
 

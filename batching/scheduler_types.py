@@ -19,7 +19,9 @@ class SchedulerConfig:
     Attributes:
         max_num_seqs: most requests in the running set.
         max_num_batched_tokens: token budget of one step.
-        max_model_len: most tokens (prompt + output) a request may reach.
+        max_model_len: most tokens (prompt + output) a request may reach: a prompt may have at most
+            ``max_model_len - 1`` (one must be left to generate), and the cap reaches each request only
+            through its ``max_output_tokens`` (set to at most the room its prompt leaves when added).
         block_size: tokens per KV-cache block.
         num_blocks: KV-cache blocks, including the reserved null block 0.
         enable_prefix_caching: reuse cached full blocks across requests.
@@ -75,7 +77,6 @@ class ScheduledRequest:
         start_position: the request's num_computed_tokens before this step.
         block_ids: the request's whole block table.
         needs_sample: this chunk reaches the request's last token: sample one token.
-        is_new: first schedule since arrival or preemption (the runner must drop any old state).
         last_token_pending: the chunk's last token is the one the step in flight samples (its id is
             not known on the host yet: ``token_ids[-1]`` is ``PENDING_TOKEN_ID``, and the runner takes
             the id from the previous step's sampled tokens on the device).
@@ -86,7 +87,6 @@ class ScheduledRequest:
     start_position: int
     block_ids: list[int]
     needs_sample: bool
-    is_new: bool
     last_token_pending: bool = False
 
     @property
@@ -102,8 +102,6 @@ class SchedulerOutput:
     Attributes:
         scheduled: the requests to compute, running ones first, in running order.
         num_batched_tokens: sum of the scheduled token counts.
-        preempted_request_ids: requests preempted by this schedule() call.
-        finished_request_ids: requests finished or aborted since the previous schedule() call.
         swap_out: ``(device block, host block)`` copies of the requests swapped out by this call; the
             device blocks may be handed out in this same step, so they are copied before its forward.
         swap_in: ``(host block, device block)`` copies of the requests swapped back in, before the forward.
@@ -111,19 +109,18 @@ class SchedulerOutput:
 
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
-    preempted_request_ids: list[str]
-    finished_request_ids: list[str]
     swap_out: list[tuple[int, int]] = field(default_factory=list)
     swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
-        """Nothing to compute and nothing to clean up (no preempted or finished ids either)."""
-        return not (self.scheduled or self.preempted_request_ids or self.finished_request_ids)
+        """Nothing to compute and no KV to copy (a request that preempted itself may leave swap-out
+        copies and nothing scheduled)."""
+        return not (self.scheduled or self.swap_out or self.swap_in)
 
     @property
     def num_scheduled_requests(self) -> int:
-        """Requests to compute this step (0 is possible while ids still need cleaning up)."""
+        """Requests to compute this step (0 is possible with swap-out copies to make)."""
         return len(self.scheduled)
 
 

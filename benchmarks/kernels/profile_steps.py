@@ -116,11 +116,10 @@ def step_inputs(step: Step, block_size: int, max_blocks: int, vocab_size: int):
             start_position=step.context - step.query_len,
             block_ids=list(range(1 + i * width, 1 + (i + 1) * width)),
             needs_sample=True,
-            is_new=True,
         )  # fmt: skip
         for i in range(step.num_seqs)
     ]
-    return flatten_step(SchedulerOutput(scheduled, step.num_seqs * step.query_len, [], []), block_size)
+    return flatten_step(SchedulerOutput(scheduled, step.num_seqs * step.query_len), block_size)
 
 
 def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, device: torch.device,

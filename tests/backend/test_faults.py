@@ -14,10 +14,10 @@ from inflight.batching import ScheduledRequest, SchedulerOutput
 
 def _step(*token_lists: list[int]) -> SchedulerOutput:
     scheduled = [
-        ScheduledRequest(f"req-{i}", tokens, 0, [i], needs_sample=True, is_new=True)
+        ScheduledRequest(f"req-{i}", tokens, 0, [i], needs_sample=True)
         for i, tokens in enumerate(token_lists)
     ]
-    return SchedulerOutput(scheduled, sum(len(t) for t in token_lists), [], [])
+    return SchedulerOutput(scheduled, sum(len(t) for t in token_lists))
 
 
 def test_parse_rules_and_refuse_bad_ones() -> None:

@@ -20,10 +20,8 @@ def _random_step(rng: random.Random, block_size: int, small: bool) -> SchedulerO
         block_ids = rng.sample(range(1, 500), num_blocks)  # shuffled, with gaps
         tokens = [rng.randrange(50_000) for _ in range(n)]
         pending = n == 1 and rng.random() < 0.5
-        scheduled.append(
-            ScheduledRequest(f"r{i}", tokens, start, block_ids, rng.random() < 0.7, False, pending)
-        )
-    return SchedulerOutput(scheduled, sum(len(r.token_ids) for r in scheduled), [], [])
+        scheduled.append(ScheduledRequest(f"r{i}", tokens, start, block_ids, rng.random() < 0.7, pending))
+    return SchedulerOutput(scheduled, sum(len(r.token_ids) for r in scheduled))
 
 
 @pytest.mark.parametrize("small", [False, True])

@@ -12,7 +12,7 @@ from inflight.batching import (
     SchedulerConfig,
 )
 
-from .test_scheduler import BASE, make_request, make_scheduler
+from .test_scheduler import BASE, make_request, make_scheduler, sample
 
 # ---- the running loop --------------------------------------------------------------------------------
 
@@ -27,12 +27,12 @@ def test_a_running_request_behind_an_exhausted_budget_is_not_planned() -> None:
     sched.schedule()  # a's and b's pending tokens
     sched.add_request(make_request("c", [3, 4]))
     out3 = sched.schedule()
-    assert out3.scheduled == [ScheduledRequest("c", [3, 4], 0, [3], True, True)]
-    sched.update_from_output(out1, {"a": 10, "b": 20})
+    assert out3.scheduled == [ScheduledRequest("c", [3, 4], 0, [3], True)]
+    sample(sched, out1, {"a": 10, "b": 20})
     out4 = sched.schedule()
     assert out4.scheduled == [
-        ScheduledRequest("a", [PENDING_TOKEN_ID], 2, [1], True, False, True),
-        ScheduledRequest("b", [PENDING_TOKEN_ID], 2, [2], True, False, True),
+        ScheduledRequest("a", [PENDING_TOKEN_ID], 2, [1], True, True),
+        ScheduledRequest("b", [PENDING_TOKEN_ID], 2, [2], True, True),
     ]
     assert out4.num_batched_tokens == 2 and sched.get_request("c").num_computed_tokens == 2
 
@@ -46,7 +46,7 @@ def test_a_running_request_with_nothing_to_compute_does_not_hold_up_the_ones_beh
     assert [(s.request_id, s.token_ids) for s in out2.scheduled] == [("a", [PENDING_TOKEN_ID]), ("b", [3, 4])]
     # a is one step ahead (nothing known to compute); b behind it still computes its pending token.
     out3 = sched.schedule()
-    assert out3.scheduled == [ScheduledRequest("b", [PENDING_TOKEN_ID], 2, [2], True, False, True)]
+    assert out3.scheduled == [ScheduledRequest("b", [PENDING_TOKEN_ID], 2, [2], True, True)]
 
 
 def test_without_chunked_prefill_a_decode_of_exactly_the_remaining_budget_is_planned() -> None:
@@ -55,7 +55,7 @@ def test_without_chunked_prefill_a_decode_of_exactly_the_remaining_budget_is_pla
         sched.add_request(make_request(rid, [token]))
     out1 = sched.schedule()
     assert [s.request_id for s in out1.scheduled] == ["a", "b", "c"]
-    sched.update_from_output(out1, {"a": 10, "b": 20, "c": 30})
+    sample(sched, out1, {"a": 10, "b": 20, "c": 30})
     out2 = sched.schedule()  # c's decode is 1 token with 1 token of budget left: it fits
     assert [(s.request_id, s.token_ids) for s in out2.scheduled] == [("a", [10]), ("b", [20]), ("c", [30])]
     assert out2.num_batched_tokens == 3
@@ -72,11 +72,28 @@ def test_a_swapped_out_request_left_unfinished_at_max_output_tokens_is_an_error(
     out1 = sched.schedule()
     assert [s.block_ids for s in out1.scheduled] == [[1], [2, 3], [4]]
     out2 = sched.schedule()  # a's pending token needs a block: c (newest) goes to host block 0
-    assert out2.preempted_request_ids == ["c"] and out2.swap_out == [(4, 0)]
-    sched.update_from_output(out1, {"a": 20, "b": 21, "c": 22})
+    assert c.status == RequestStatus.PREEMPTED and out2.swap_out == [(4, 0)]
+    sample(sched, out1, {"a": 20, "b": 21, "c": 22})
     assert c.output_token_ids == [22] and c.num_computed_tokens == 3
     with pytest.raises(AssertionError, match="swapped out with nothing left to compute"):
         sched.schedule()
+
+
+def test_a_step_whose_only_request_preempted_itself_still_has_its_swap_out_to_do() -> None:
+    """a is two tokens ahead (nothing to compute); b, the only other running request, needs a block and
+    none is free: it preempts itself into host blocks. Nothing is scheduled, but the step is not empty."""
+    sched = make_scheduler(num_blocks=5, max_model_len=16, num_host_blocks=2)  # 4 usable blocks of 4
+    a = make_request("a", [1, 2, 3, 4])
+    sched.add_request(a)
+    sched.schedule()  # a's prompt: block 1
+    sched.schedule()  # a's pending token: block 2
+    b = make_request("b", range(10, 18))
+    sched.add_request(b)
+    assert sched.schedule().scheduled[0].block_ids == [3, 4]  # b's prompt
+    out = sched.schedule()  # b's pending token needs a fifth block
+    assert out.scheduled == [] and out.num_scheduled_requests == 0 and out.num_batched_tokens == 0
+    assert out.swap_out == [(3, 0), (4, 1)] and out.swap_in == [] and not out.is_empty
+    assert b.status == RequestStatus.PREEMPTED and sched.running == [a]
 
 
 # ---- config limits and messages -----------------------------------------------------------------------
@@ -131,7 +148,7 @@ def test_finish_requests_skips_an_unknown_id_and_goes_on() -> None:
     sched.add_request(b)
     sched.finish_requests(["unknown", "a", "unknown", "b"], RequestStatus.FINISHED_ABORTED)
     assert a.status == b.status == RequestStatus.FINISHED_ABORTED and sched.num_waiting == 0
-    assert sched.schedule().finished_request_ids == ["a", "b"]
+    assert sched.requests == {} and sched.schedule().is_empty
 
 
 def test_a_finished_request_cannot_be_added_again() -> None:
@@ -156,4 +173,4 @@ def test_append_sampled_tokens_needs_one_token_per_request() -> None:
     with pytest.raises(ValueError, match="longer"):
         sched.append_sampled_tokens([], [7])
     assert a.output_token_ids == [] and a.num_pending_tokens == 1
-    assert sched.append_sampled_tokens(["a"], [7]) == [] and a.output_token_ids == [7]
+    assert sched.append_sampled_tokens(["a"], [7]) is None and a.output_token_ids == [7]

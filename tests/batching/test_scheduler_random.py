@@ -58,29 +58,39 @@ class Harness:
     def add(self) -> None:
         rng = self.rng
         tokens = rng.choice(self.prefixes)[: rng.randrange(20)] + [rng.randrange(6) for _ in range(8)]
-        tokens = tokens[: rng.randint(1, self.config.max_model_len)]
+        max_model_len = self.config.max_model_len
+        tokens = tokens[: rng.randint(1, max_model_len)]
         max_tokens = rng.randint(1, 12)
+        given = max_tokens if rng.random() < 0.5 else None
         req = Request(f"r{self.num_added}", tokens, self.bs, arrival_index=self.num_added,
-                      max_output_tokens=max_tokens if rng.random() < 0.5 else None)  # fmt: skip
+                      max_output_tokens=given)  # fmt: skip
         try:
             self.sched.add_request(req)
         except QueueFullError:
             # Preempted requests go back to the queue regardless of the limit, so it may be exceeded.
             assert self.sched.num_waiting >= self.config.max_queue_size
             return
+        except ValueError:
+            assert len(tokens) == max_model_len  # one position must be left to generate
+            return
+        assert len(tokens) < max_model_len
+        room = max_model_len - len(tokens)
+        assert req.max_output_tokens == (room if given is None else min(given, room))
         self.num_added += 1
         self.max_tokens[req.request_id] = max_tokens
 
     def step(self) -> None:
         if len(self.in_flight) >= 2:  # the engine plans at most one step ahead
             return
+        waiting_before = {r.request_id for r in self.sched.waiting}
+        running_before = list(self.sched.running)
         out = self.sched.schedule()
         # the engine's copies, before the step's forward: device -> host first, then host -> device
         for device, host in out.swap_out:
             self.host_store[host] = list(self.kv_store.get(device, [None] * self.bs))
         for host, device in out.swap_in:
             self.kv_store[device] = list(self.host_store.pop(host))
-        self.check_output(out)
+        self.check_output(out, waiting_before, running_before)
         self.check_pool()
         if out.scheduled:
             self.in_flight.append(out)
@@ -90,14 +100,22 @@ class Harness:
             return
         out = self.in_flight.popleft()
         sampled = {s.request_id: self.rng.randrange(6) for s in out.scheduled if s.needs_sample}
-        capped = self.sched.update_from_output(out, sampled)
-        for request_id in capped:
-            assert self.sched.get_request(request_id) is None
-        stopped = []
+        self.sched.append_sampled_tokens(list(sampled), list(sampled.values()))
+        # The engine's finish check: the length limit (max_model_len included, through max_output_tokens),
+        # else a stop (here: after max_tokens outputs, whether or not that was the request's limit).
+        length, stopped = [], []
         for request_id in sampled:
             req = self.sched.get_request(request_id)
-            if req is not None and req.num_output_tokens >= self.max_tokens[request_id]:
+            if req is None:
+                continue
+            assert (
+                req.num_output_tokens <= req.max_output_tokens and req.num_tokens <= self.config.max_model_len
+            )
+            if req.num_output_tokens == req.max_output_tokens:
+                length.append(request_id)
+            elif req.num_output_tokens >= self.max_tokens[request_id]:
                 stopped.append(request_id)
+        self.sched.finish_requests(length, RequestStatus.FINISHED_LENGTH)
         self.sched.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
 
     def abort(self) -> None:
@@ -105,8 +123,11 @@ class Harness:
         if live:
             self.sched.finish_requests(self.rng.choice(live), RequestStatus.FINISHED_ABORTED)
 
-    def check_output(self, out: SchedulerOutput) -> None:
+    def check_output(
+        self, out: SchedulerOutput, waiting_before: set[str], running_before: list[Request]
+    ) -> None:
         sched, bs, config = self.sched, self.bs, self.config
+        victims = [r for r in running_before if r.status == RequestStatus.PREEMPTED]
         assert out.num_batched_tokens == sum(len(s.token_ids) for s in out.scheduled)
         assert out.num_batched_tokens <= config.max_num_batched_tokens
         assert len(sched.running) <= config.max_num_seqs
@@ -119,13 +140,14 @@ class Harness:
             assert req.num_computed_tokens == end and len(s.token_ids) == end - s.start_position
             assert s.needs_sample == (end == req.num_tokens + req.num_pending_tokens - s.needs_sample)
             assert req.num_pending_tokens <= 2
-            if req.max_output_tokens is not None:  # never the KV of a request's last token
-                assert end < req.num_prompt_tokens + req.max_output_tokens
+            # never sampled past max_output_tokens, nor the KV of the token that reaches it computed
+            assert req.num_output_tokens + req.num_pending_tokens <= req.max_output_tokens
+            assert end < req.num_prompt_tokens + req.max_output_tokens <= config.max_model_len
             assert s.block_ids == [b.block_id for b in sched.kv_cache_manager.get_blocks(s.request_id)]
             if not config.enable_chunked_prefill:
                 assert s.needs_sample
-            if s.is_new:
-                assert not out.preempted_request_ids  # no admission in a step that preempted
+            if s.request_id in waiting_before:  # admitted by this step
+                assert not victims  # no admission in a step that preempted
                 self.admission_seq[s.request_id] = self.num_admissions
                 self.num_admissions += 1
             for pos in range(s.start_position, end):
@@ -137,10 +159,9 @@ class Harness:
                 assert self.read_kv(s.block_ids[pos // bs], pos % bs) == tuple(req.all_token_ids[: pos + 1])
         seqs = [self.admission_seq[r.request_id] for r in sched.running]
         assert seqs == sorted(seqs)  # running order is admission order
-        victims = [self.admission_seq[rid] for rid in out.preempted_request_ids]
-        assert victims == sorted(victims, reverse=True) and all(v > max(seqs, default=-1) for v in victims)
-        for rid in out.preempted_request_ids:
-            assert sched.get_request(rid).status == RequestStatus.PREEMPTED
+        if victims:  # the newest running requests, at the front of the queue in running order
+            assert sched.running == running_before[: len(running_before) - len(victims)]
+            assert list(sched.waiting)[: len(victims)] == victims
 
     def read_kv(self, block_id: int, offset: int) -> tuple[int, ...] | None:
         """The token prefix whose KV a slot holds (a pending token's id appears once it is known)."""
@@ -191,7 +212,6 @@ class Harness:
             self.step()
         else:
             raise AssertionError("requests never finished")
-        self.sched.schedule()  # collect the last finished ids
         pool = self.sched.kv_cache_manager.block_pool
         free = pool.free_block_queue.get_all_free_blocks()
         assert len(free) == self.config.num_blocks - 1 == pool.get_num_free_blocks()

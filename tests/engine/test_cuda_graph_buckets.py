@@ -49,11 +49,10 @@ def _step(chunks: list[tuple[int, int, list[int]]], block_size: int) -> Schedule
             start_position=start,
             block_ids=blocks,
             needs_sample=True,
-            is_new=False,
         )  # fmt: skip
         for i, (start, n, blocks) in enumerate(chunks)
     ]
-    return SchedulerOutput(scheduled, sum(n for _, n, _ in chunks), [], [])
+    return SchedulerOutput(scheduled, sum(n for _, n, _ in chunks))
 
 
 def test_pack_step_pads_tokens_and_sequences() -> None:

@@ -144,7 +144,8 @@ def _teacher_forced_top1(llm: LLM, prompts: list[list[int]], forced: list[list[i
             if step < steps:
                 ours[rid].append(tok)
             feed[rid] = forced[int(rid[3:])][step] if step < steps - 1 else 0
-        engine.scheduler.update_from_output(sched, feed)
+        sampled_ids = [s.request_id for s in sched.scheduled if s.needs_sample]
+        engine.scheduler.append_sampled_tokens(sampled_ids, [feed[r] for r in sampled_ids])
     for rid in ours:
         engine.abort(rid)
     engine.step()

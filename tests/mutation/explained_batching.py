@@ -28,11 +28,6 @@ _ZIP_EQUAL_LENGTHS = (
     "strict=True never fires (an empty host pool raises IndexError in pop() before zip runs); "
     "strict=False/None/default give the same pairs."
 )
-_UNUSED_DEFAULT = (
-    "The default is read only for an id missing from sampled_token_ids, which the check just above allows"
-    " only for a request no longer in self.requests; append_sampled_tokens skips such ids before reading "
-    "their token, so the default value is never used."
-)
 _EMPTY_CACHE_RANGE = (
     "With num_full_blocks == num_cached_blocks the call is cache_full_blocks over an empty range (a no-"
     "op; its length assertion holds since the table has cdiv(num_total_tokens, block_size) >= "
@@ -201,26 +196,5 @@ BATCHING: list[Explained] = [
         "computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)",
         "computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=None)",
         _RECORD_STATS_FALSY,
-    ),
-    Explained(
-        "batching/scheduler.py",
-        "Scheduler.update_from_output",
-        "return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, 0) for r in request_ids])",
-        "return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, None) for r in request_ids])",
-        _UNUSED_DEFAULT,
-    ),
-    Explained(
-        "batching/scheduler.py",
-        "Scheduler.update_from_output",
-        "return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, 0) for r in request_ids])",
-        "return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, ) for r in request_ids])",
-        _UNUSED_DEFAULT,
-    ),
-    Explained(
-        "batching/scheduler.py",
-        "Scheduler.update_from_output",
-        "return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, 0) for r in request_ids])",
-        "return self.append_sampled_tokens(request_ids, [sampled_token_ids.get(r, 1) for r in request_ids])",
-        _UNUSED_DEFAULT,
     ),
 ]
