@@ -1,9 +1,5 @@
 # inflight: `make serve` and `make test` are all a fresh clone needs.
 SHELL := /bin/bash
-# NOTE: Python runs without the current directory first on sys.path (PYTHONSAFEPATH, Python >= 3.11; the
-# subprocesses inherit it): this checkout's top-level kernels/ folder would shadow Hugging Face's `kernels`
-# package, which transformers >= 5.25 imports when it loads a model.
-export PYTHONSAFEPATH := 1
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +9,6 @@ MODEL_DIR := $(CACHE)/models/SmolLM2-135M-Instruct
 # The CPU build of torch that this machine keeps as a local file; on a GPU machine pip takes the CUDA one.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-CHECKOUT_PTH := $(VENV)/.checkout-on-path
 
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
@@ -28,18 +23,12 @@ BENCH_ARGS ?=
 
 .PHONY: setup model serve perf bench bench-carry test test-gpu mutate gpu-carry lint format clean
 
-setup: $(STAMP) $(CHECKOUT_PTH)
+setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import torch' 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e '.[test]'
-	@touch $@
-
-# `python -m benchmarks...` / `-m tests.reliability` without the cwd on sys.path: the checkout goes after
-# site-packages (a .pth file in the venv), where its kernels/ cannot shadow Hugging Face's.
-$(CHECKOUT_PTH): | $(STAMP)
-	@$(PY) -c 'import pathlib, sysconfig; pathlib.Path(sysconfig.get_paths()["purelib"], "inflight_checkout.pth").write_text(str(pathlib.Path.cwd()) + "\n")'
 	@touch $@
 
 model: $(MODEL_DIR)/config.json

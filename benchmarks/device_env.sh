@@ -1,12 +1,9 @@
 # Source from the repository root on a GPU machine that has torch/triton/transformers but no network
 # (so no `pip install -e .`): `import inflight` and `python3 -m benchmarks...` then resolve to this checkout.
-# NOTE: the checkout goes AFTER site-packages (a .pth file there) and Python skips the current directory
-# (PYTHONSAFEPATH): first on sys.path, its kernels/ folder would shadow Hugging Face's `kernels` package,
-# which transformers >= 5.25 imports. Where site-packages is not writable, PYTHONPATH (first) it is.
+# The checkout goes on sys.path through a .pth file in site-packages (every interpreter, from any directory);
+# where site-packages is not writable, on PYTHONPATH.
 _site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-if echo "$(pwd)" 2>/dev/null > "$_site/inflight_checkout.pth"; then
-  export PYTHONSAFEPATH=1
-else
+if ! echo "$(pwd)" 2>/dev/null > "$_site/inflight_checkout.pth"; then
   echo "device_env: $_site is not writable: the checkout goes on PYTHONPATH" >&2
   export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 fi

@@ -9,8 +9,7 @@
 #     /tmp/inflight-tritonserver, PATH with the venv first (the Python stub takes its packages from it);
 #  2. links that server into the venv's site-packages, where inflight.tools.server.find_triton() looks
 #     for the nvidia-pytriton wheel's layout (pytriton/tritonserver, nvidia_pytriton.libs);
-#  3. makes `import inflight` and `python3 -m benchmarks...` resolve to this checkout in the venv (a .pth file,
-#     after site-packages; PYTHONSAFEPATH keeps the cwd off sys.path);
+#  3. makes `import inflight` resolve to this checkout in the venv from any directory (a .pth file);
 #  4. checks each piece and says which one is missing.
 _bench_fail() { echo "gpu_serving_setup: $*" >&2; return 1; }
 _bench_setup() {
@@ -27,10 +26,9 @@ _bench_setup() {
   # (generation/candidate_generator), which breaks under this venv's numpy 1.26: hide both from every
   # interpreter of the venv (the Triton stub included). A None entry makes find_spec say "not installed".
   echo "import sys; [sys.modules.setdefault(m, None) for m in ('sklearn', 'scipy')]" > "$site/inflight_hide_numpy2_builds.pth"
-  # The checkout after site-packages (not on PYTHONPATH, not the cwd first): there its kernels/ folder would
-  # shadow Hugging Face's `kernels` package, which transformers >= 5.25 imports.
+  # The checkout on every interpreter's sys.path (the Triton stub's included, which runs from any directory).
   echo "$(pwd)" > "$site/inflight_checkout.pth"
-  export PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1
+  export PYTHONUNBUFFERED=1
   env -u PYTHONPATH python3 - <<'PY' || { _bench_fail "a piece is missing (above)"; return 1; }
 import os, sys
 os.chdir("/")  # import as the stub will: from site-packages, not from the current directory

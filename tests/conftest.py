@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-
-# NOTE: transformers >= 5.25 imports Hugging Face's `kernels` package when it loads a model; this checkout's
-# top-level kernels/ folder shadows it wherever the checkout comes first on sys.path (`python -m pytest` puts
-# the current directory there). The checkout goes last here, and child Pythons (`-c`, `-m`) skip the cwd.
-# A tree whose package is laid out as `inflight/...` (the mutation-testing copy, tests/mutation) has no
-# top-level kernels/ and stays first: its own copy of the package must win over the installed one.
-if (REPO / "kernels").is_dir():
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != str(REPO)] + [str(REPO)]
-os.environ.setdefault("PYTHONSAFEPATH", "1")
 SMOLLM2_DIR = REPO / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
 

@@ -281,12 +281,6 @@ class TritonServer:
             *(extra_args or []),
         ]  # fmt: skip
         log = open(log_path, "ab") if log_path is not None else None  # noqa: SIM115 (closed below)
-        # NOTE: the Python stub puts its working directory first on sys.path: in an inflight checkout, the
-        # top-level kernels/ folder there would shadow Hugging Face's `kernels` package, which transformers
-        # >= 5.25 imports when the model loads. With no cwd given the server runs in the cache folder.
-        if cwd is None:
-            cwd = CACHE_DIR / "triton"
-            cwd.mkdir(parents=True, exist_ok=True)
         # NOTE: a session of its own: Ctrl-C reaches only us, and stop() can end the stubs with the server.
         process = subprocess.Popen(
             command, env=server_env(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT if log else None,

@@ -7,8 +7,10 @@ docs/mutation.json) and the score line in the README, and exits non-zero if a su
 tests/mutation/explained.py or fewer than 90% of the mutants are caught.
 
 NOTE: mutmut imports the mutated code by the module name its path gives (`inflight/batching/scheduler.py` is
-`inflight.batching.scheduler`), while the checkout keeps the package in top-level folders (`batching/`). It
-runs in a copy laid out as the installed package, .cache/mutation/inflight/..., with the tests beside it.
+`inflight.batching.scheduler`) and writes its mutants into a copy of the source folder. It runs in a copy of
+the checkout's `inflight/` with the symlinks (`inflight/batching -> ../batching` ...) resolved, real folders
+.cache/mutation/inflight/batching/... (no link leads from the copy back into the checkout), with the tests
+beside it.
 """
 
 from __future__ import annotations
@@ -43,17 +45,14 @@ SKIPPED = ("__pycache__", ".pytest_cache", ".hypothesis")
 
 
 def build_stage(keep: bool) -> None:
-    """The checkout as mutmut needs it: the package as `inflight/<subpackage>/...`, the tests, pyproject.
+    """The checkout as mutmut needs it: `inflight/` with its symlinked subpackages copied as real folders
+    (`inflight/batching/...`), the tests, pyproject.
 
     With `keep`, files that did not change keep their copies (and mtimes), so mutmut reuses its results.
     """
     if not keep and STAGE.exists():
         shutil.rmtree(STAGE)
-    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for package, folder in package_dirs.items():
-        depth = package.count(".") + 1
-        nested = {other.split(".")[depth] for other in package_dirs if other.startswith(package + ".")}
-        _sync(REPO / folder, STAGE / Path(*package.split(".")), keep=nested)  # nested: synced on their own
+    _sync(REPO / "inflight", STAGE / "inflight")
     _sync(REPO / "tests", STAGE / "tests")
     shutil.copy2(REPO / "pyproject.toml", STAGE / "pyproject.toml")
     # The tests read the default model (tokenizer) from <root>/.cache/models; mutmut runs them in mutants/.
@@ -63,19 +62,21 @@ def build_stage(keep: bool) -> None:
         models.symlink_to(REPO / ".cache" / "models")
 
 
-def _sync(source: Path, target: Path, keep: set[str] = frozenset()) -> None:
-    """Make `target` a copy of the folder `source` (but for the names in `keep`), copying only the files
-    that differ."""
+def _sync(source: Path, target: Path) -> None:
+    """Make `target` a copy of the folder `source`, following symlinks (a linked folder or file becomes a real
+    one), copying only the files that differ."""
     target.mkdir(parents=True, exist_ok=True)
     wanted = {p.name for p in source.iterdir() if p.name not in SKIPPED}
-    for stale in (p for p in target.iterdir() if p.name not in wanted | keep and p.name not in SKIPPED):
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    for stale in (p for p in target.iterdir() if p.name not in wanted and p.name not in SKIPPED):
+        shutil.rmtree(stale) if stale.is_dir() and not stale.is_symlink() else stale.unlink()
     for name in wanted:
-        path = source / name
-        if path.is_dir():
-            _sync(path, target / name)
-        elif not (target / name).exists() or not filecmp.cmp(path, target / name, shallow=False):
-            shutil.copy2(path, target / name)
+        path, copy = source / name, target / name
+        if copy.is_symlink():  # a stage from an older layout: never write through a link
+            copy.unlink()
+        if path.is_dir():  # is_dir() and copy2() follow symlinks
+            _sync(path, copy)
+        elif not copy.exists() or not filecmp.cmp(path, copy, shallow=False):
+            shutil.copy2(path, copy)
 
 
 def run_mutmut(max_children: int) -> None:
@@ -83,7 +84,7 @@ def run_mutmut(max_children: int) -> None:
     mutmut = Path(sys.executable).with_name("mutmut")
     # NOTE: one torch thread: mutmut forks each mutant's test run from a process that has run torch, and a
     # forked child's OpenMP threads spun until mutmut's CPU-time limit killed it (survivors read as timeouts).
-    env = {**os.environ, "PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([str(mutmut), "run", "--max-children", str(max_children)], cwd=STAGE, env=env, check=True)
 
 
@@ -114,14 +115,9 @@ def collect() -> tuple[dict[str, dict[str, int]], list[Survivor]]:
 
 
 def _checkout_path(source: Path) -> str:
-    """`inflight/batching/scheduler.py` -> `batching/scheduler.py` (where the file is in the checkout)."""
-    package_dirs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    parts = source.parts
-    for depth in range(len(parts) - 1, 0, -1):
-        folder = package_dirs.get(".".join(parts[:depth]))
-        if folder is not None:
-            return str(Path(folder, *parts[depth:]))
-    raise ValueError(f"{source} is not in a package of pyproject's package-dir")
+    """`inflight/batching/scheduler.py` -> `batching/scheduler.py` (where the file is in the checkout: the
+    `inflight/batching` symlink resolved)."""
+    return (REPO / source).resolve().relative_to(REPO).as_posix()
 
 
 def _commit() -> str:
