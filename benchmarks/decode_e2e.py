@@ -34,7 +34,7 @@ def bench_inflight(path: Path, prompt_len: int, new_tokens: int, repeats: int) -
     llm = LLM(str(path), dtype="bfloat16", max_model_len=prompt_len + new_tokens + 16, max_num_seqs=8,
               kv_cache_memory_bytes=2 << 30)  # fmt: skip
     engine = llm.engine
-    bytes_per_token = weight_bytes_per_token(engine.runner.model)
+    bytes_per_token = weight_bytes_per_token(engine.executor.runner.model)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompt = list(range(1000, 1000 + prompt_len))
     llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
@@ -61,10 +61,10 @@ def bench_inflight(path: Path, prompt_len: int, new_tokens: int, repeats: int) -
 
 def _gpu_step_ms(engine, iters: int = 50) -> float:
     """GPU time of one batch-1 decode step alone: the graph replay, the logits and an argmax."""
-    graphs = engine.runner.graphs
+    graphs = engine.executor.runner.graphs
     if graphs is None:
         return float("nan")
-    model = engine.runner.model
+    model = engine.executor.runner.model
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.inference_mode():
         for i in range(iters + 5):

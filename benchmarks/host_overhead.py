@@ -38,8 +38,8 @@ class _StandIn:
     64 ordinary text tokens, so detokenization sees text as with a real model."""
 
     def __init__(self, engine: Any, seed: int) -> None:
-        self.block_size = engine.runner.block_size
-        self.sampler = engine.sampler
+        self.block_size = engine.executor.runner.block_size
+        self.sampler = engine.executor.sampler
         generator = torch.Generator().manual_seed(seed)
         self.logits = torch.rand(engine.scheduler.config.max_num_seqs, 64, generator=generator)
         tokenizer = engine.tokenizer
@@ -47,7 +47,8 @@ class _StandIn:
         self.table = torch.tensor(words, dtype=torch.int64)
 
     def execute(self, out: Any, pending: Any = None) -> Any:
-        from inflight.backend.executor.model_runner import ModelOutput, flatten_step
+        from inflight.backend.executor.model_runner import ModelOutput
+        from inflight.backend.executor.step_inputs import flatten_step
 
         inputs = flatten_step(out, self.block_size)
         n = len(inputs.sample_ids)
@@ -81,8 +82,8 @@ def measure(model: Path, num_seqs: int, prompt_len: int, output_len: int, seed: 
               kv_cache_memory_bytes=kv_bytes)  # fmt: skip
     engine = llm.engine
     stand_in = _StandIn(engine, seed)
-    engine.runner.execute = stand_in.execute
-    engine.sampler = stand_in.sample
+    engine.executor.runner.execute = stand_in.execute
+    engine.executor.sampler = stand_in.sample
     spent: dict[str, float] = collections.defaultdict(float)
 
     def timed(owner: Any, name: str, phase: str) -> None:
@@ -102,10 +103,10 @@ def measure(model: Path, num_seqs: int, prompt_len: int, output_len: int, seed: 
     gc.collect()
     gc.freeze()
     timed(engine.scheduler, "schedule", "schedule")
-    timed(engine, "_sampling_batch", "sampling batch")
-    timed(engine.runner, "execute", "flatten step")
-    timed(engine, "sampler", "sampler")
-    timed(engine, "_read_step", "read step")
+    timed(engine.executor, "_sampling_batch", "sampling batch")
+    timed(engine.executor.runner, "execute", "flatten step")
+    timed(engine.executor, "sampler", "sampler")
+    timed(engine, "_update", "read step")
     rng = np.random.default_rng(seed)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)

@@ -30,6 +30,7 @@ from benchmarks.common import (
     environment,
     write_result,
 )
+from benchmarks.gpu_timing import GpuStepTimer
 from benchmarks.roofline import ideal_for_run
 
 
@@ -58,22 +59,22 @@ def bench_inflight(
     params = [SamplingParams(max_tokens=n, ignore_eos=True, temperature=0) for _, n in requests]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    llm.engine.start_gpu_timing()
+    timer = GpuStepTimer.attach(llm.engine)
     before = _allocator_counts()
     start = time.perf_counter()
     outputs = llm.generate([p for p, _ in requests], params, use_tqdm=True)
     seconds = time.perf_counter() - start
     after = _allocator_counts()
-    breakdown = llm.engine.gpu_step_breakdown()
-    idle = llm.engine.gpu_idle_gaps()
+    breakdown = timer.breakdown()
+    idle = timer.idle_gaps()
     busy = None if breakdown is None else sum(k["gpu_seconds"] for k in breakdown.values())
     out_tokens = sum(o.num_output_tokens for o in outputs)
     in_tokens = sum(o.num_input_tokens for o in outputs)
     assert out_tokens == sum(n for _, n in requests), "every request must produce exactly its max_tokens"
-    stats = llm.engine.scheduler.get_stats()
+    stats = llm.engine.stats()
     result = {"seconds": round(seconds, 2), "output_tok_s": round(out_tokens / seconds, 1),
               "total_tok_s": round((in_tokens + out_tokens) / seconds, 1), "output_tokens": out_tokens,
-              "num_kv_blocks": llm.engine.scheduler.kv_cache_manager.num_usable_blocks,
+              "num_kv_blocks": llm.engine.num_kv_blocks,
               "preemptions": stats.num_preemptions_total,
               # the part of the run the GPU sat idle waiting for the host (None on CPU)
               "host_bound_fraction": None if busy is None else round(max(0.0, 1 - busy / seconds), 4),

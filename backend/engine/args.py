@@ -8,8 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from inflight.backend.executor.executor import ExecutorConfig
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass
@@ -83,6 +84,29 @@ class EngineArgs:
         ):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def max_batched_tokens(self, max_model_len: int) -> int:
+        """The step's token budget: as given, else 8192 with chunked prefill, else one whole prompt."""
+        return self.max_num_batched_tokens or (8192 if self.enable_chunked_prefill else max_model_len)
+
+    def executor_config(self, max_model_len: int) -> ExecutorConfig:
+        """The executor's part of these options, with the model's context length resolved."""
+        return ExecutorConfig(
+            model=self.model,
+            device=self.device,
+            dtype=self.dtype,
+            max_model_len=max_model_len,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_batched_tokens(max_model_len),
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            kv_cache_memory_fraction=self.kv_cache_memory_fraction,
+            swap_space_bytes=self.swap_space_bytes,
+            enable_cuda_graphs=self.enable_cuda_graphs,
+            max_cuda_graph_batch_size=self.max_cuda_graph_batch_size,
+            max_cuda_graph_prefill_tokens=self.max_cuda_graph_prefill_tokens,
+            seed=self.seed,
+        )
 
     @classmethod
     def from_options(cls, model: str, options: Mapping[str, Any]) -> EngineArgs:

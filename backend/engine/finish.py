@@ -5,8 +5,9 @@ A token ends its request when, in this order of precedence:
 1. it is a stop token (a `stop_token_ids` entry, or EOS unless `ignore_eos`): finish_reason "stop", the
    stop reason is the token id (the token stays in the output ids);
 2. its text completed a stop string (the detokenizer found it): "stop", the stop reason is that string;
-3. it is the request's `max_tokens`-th output token, or the sequence (prompt + output) reached
-   `max_model_len`: "length", no stop reason.
+3. it is the request's `max_tokens`-th output token: "length", no stop reason. `max_tokens` is the
+   request's `max_output_tokens`, which the scheduler clamped at admission to the room its prompt leaves
+   under `max_model_len`, so a sequence that reaches `max_model_len` ends here too, and only here.
 
 The sampler bans EOS and the stop ids while fewer than `min_tokens` are out, so a stop token that reaches
 this check is always allowed to end the request.
@@ -21,14 +22,12 @@ def check_stop(
     token_id: int,
     stop_string: str | None,
     num_output_tokens: int,
-    num_tokens: int,
     stop_token_ids: Container[int],
     max_tokens: int,
-    max_model_len: int,
 ) -> tuple[str, str | int | None] | None:
     """(finish_reason, stop_reason) if the token `token_id` ends its request, else None.
 
-    `num_output_tokens` and `num_tokens` count the request's output and whole sequence with this token;
+    `num_output_tokens` counts the request's output tokens with this one;
     `stop_string` is the stop string the token's text completed, if any.
     """
     # NOTE: positional arguments and a tuple: the engine calls this for every sampled token.
@@ -36,6 +35,6 @@ def check_stop(
         return "stop", token_id
     if stop_string is not None:
         return "stop", stop_string
-    if num_output_tokens >= max_tokens or num_tokens >= max_model_len:
+    if num_output_tokens >= max_tokens:
         return "length", None
     return None

@@ -58,6 +58,8 @@ class LLM:
         # meanwhile, and several came while 1,000 requests were being added.
         with gc_freeze.frozen():
             token_lists = [self.engine.prompts.token_ids(p) for p in prompt_list]  # all checked first
+            for params in params_list:
+                self.engine.check_params(params)
             order = [f"llm-{self._next_id + i}" for i in range(len(token_lists))]
             self._next_id += len(order)
             completions = {
@@ -95,10 +97,10 @@ class _Admission:
 
     def admit(self, first_step_only: bool = False) -> None:
         engine, queue = self.engine, self.queue
-        config, waiting = engine.scheduler.config, engine.scheduler.waiting
+        max_num_seqs, max_tokens = engine.args.max_num_seqs, engine.max_batched_tokens
         tokens, added = 0, False
-        while queue and len(waiting) < config.max_num_seqs:
-            if first_step_only and tokens >= config.max_num_batched_tokens:
+        while queue and engine.num_waiting < max_num_seqs:
+            if first_step_only and tokens >= max_tokens:
                 break
             request_id, ids, params = queue[0]
             try:

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from inflight.backend.executor.layers.attention import AttentionMetadata
-
-if TYPE_CHECKING:
-    from inflight.backend.executor.model_runner import StepInputs
+from inflight.backend.executor.step_inputs import AttentionMetadata, StepInputs
 
 logger = logging.getLogger("inflight")
 

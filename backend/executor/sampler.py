@@ -21,12 +21,31 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from inflight.backend.engine.sampling_params import SamplingParams
-
 _MASK64 = 2**64 - 1
+
+
+class RowParams(Protocol):
+    """What the sampler reads of a request's sampling parameters (the engine's ``SamplingParams``)."""
+
+    @property
+    def is_greedy(self) -> bool: ...
+
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    min_tokens: int
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    seed: int | None
+    logprobs: int | None
 
 
 @dataclass
@@ -55,7 +74,7 @@ class SamplingBatch:
     @classmethod
     def build(
         cls,
-        params: Sequence[SamplingParams],
+        params: Sequence[RowParams],
         prompt_token_ids: Sequence[Sequence[int]],
         output_token_ids: Sequence[Sequence[int]],
         vocab_size: int,
@@ -163,7 +182,7 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """Samples one token per row of logits under each row's `SamplingParams` (see the module doc)."""
+    """Samples one token per row of logits under each row's parameters (`RowParams`) (see the module doc)."""
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample from `logits` ([num_seqs, vocab_size], any float dtype); the input is not modified."""

@@ -1,7 +1,7 @@
 """Test-only fault injection for the reliability suite (config parameter ``fault_injection``).
 
 The spec is a ``;``-separated list of ``KIND:TRIGGER=N`` rules, checked inside each engine step (through
-``LLMEngine.fault_hook``) before the forward:
+a step observer, ``LLMEngine.add_step_observer``) before the forward:
 
 - ``step:every=N``  every N-th step that computes anything fails: its requests end with an error
   (``INTERNAL``), the engine continues;
@@ -66,14 +66,18 @@ def parse_fault_spec(spec: str) -> list[FaultRule]:
 
 
 class FaultInjector:
-    """A callable for ``LLMEngine.fault_hook`` that applies the rules; counts the faults it raised or slept."""
+    """A step observer (``LLMEngine.add_step_observer``) that applies the rules before each forward; counts
+    the faults it raised or slept."""
 
     def __init__(self, rules: list[FaultRule]) -> None:
         self.rules = rules
         self.steps = 0
         self.faults = 0
 
-    def __call__(self, scheduled: SchedulerOutput) -> None:
+    def after_step(self, scheduled: SchedulerOutput) -> None:
+        pass
+
+    def before_forward(self, scheduled: SchedulerOutput) -> None:
         if not scheduled.scheduled:
             return
         self.steps += 1

@@ -343,21 +343,20 @@ class EngineService:
                 return True
 
     def _add(self, live: LiveRequest) -> None:
-        limit = self.engine.max_model_len
-        max_tokens = live.request.params.max_tokens
-        if max_tokens is not None and max_tokens > limit:
-            message = f"max_tokens is {max_tokens}, more than max_model_len ({limit}) can ever hold"
-            self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, message), True))
-            return
+        error = None
         try:
             ids = self.engine.prompts.token_ids(live.request.prompt)
-            self.engine.add_checked_request(live.request_id, ids, live.request.params)
         except ValueError as exc:
-            message = f"{_prompt_field(live.request.prompt)}: {exc}"
-            self._outbox.put((live, None, ServiceError(ErrorKind.INVALID_ARG, message), True))
-            return
-        except QueueFullError as exc:
-            self._outbox.put((live, None, ServiceError(ErrorKind.UNAVAILABLE, str(exc)), True))
+            error = ServiceError(ErrorKind.INVALID_ARG, f"{_prompt_field(live.request.prompt)}: {exc}")
+        else:
+            try:
+                self.engine.add_checked_request(live.request_id, ids, live.request.params)
+            except ValueError as exc:  # a sampling parameter past the engine's limits (the message names it)
+                error = ServiceError(ErrorKind.INVALID_ARG, str(exc))
+            except QueueFullError as exc:
+                error = ServiceError(ErrorKind.UNAVAILABLE, str(exc))
+        if error is not None:
+            self._outbox.put((live, None, error, True))
             return
         live.prompt_token_ids = ids
         if not live.request.stream and not live.request.exclude_input_in_output:
@@ -406,7 +405,7 @@ class EngineService:
             or not self.engine.has_unfinished_requests()
         ):
             self._last_stats_time = now
-            writer.put(metrics.update_scheduler, self.engine.scheduler.get_stats())
+            writer.put(metrics.update_scheduler, self.engine.stats())
 
     def _handle_outputs(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()

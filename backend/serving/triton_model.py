@@ -154,8 +154,8 @@ class TritonPythonModel:
         fault_spec = parameters.get("fault_injection", {}).get("string_value", "").strip()
         if fault_spec:  # test-only (docs/serving.md)
             logger.warning("inflight: fault injection is ON: %s", fault_spec)
-            engine.fault_hook = FaultInjector(parse_fault_spec(fault_spec))
-        self.metrics.kv_total.set(engine.scheduler.kv_cache_manager.num_usable_blocks)
+            engine.add_step_observer(FaultInjector(parse_fault_spec(fault_spec)))
+        self.metrics.kv_total.set(engine.num_kv_blocks)
         self.service = EngineService(engine, self.metrics, on_fatal=self._unload_self)
 
     def execute(self, requests: list[Any]) -> None:

@@ -103,7 +103,7 @@ def ideal_ms(shape: dict[str, int], step: Step, copy_gbs: float, matmul_tflops: 
 
 def step_inputs(step: Step, block_size: int, max_blocks: int, vocab_size: int):
     """A ``StepInputs`` for ``step``: sequence i owns blocks [1 + i * w, 1 + (i + 1) * w), w = its blocks."""
-    from inflight.backend.executor.model_runner import flatten_step
+    from inflight.backend.executor.step_inputs import flatten_step
     from inflight.batching import ScheduledRequest, SchedulerOutput
 
     width = math.ceil(step.context / block_size)

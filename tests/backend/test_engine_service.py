@@ -106,7 +106,7 @@ def test_every_path_ends_with_exactly_one_final(tiny_path, monkeypatch) -> None:
 
 def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny_path, monkeypatch) -> None:
     service = _service(tiny_path)
-    runner = service.engine.runner
+    runner = service.engine.executor.runner
     real_execute = runner.execute
     calls = {"n": 0}
 
@@ -216,7 +216,7 @@ def test_the_engines_long_lived_objects_are_out_of_the_collectors_way(tiny_path)
     service = _service(tiny_path)
     try:
         assert gc.get_freeze_count() > 0
-        model = service.engine.runner.model
+        model = service.engine.executor.runner.model
         assert all(obj is not model for obj in gc.get_objects(generation=2))
         sink = FakeSink()
         service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=3, ignore_eos=True)), sink)

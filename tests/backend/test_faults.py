@@ -33,14 +33,14 @@ def test_each_kind_does_what_it_says(monkeypatch) -> None:
     slept: list[float] = []
     monkeypatch.setattr(faults, "time", SimpleNamespace(sleep=slept.append))  # the stall's sleep, recorded
     hook = FaultInjector(parse_fault_spec("step:token=5;fatal:token=6;stall:token=7"))
-    hook(_step([1, 2], [3]))  # no marker: nothing happens
+    hook.before_forward(_step([1, 2], [3]))  # no marker: nothing happens
     with pytest.raises(InjectedFault, match=r"step fault \(token=5\).*req-0, req-1"):
-        hook(_step([1], [4, 5]))
+        hook.before_forward(_step([1], [4, 5]))
     with pytest.raises(EngineDeadError, match="fatal fault"):
-        hook(_step([6]))
+        hook.before_forward(_step([6]))
     assert slept == []
-    hook(_step([1], [7]))  # a stall: the step is held, then goes on without an error
+    hook.before_forward(_step([1], [7]))  # a stall: the step is held, then goes on without an error
     assert slept == [faults.STALL_SECONDS]
     assert hook.faults == 3
-    hook(_step())  # an empty step is not counted
+    hook.before_forward(_step())  # an empty step is not counted
     assert hook.steps == 4

@@ -8,16 +8,13 @@ EOS, STOP_ID, OTHER = 2, 7, 5
 STOP_IDS = frozenset({EOS, STOP_ID})
 
 
-def _check(token_id=OTHER, stop_string=None, num_output_tokens=1, num_tokens=10, max_tokens=4,
-           max_model_len=32):  # fmt: skip
-    return check_stop(
-        token_id, stop_string, num_output_tokens, num_tokens, STOP_IDS, max_tokens, max_model_len
-    )
+def _check(token_id=OTHER, stop_string=None, num_output_tokens=1, max_tokens=4):
+    return check_stop(token_id, stop_string, num_output_tokens, STOP_IDS, max_tokens)
 
 
 def test_an_ordinary_token_below_every_limit_goes_on() -> None:
     assert _check() is None
-    assert check_stop(OTHER, None, 1, 10, frozenset(), 4, 32) is None  # no stop ids at all
+    assert check_stop(OTHER, None, 1, frozenset(), 4) is None  # no stop ids at all
 
 
 @pytest.mark.parametrize("token_id", [EOS, STOP_ID])
@@ -36,16 +33,9 @@ def test_max_tokens_ends_at_exactly_the_last_token(num_output_tokens: int, expec
     assert _check(num_output_tokens=num_output_tokens, max_tokens=4) == expected
 
 
-@pytest.mark.parametrize(
-    ("num_tokens", "expected"), [(31, None), (32, ("length", None)), (33, ("length", None))]
-)
-def test_max_model_len_ends_at_exactly_the_full_sequence(num_tokens: int, expected) -> None:
-    assert _check(num_tokens=num_tokens, max_model_len=32, max_tokens=100) == expected
-
-
 def test_precedence_stop_token_then_stop_string_then_length() -> None:
     """A token can meet several conditions at once; the reason reported is the first of the list."""
-    at_both_limits = {"num_output_tokens": 4, "max_tokens": 4, "num_tokens": 32, "max_model_len": 32}
+    at_both_limits = {"num_output_tokens": 4, "max_tokens": 4}
     assert _check(STOP_ID, "###", **at_both_limits) == ("stop", STOP_ID)
     assert _check(OTHER, "###", **at_both_limits) == ("stop", "###")
     assert _check(OTHER, None, **at_both_limits) == ("length", None)

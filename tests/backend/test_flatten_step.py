@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from inflight.backend.executor.model_runner import SMALL_STEP_TOKENS, flatten_step
+from inflight.backend.executor.step_inputs import SMALL_STEP_TOKENS, flatten_step
 from inflight.batching.scheduler_types import ScheduledRequest, SchedulerOutput
 
 

@@ -17,12 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from inflight.backend.executor.layers.attention import AttentionMetadata
 from inflight.backend.executor.layers.embedding import VocabParallelEmbedding
 from inflight.backend.executor.layers.linear import RowParallelLinear
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import ModelRunner
 from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.step_inputs import AttentionMetadata
 from inflight.backend.executor.weight_loader import load_model
 
 from ..engine.tiny_models import build_tiny_checkpoint

@@ -52,13 +52,13 @@ def _run(
 def _record_steps(llm: LLM) -> list:
     """Every SchedulerOutput the runner executes from now on, in order."""
     seen = []
-    execute = llm.engine.runner.execute
+    execute = llm.engine.executor.runner.execute
 
     def recording_execute(out, pending=None):
         seen.append(out)
         return execute(out, pending)
 
-    llm.engine.runner.execute = recording_execute
+    llm.engine.executor.runner.execute = recording_execute
     return seen
 
 
@@ -103,13 +103,11 @@ def _serve(engine, prompts, params, arrive_at: list[int], monkeypatch):
     """The serving loop's order: wait for a small step (handling what it returns), take in the requests due,
     step. Returns each request's tokens and finish reason, (in-flight step size, waited) before each
     iteration, and how many first tokens the waits returned."""
-    from inflight.backend.engine import engine as engine_module
+    from inflight.backend.executor.executor import StepHandle
 
     waits_on_device = []
-    wait = engine_module._HostTokens.wait
-    monkeypatch.setattr(
-        engine_module._HostTokens, "wait", lambda self: (waits_on_device.append(1), wait(self))
-    )
+    wait = StepHandle.wait
+    monkeypatch.setattr(StepHandle, "wait", lambda self: (waits_on_device.append(1), wait(self)))
     tokens: dict[str, list[int]] = {}
     finish: dict[str, str] = {}
     waits, early_firsts = [], 0
@@ -122,7 +120,7 @@ def _serve(engine, prompts, params, arrive_at: list[int], monkeypatch):
                 finish[out.request_id] = out.finish_reason
 
     for iteration in range(400):
-        inflight, before = engine._inflight, len(waits_on_device)
+        inflight, before = engine._overlap.in_flight, len(waits_on_device)
         early = engine.wait_for_small_step()
         early_firsts += sum(1 for out in early if out.new_token_ids and not tokens[out.request_id])
         take(early)
@@ -181,7 +179,7 @@ def test_abort_while_a_step_is_in_flight_frees_everything(tiny_llama: Path) -> N
     tokens: dict[str, list[int]] = {f"r{i}": [] for i in range(3)}
     for step in range(200):
         if step == 4:
-            assert engine._inflight is not None  # a step is in flight when the abort comes
+            assert engine._overlap.in_flight is not None  # a step is in flight when the abort comes
             assert engine.abort("r1")
         for out in engine.step():
             tokens[out.request_id] += out.new_token_ids

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from inflight.backend.executor.cuda_graphs import MixedGraphs, graph_batch_sizes, graph_token_sizes, pack_step
-from inflight.backend.executor.model_runner import flatten_step
+from inflight.backend.executor.step_inputs import flatten_step
 from inflight.batching import ScheduledRequest, SchedulerOutput
 
 
@@ -106,7 +106,7 @@ class _EagerReplay:
         self.graphs, self.key, self.max_query_len = graphs, key, max_query_len
 
     def replay(self) -> None:
-        from inflight.backend.executor.layers.attention import AttentionMetadata
+        from inflight.backend.executor.step_inputs import AttentionMetadata
 
         g, (T, S) = self.graphs, self.key
         g._unpack(T, S)

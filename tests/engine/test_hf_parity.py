@@ -68,13 +68,13 @@ def test_tiny_preempted_and_swapped_matches_hf(tiny_model: TinyModel, host_block
     scheduler = llm.engine.scheduler
     assert scheduler.kv_cache_manager.num_host_blocks == host_blocks
     swaps: list[tuple[list, list]] = []
-    real_swap = llm.engine.runner.swap
+    real_swap = llm.engine.executor.runner.swap
 
     def swap(swap_out, swap_in):
         swaps.append((list(swap_out), list(swap_in)))
         real_swap(swap_out, swap_in)
 
-    llm.engine.runner.swap = swap
+    llm.engine.executor.runner.swap = swap
     outputs = llm.generate(prompts, GREEDY)
     _assert_matches(outputs, prompts, tiny_model.reference)
     swapped = scheduler.num_swapped_out_total

@@ -168,7 +168,9 @@ def test_bad_requests_name_the_problem(llm: LLM) -> None:
         llm.generate([[]], GREEDY)
     with pytest.raises(ValueError, match=r"max_model_len is 512.*at most 511"):
         llm.generate([[5] * 512], GREEDY)
-    llm.generate([[5] * 511], SamplingParams(max_tokens=4, temperature=0))  # the longest prompt that fits
+    # The longest prompt that fits leaves room for exactly one token, whatever max_tokens asks.
+    (out,) = llm.generate([[5] * 511], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 1 and out.finish_reason == "length"
     with pytest.raises(ValueError, match=r"token id 49152 \(element 1\) is outside the vocabulary"):
         llm.generate([[5, 49152]], GREEDY)
     with pytest.raises(ValueError, match=r"token id -1 \(element 2\) is outside the vocabulary"):
@@ -180,6 +182,21 @@ def test_bad_requests_name_the_problem(llm: LLM) -> None:
         llm.generate("word " * 200_000, GREEDY)
     assert llm.engine.scheduler.kv_cache_manager.num_used_blocks == 0
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_max_tokens_past_max_model_len_is_refused_at_the_engine_and_the_room_caps_the_rest(llm: LLM) -> None:
+    """The engine's entry refuses max_tokens above max_model_len (LLM and the Triton model share it); up to
+    max_model_len it is accepted and the room the prompt leaves ends the request ("length")."""
+    with pytest.raises(ValueError, match=r"max_tokens is 513, more than max_model_len \(512\)"):
+        llm.generate([[5] * 8], SamplingParams(max_tokens=513, temperature=0))
+    with pytest.raises(ValueError, match="max_tokens is 513"):  # checked before any request is queued
+        llm.generate([[5] * 8, [6] * 8], [SamplingParams(max_tokens=4), SamplingParams(max_tokens=513)])
+    assert not llm.engine.has_unfinished_requests()
+    (out,) = llm.generate([[5] * 500], SamplingParams(max_tokens=512, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 12 and out.finish_reason == "length"
+    (out,) = llm.generate([[5] * 500], SamplingParams(max_tokens=11, temperature=0, ignore_eos=True))
+    assert len(out.token_ids) == 11 and out.finish_reason == "length"
+    assert llm.engine.scheduler.kv_cache_manager.num_used_blocks == 0
 
 
 def test_bad_engine_options_name_the_option(smollm2_path, tmp_path) -> None:

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+from benchmarks.gpu_timing import GpuStepTimer
 from inflight import LLM, SamplingParams
 
 from ..conftest import copy_tokenizer
@@ -47,7 +48,7 @@ def test_tiny_fp32_greedy_matches_hf_on_gpu(name: str, graphs: bool, tmp_path, t
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
     for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
         assert out.token_ids == _hf_greedy(hf, prompt, 24), f"{name} prompt {i} differs from HF"
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     assert (runner.graphs is not None) == graphs
     if graphs:  # the prompts' step (8 sequences, 248 tokens) replayed a mixed-step graph
         assert runner.mixed_graphs is not None and runner.mixed_graphs.replays > 0
@@ -70,7 +71,7 @@ def test_tiny_fp32_preempted_and_swapped_matches_hf(tmp_path, tokenizer_dir) -> 
     block = kv_cache_bytes_per_block(cfg, 16, torch.float32, cfg.num_kv_heads)
     llm = LLM(str(path), dtype="float32", device="cuda", max_model_len=112, max_num_seqs=8,
               kv_cache_memory_bytes=9 * block, swap_space_bytes=40 * block)  # fmt: skip
-    assert llm.engine.runner.host_kv_cache.is_pinned()
+    assert llm.engine.executor.runner.host_kv_cache.is_pinned()
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0))
     for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
         assert out.token_ids == _hf_greedy(hf, prompt, 24), f"prompt {i} differs from HF"
@@ -96,7 +97,7 @@ def test_tiny_fp32_mixed_graphs_chunked_prefix_cached_match_hf(name: str, tmp_pa
     outputs = llm.generate(prompts, SamplingParams(max_tokens=20, temperature=0))
     for i, (out, prompt) in enumerate(zip(outputs, prompts, strict=True)):
         assert out.token_ids == _hf_greedy(hf, prompt, 20), f"{name} prompt {i} differs from HF"
-    mixed = llm.engine.runner.mixed_graphs
+    mixed = llm.engine.executor.runner.mixed_graphs
     assert mixed is not None and mixed.replays > 0 and mixed.token_sizes[-1] == 200
     # The second pass hits the prefix cache (chunks start past a cached prefix), one prompt at a time.
     for prompt in prompts[:3]:
@@ -118,7 +119,7 @@ def _first_step_logits(llm: LLM, prompts: list[list[int]]) -> torch.Tensor:
     for i, prompt in enumerate(prompts):
         engine.add_request(f"logits-{i}", prompt, SamplingParams(max_tokens=1, temperature=0))
     sched = engine.scheduler.schedule()
-    logits = engine.runner.execute(sched).logits.float()
+    logits = engine.executor.runner.execute(sched).logits.float()
     for r in sched.scheduled:
         engine.abort(r.request_id)
     engine.step()
@@ -137,7 +138,7 @@ def _teacher_forced_top1(llm: LLM, prompts: list[list[int]], forced: list[list[i
     ours: dict[str, list[int]] = {f"tf-{i}": [] for i in range(len(prompts))}
     while any(len(v) < steps for v in ours.values()):
         sched = engine.scheduler.schedule()
-        out = engine.runner.execute(sched)
+        out = engine.executor.runner.execute(sched)
         feed = {}
         for rid, tok in zip(out.request_ids, out.logits.argmax(-1).tolist(), strict=True):
             step = len(ours[rid])
@@ -252,7 +253,7 @@ def test_no_kernel_compiles_after_start_for_new_lengths(tmp_path, tokenizer_dir)
     # Eager prefills of 100, 300 and 37 + 250 tokens: block tables 7, 19 and 16 blocks wide (the start-up
     # pass had 32); the 40-token step of four prompts and every decode replay graphs.
     _generate_compiling_nothing(llm, [[100], [300], [37, 250], [7, 9, 11, 13]])
-    assert llm.engine.runner.mixed_graphs.replays > 0
+    assert llm.engine.executor.runner.mixed_graphs.replays > 0
 
 
 def test_no_kernel_compiles_in_eager_decode_of_new_lengths(tmp_path, tokenizer_dir) -> None:
@@ -266,20 +267,19 @@ def test_no_kernel_compiles_in_eager_decode_of_new_lengths(tmp_path, tokenizer_d
 
 
 def test_step_timing_accounts_for_the_run(tmp_path, tokenizer_dir) -> None:
-    """The benchmarks' device timing: one start/end pair per step, busy time within the wall time, and the
+    """The benchmarks' device timing (a step observer): one start/end pair per step, busy time within the wall time, and the
     idle gaps between steps adding up (none negative, the largest listed first)."""
     import time
 
     llm = _tiny_llm(tmp_path, tokenizer_dir)
-    engine = llm.engine
-    engine.start_gpu_timing()
+    timer = GpuStepTimer.attach(llm.engine)
     start = time.perf_counter()
     llm.generate(
         _prompts(3, [20, 30, 45, 60], 49152), SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     )
     wall = time.perf_counter() - start
-    kinds = engine.gpu_step_breakdown()
-    idle = engine.gpu_idle_gaps(top=3)
+    kinds = timer.breakdown()
+    idle = timer.idle_gaps(top=3)
     steps = sum(k["steps"] for k in kinds.values())
     busy = sum(k["gpu_seconds"] for k in kinds.values())
     assert steps == idle["steps"] >= 12 and kinds["decode"]["steps"] >= 10

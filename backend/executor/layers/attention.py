@@ -7,28 +7,14 @@ every sequence has one new token, else varlen prefill attention); on CPU the tor
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from inflight.backend.executor.layers.rotary import RotaryEmbedding
+from inflight.backend.executor.step_inputs import AttentionMetadata
 from inflight.kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
 from inflight.kernels.rotary import rotary_embedding_reference
-
-
-@dataclass
-class AttentionMetadata:
-    """Where a step's tokens sit in the paged KV cache; built once per step by the model runner."""
-
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset; -1 = padding
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32, padded with the null block 0
-    seq_lens_tensor: torch.Tensor  # [num_seqs] int32: cached tokens after this step
-    query_start_loc_tensor: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: list[int]  # the same on the host (the CPU reference path)
-    query_start_loc: list[int]
-    max_query_len: int
-    max_seq_len: int  # an upper bound of seq_lens (a CUDA graph uses max_model_len)
 
 
 class Attention(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from inflight.backend.executor.layers.activation import SiluAndMul
-from inflight.backend.executor.layers.attention import Attention, AttentionMetadata
+from inflight.backend.executor.layers.attention import Attention
 from inflight.backend.executor.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from inflight.backend.executor.layers.linear import (
     MergedColumnParallelLinear,
@@ -22,6 +22,7 @@ from inflight.backend.executor.layers.norm import RMSNorm
 from inflight.backend.executor.layers.rotary import RotaryEmbedding
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.step_inputs import AttentionMetadata
 
 # checkpoint name piece -> (our fused parameter's name piece, shard id)
 _FUSED_SHARDS = {
