@@ -84,6 +84,7 @@ gpu-carry: model
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -p no:randomly tests/test_architecture.py  # the floors' import contracts (import-linter)
 
 format: setup
 	$(VENV)/bin/ruff format .

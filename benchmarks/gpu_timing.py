@@ -81,7 +81,12 @@ class GpuStepTimer:
             "gaps_over_1ms": sum(1 for g, *_ in gaps if g >= 1.0),
             "idle_in_gaps_over_1ms_s": round(sum(g for g, *_ in gaps if g >= 1.0) / 1e3, 4),
             "largest": [
-                {"ms": round(g, 2), "before_step": i, "kind": "decode" if d else "prefill_or_mixed", "tokens": n}
+                {
+                    "ms": round(g, 2),
+                    "before_step": i,
+                    "kind": "decode" if d else "prefill_or_mixed",
+                    "tokens": n,
+                }
                 for g, i, d, n in sorted(gaps, reverse=True)[:top]
             ],
         }
