@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.append(str(Path(__file__).resolve().parents[2]))  # last: kernels/ shadows HF's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import copy_bandwidth_gbs, environment, matmul_tflops, write_result  # noqa: E402
 from inflight.kernels.paged_decode_attention import (  # noqa: E402

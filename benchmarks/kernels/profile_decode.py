@@ -16,7 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 if __package__ in (None, ""):
-    sys.path.append(str(Path(__file__).resolve().parents[2]))  # last: kernels/ shadows HF's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.random_models import build_random_model  # noqa: E402
 

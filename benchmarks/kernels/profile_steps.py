@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 if __package__ in (None, ""):
-    sys.path.append(str(Path(__file__).resolve().parents[2]))  # last: kernels/ shadows HF's
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import ceilings, environment, write_result  # noqa: E402
 from benchmarks.random_models import SHAPES  # noqa: E402
