@@ -148,7 +148,7 @@ class EngineDirectTarget:
 
     def __call__(self, spec: RequestSpec, on_response: OnResponse) -> None:
         from inflight.backend.engine.sampling_params import SamplingParams
-        from inflight.backend.serving.triton_inputs import GenerateRequest
+        from inflight.backend.serving.request import GenerateRequest
 
         request = GenerateRequest(
             prompt=list(spec.prompt_ids), params=SamplingParams(**sampling_options(spec)), stream=True,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
-from inflight.backend.serving.triton_inputs import GenerateRequest
+from inflight.backend.serving.request import GenerateRequest
 
 
 def _strings(*values: str) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Runs the engine behind Triton: an engine thread that steps it, a response thread that sends.
+"""The serving floor's engine thread and response thread: they run the engine behind Triton.
 
 ::
 
@@ -9,13 +9,14 @@
                                     outbox ──► response thread: sink.send(..., final)
 
 Every request gets exactly one final response: on success, bad input (INVALID_ARG), a full queue
-(UNAVAILABLE), cancellation, an engine fault (INTERNAL) and shutdown. The service knows nothing of Triton:
-``triton_model`` wraps each request's response sender as a ``ResponseSink``.
+(UNAVAILABLE), cancellation, an engine fault (INTERNAL) and shutdown. Triton's objects reach the service
+only as each request's ``ResponseSink`` (``triton_model`` wraps a response sender as one, tests and the
+benchmarks pass their own); it takes a parsed ``GenerateRequest`` (``triton_inputs`` reads one from Triton's
+input tensors) and has ``responses`` build the numpy output tensors that the sink sends.
 """
 
 from __future__ import annotations
 
-import enum
 import gc
 import logging
 import queue
@@ -23,17 +24,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from inflight.backend.engine import gc_freeze
 from inflight.backend.engine.engine import LLMEngine
 from inflight.backend.engine.outputs import RequestOutput
-from inflight.backend.serving.metrics import METRICS_FLUSH_INTERVAL_S, EngineMetrics
+from inflight.backend.serving.metrics import EngineMetrics
+from inflight.backend.serving.metrics_writer import MetricsWriter
+from inflight.backend.serving.request import (
+    CLOSED_SINK,
+    ErrorKind,
+    GenerateRequest,
+    ResponseSink,
+    ServiceError,
+)
 from inflight.backend.serving.responses import build_outputs
-from inflight.backend.serving.triton_inputs import GenerateRequest
 from inflight.batching import QueueFullError
 
 logger = logging.getLogger("inflight")
@@ -52,137 +58,6 @@ def tune_interpreter_for_serving() -> None:
 
 _STREAM = object()  # an outbox entry's outputs: build the stream's response from its unsent tokens
 _SCHEDULER_STATS_INTERVAL_S = 0.1  # the scheduler gauges are published at most this often (and when idle)
-
-
-class _MetricsWriter:
-    """Applies metric updates on a thread of its own and pushes them to Triton every `flush_interval_s`.
-
-    NOTE: behind Triton every metric push is a round trip from the stub to the server. Made per token on
-    the engine thread they slowed a 256-stream decode step by about 2x, so the engine thread hands over one
-    batch per step. Pushed per batch, they still kept this thread in round trips nearly all the time on the
-    2-core CPU machine, and a stub killed (kill -9, the OOM killer) in the middle of one aborted tritonserver
-    2.51 itself (boost::interprocess::lock_exception in ProcessMetricRequest): about 1 in 10 stub kills under
-    4 live streams. The updates are held in the process (`EngineMetrics.flush`) and pushed as net changes,
-    at most one push per changed metric per interval.
-    """
-
-    def __init__(self, metrics: EngineMetrics, flush_interval_s: float = METRICS_FLUSH_INTERVAL_S) -> None:
-        self.metrics = metrics
-        self.flush_interval_s = flush_interval_s
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name="inflight-metrics", daemon=True)
-        self._thread.start()
-
-    def put(self, fn: Callable[..., None], *args: object) -> None:
-        self._queue.put((fn, args))
-
-    def close(self) -> None:
-        """Apply what is queued, push everything, then stop."""
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-
-    def _loop(self) -> None:
-        next_flush = time.monotonic() + self.flush_interval_s
-        while True:
-            try:
-                items = [self._queue.get(timeout=max(0.0, next_flush - time.monotonic()))]
-            except queue.Empty:
-                items = []
-            while True:  # everything queued meanwhile: the steps' token records are applied as one
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            steps = [args for fn, args in (i for i in items if i is not None) if fn is _record_step]
-            if steps:
-                merged = (steps[0][0], sum(a[1] for a in steps), [v for a in steps for v in a[2]],
-                          [v for a in steps for v in a[3]])  # fmt: skip
-                self._apply(_record_step, merged)
-            stopping = False
-            for item in items:
-                if item is None:
-                    stopping = True
-                    break
-                if item[0] is not _record_step:
-                    self._apply(*item)
-            if stopping or time.monotonic() >= next_flush:
-                self._apply(self.metrics.flush, (True,))
-                next_flush = time.monotonic() + self.flush_interval_s
-            if stopping:
-                return
-
-    @staticmethod
-    def _apply(fn: Callable[..., None], args: tuple) -> None:
-        try:
-            fn(*args)
-        except Exception:  # noqa: BLE001 - metrics must never take the service down
-            logger.warning("a metric update failed", exc_info=True)
-
-
-def _record_step(metrics: EngineMetrics, num_tokens: int, ttfts: list[float], itls: list[float]) -> None:
-    if num_tokens:
-        metrics.generation_tokens.increment(num_tokens)
-    metrics.ttft.observe_many(ttfts)
-    metrics.itl.observe_many(itls)
-
-
-class _ClosedSink:
-    """What a request's sink becomes after its final response (its response sender is released)."""
-
-    def send(self, outputs: object, error: object, final: bool) -> None:
-        raise RuntimeError("the final response was already sent")
-
-    def is_cancelled(self) -> bool:
-        return True
-
-
-_CLOSED_SINK = _ClosedSink()
-
-
-class ErrorKind(enum.Enum):
-    INVALID_ARG = "INVALID_ARG"
-    UNAVAILABLE = "UNAVAILABLE"
-    INTERNAL = "INTERNAL"
-    CANCELLED = "CANCELLED"
-
-
-@dataclass(frozen=True)
-class ServiceError:
-    kind: ErrorKind
-    message: str
-
-
-class ResponseSink(Protocol):
-    """Where one request's responses go (a Triton response sender, or a test double)."""
-
-    def send(
-        self, outputs: dict[str, np.ndarray] | None, error: ServiceError | None, final: bool
-    ) -> None: ...
-
-    def is_cancelled(self) -> bool: ...
-
-
-@dataclass
-class LiveRequest:
-    """A request between submit and its final response."""
-
-    request_id: str
-    request: GenerateRequest
-    sink: ResponseSink
-    arrival: float
-    prompt_token_ids: list[int] = field(default_factory=list)
-    prompt_text: str = ""
-    text: list[str] = field(default_factory=list)  # non-streamed: all text so far
-    token_ids: list[int] = field(default_factory=list)  # non-streamed: all ids; streamed: ids not yet sent
-    logprobs: list = field(default_factory=list)
-    # Streamed: text not yet sent, the newest delta, and whether the response thread has it queued.
-    unsent_text: list[str] = field(default_factory=list)
-    last_delta: RequestOutput | None = None
-    send_queued: bool = False
-    num_output_tokens: int = 0
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-    cancelled: bool = False
 
 
 def _prompt_field(prompt: object) -> str:
@@ -218,14 +93,14 @@ class EngineService:
         self._cancelled: list[str] = []  # found by the last poll, aborted after the step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._live: dict[str, LiveRequest] = {}
+        self._live: dict[str, GenerateRequest] = {}
         self._next_id = 0
         self._num_open = 0  # submitted requests whose final response has not been sent yet
         self._lock = threading.Lock()
         self._stream_lock = threading.Lock()  # guards the unsent parts of streamed requests
         self._accepting = True
         self.fatal_error: str | None = None
-        self._metrics_writer = _MetricsWriter(metrics) if metrics is not None else None
+        self._metrics_writer = MetricsWriter(metrics) if metrics is not None else None
         self._step_tokens, self._step_ttfts, self._step_itls = 0, [], []  # this step's, for the writer
         self._last_stats_time = 0.0
         self._engine_thread = threading.Thread(target=self._engine_loop, name="inflight-engine", daemon=True)
@@ -250,24 +125,28 @@ class EngineService:
         return self.fatal_error is None and self._engine_thread.is_alive()
 
     def submit(self, request: GenerateRequest, sink: ResponseSink) -> str:
-        """Queue a validated request (any thread); returns the engine's id for it."""
+        """Queue a validated request (any thread); returns the engine's id for it. The request is the
+        service's from here on: its id, sink and arrival are set now, its state kept until its final."""
+        if request.request_id:
+            raise ValueError(f"request {request.request_id} was submitted already: submit a new one")
         with self._lock:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
             self._num_open += 1
             self._set_open_gauge()
-        live = LiveRequest(request_id, request, sink, time.monotonic())
+        request.request_id, request.sink, request.arrival = request_id, sink, time.monotonic()
         if not self._accepting:
-            refusal = (live, None, ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down"), True)
+            refusal = ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down")
         elif not self.is_healthy:
-            refusal = (live, None, self._dead_error(), True)
+            refusal = self._dead_error()
         else:
-            self._inbox.put(("add", live))
+            self._inbox.put(("add", request))
             return request_id
         if self._response_thread.is_alive():
-            self._outbox.put(refusal)
+            self._outbox.put((request, None, refusal, True))
         else:  # after shutdown nothing else would answer
-            sink.send(None, refusal[2], True)
+            request.sink = CLOSED_SINK  # released with the final, as _send does
+            sink.send(None, refusal, True)
         return request_id
 
     def shutdown(self, drain_timeout_s: float = 10.0) -> None:
@@ -342,15 +221,15 @@ class EngineService:
             except queue.Empty:
                 return True
 
-    def _add(self, live: LiveRequest) -> None:
+    def _add(self, live: GenerateRequest) -> None:
         error = None
         try:
-            ids = self.engine.prompts.token_ids(live.request.prompt)
+            ids = self.engine.prompts.token_ids(live.prompt)
         except ValueError as exc:
-            error = ServiceError(ErrorKind.INVALID_ARG, f"{_prompt_field(live.request.prompt)}: {exc}")
+            error = ServiceError(ErrorKind.INVALID_ARG, f"{_prompt_field(live.prompt)}: {exc}")
         else:
             try:
-                self.engine.add_checked_request(live.request_id, ids, live.request.params)
+                self.engine.add_checked_request(live.request_id, ids, live.params)
             except ValueError as exc:  # a sampling parameter past the engine's limits (the message names it)
                 error = ServiceError(ErrorKind.INVALID_ARG, str(exc))
             except QueueFullError as exc:
@@ -359,8 +238,8 @@ class EngineService:
             self._outbox.put((live, None, error, True))
             return
         live.prompt_token_ids = ids
-        if not live.request.stream and not live.request.exclude_input_in_output:
-            prompt = live.request.prompt
+        if not live.stream and not live.exclude_input_in_output:
+            prompt = live.prompt
             live.prompt_text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
         self._live[live.request_id] = live
         if self._metrics_writer is not None:
@@ -397,7 +276,7 @@ class EngineService:
             return
         metrics = writer.metrics
         if self._step_tokens:
-            writer.put(_record_step, metrics, self._step_tokens, self._step_ttfts, self._step_itls)
+            writer.record_step(self._step_tokens, self._step_ttfts, self._step_itls)
             self._step_tokens, self._step_ttfts, self._step_itls = 0, [], []
         now = time.monotonic()
         if (
@@ -433,7 +312,7 @@ class EngineService:
             else:
                 self._queue_response(live, out)
 
-    def _record_tokens(self, live: LiveRequest, out: RequestOutput, now: float) -> None:
+    def _record_tokens(self, live: GenerateRequest, out: RequestOutput, now: float) -> None:
         n = len(out.new_token_ids)
         if not n:
             return
@@ -448,8 +327,8 @@ class EngineService:
             live.first_token_time = now
         live.last_token_time = now
 
-    def _queue_response(self, live: LiveRequest, out: RequestOutput) -> None:
-        if live.request.stream:
+    def _queue_response(self, live: GenerateRequest, out: RequestOutput) -> None:
+        if live.stream:
             # NOTE: the response thread builds and sends a stream's response from everything unsent when it
             # gets to it, so a busy sender coalesces tokens (fewer, larger responses) instead of falling
             # behind and holding the engine thread. Every new token is sent, also one whose text is not out
@@ -475,11 +354,9 @@ class EngineService:
         live.text.append(out.new_text)
         if not out.finished:
             return
-        ids = (
-            live.token_ids if live.request.exclude_input_in_output else live.prompt_token_ids + live.token_ids
-        )
+        ids = live.token_ids if live.exclude_input_in_output else live.prompt_token_ids + live.token_ids
         outputs = build_outputs(
-            live.request,
+            live,
             live.prompt_text + "".join(live.text),
             ids,
             live.logprobs,
@@ -515,7 +392,7 @@ class EngineService:
             # one while this thread waits for the next.
             del item
 
-    def _send(self, live: LiveRequest, outputs: object, error: ServiceError | None, final: bool) -> None:
+    def _send(self, live: GenerateRequest, outputs: object, error: ServiceError | None, final: bool) -> None:
         start = time.monotonic()
         if outputs is _STREAM:
             outputs, final = self._take_stream_response(live)
@@ -530,12 +407,12 @@ class EngineService:
             metrics.responses_sent.increment(1)
             metrics.response_send_seconds.increment(time.monotonic() - start)
         if final:
-            live.sink = _CLOSED_SINK  # drop the response sender now (see _response_loop)
+            live.sink = CLOSED_SINK  # drop the response sender now (see _response_loop)
             with self._lock:
                 self._num_open -= 1
                 self._set_open_gauge()
 
-    def _take_stream_response(self, live: LiveRequest) -> tuple[dict[str, np.ndarray], bool]:
+    def _take_stream_response(self, live: GenerateRequest) -> tuple[dict[str, np.ndarray], bool]:
         """One response with every token of a stream not sent yet; final if the newest delta finished it."""
         with self._stream_lock:
             text, ids, logprobs, out = (
@@ -547,7 +424,7 @@ class EngineService:
             live.unsent_text, live.token_ids, live.logprobs = [], [], []
             live.send_queued = False
         assert out is not None
-        outputs = build_outputs(live.request, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids))
+        outputs = build_outputs(live, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids))
         return outputs, out.finished
 
     def _set_open_gauge(self) -> None:

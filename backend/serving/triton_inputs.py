@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from inflight.backend.engine.prompts import Prompt
 from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.serving.request import GenerateRequest
 
 # Scalar inputs that are sampling options (TensorRT-LLM spellings are mapped by SamplingParams.from_dict).
 SAMPLING_INPUTS = (
@@ -33,23 +33,9 @@ PROMPT_INPUTS = ("text_input", "input_ids", "messages")
 GetInput = Callable[[str], "np.ndarray | None"]
 
 
-@dataclass
-class GenerateRequest:
-    """One generation request as the engine service runs it."""
-
-    prompt: Prompt
-    params: SamplingParams
-    stream: bool = False
-    exclude_input_in_output: bool = False
-    return_finish_reason: bool = False
-    return_cumulative_logprob: bool = False
-    return_logprobs: bool = False
-    return_num_input_tokens: bool = False
-    return_num_output_tokens: bool = False
-
-
 def parse_request(get: GetInput) -> GenerateRequest:
-    """Build a request from ``get(name) -> numpy array or None`` (one call per declared input)."""
+    """Build a request from ``get(name) -> numpy array or None`` (one call per declared input); its
+    live state stays unset until ``EngineService.submit``."""
     prompt = _prompt(get)
     flags = {name: _bool(name, get(name)) for name in FLAG_INPUTS}
     options: dict[str, Any] = {}

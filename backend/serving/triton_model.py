@@ -19,12 +19,8 @@ from inflight.backend.engine.args import EngineArgs
 from inflight.backend.engine.engine import LLMEngine
 from inflight.backend.serving.faults import FaultInjector, parse_fault_spec
 from inflight.backend.serving.metrics import EngineMetrics, triton_metric_factory
-from inflight.backend.serving.service import (
-    EngineService,
-    ErrorKind,
-    ServiceError,
-    tune_interpreter_for_serving,
-)
+from inflight.backend.serving.request import ErrorKind, ServiceError
+from inflight.backend.serving.service import EngineService, tune_interpreter_for_serving
 from inflight.backend.serving.triton_inputs import (
     FLAG_INPUTS,
     LIST_INPUTS,

@@ -12,8 +12,8 @@ from inflight.backend.engine.args import EngineArgs
 from inflight.backend.engine.engine import LLMEngine
 from inflight.backend.engine.sampling_params import SamplingParams
 from inflight.backend.serving.metrics import EngineMetrics
-from inflight.backend.serving.service import EngineService, ErrorKind
-from inflight.backend.serving.triton_inputs import GenerateRequest
+from inflight.backend.serving.request import CLOSED_SINK, ErrorKind, GenerateRequest
+from inflight.backend.serving.service import EngineService
 
 from ..conftest import copy_tokenizer
 from ..engine.tiny_models import build_tiny_checkpoint
@@ -102,6 +102,28 @@ def test_every_path_ends_with_exactly_one_final(tiny_path, monkeypatch) -> None:
     assert [s.error.kind if s.error else None for s in burst] == [None] + [ErrorKind.UNAVAILABLE] * 7
     assert len(burst[0].responses) == 1 and len(burst[0].token_ids) == 2 + 2  # not streamed: prompt first
     assert service.engine.scheduler.kv_cache_manager.num_used_blocks == 0
+
+
+def test_a_request_is_submitted_once_and_lets_go_of_its_sink_with_its_final(tiny_path) -> None:
+    """submit gives the request its id, sink and arrival; the request keeps its own state until its final,
+    which releases the sink (a Triton response sender keeps the model loaded while referenced)."""
+    service = _service(tiny_path)
+    request, sink = GenerateRequest([5, 6], SamplingParams(max_tokens=3, ignore_eos=True)), FakeSink()
+    try:
+        assert request.request_id == "" and request.sink is CLOSED_SINK
+        request_id = service.submit(request, sink)
+        assert request.request_id == request_id
+        _wait_for_finals([sink])
+        with pytest.raises(ValueError, match="submitted already"):
+            service.submit(request, FakeSink())
+    finally:
+        service.shutdown()
+    _assert_one_final_each([sink])
+    assert sink.error is None and request.sink is CLOSED_SINK and service.num_open == 0
+    assert request.prompt_token_ids == [5, 6] and request.num_output_tokens == 3
+    late, late_sink = GenerateRequest([5], SamplingParams(max_tokens=3)), FakeSink()
+    service.submit(late, late_sink)  # after shutdown: refused at once, by submit itself
+    assert late_sink.error.kind is ErrorKind.UNAVAILABLE and late.sink is CLOSED_SINK
 
 
 def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny_path, monkeypatch) -> None:

@@ -14,13 +14,8 @@ import numpy as np
 import pytest
 
 from inflight.backend.engine.sampling_params import SamplingParams
-from inflight.backend.serving.triton_inputs import (
-    FLAG_INPUTS,
-    LIST_INPUTS,
-    SAMPLING_INPUTS,
-    GenerateRequest,
-    parse_request,
-)
+from inflight.backend.serving.request import GenerateRequest
+from inflight.backend.serving.triton_inputs import FLAG_INPUTS, LIST_INPUTS, SAMPLING_INPUTS, parse_request
 
 PROMPT = {"text_input": np.array([b"Hello"], dtype=object)}
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

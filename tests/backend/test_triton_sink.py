@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from inflight.backend.serving.service import ErrorKind, ServiceError
+from inflight.backend.serving.request import ErrorKind, ServiceError
 from inflight.backend.serving.triton_model import _TritonSink
 
 from .service_doubles import HANG_S
