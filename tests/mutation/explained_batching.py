@@ -197,4 +197,12 @@ BATCHING: list[Explained] = [
         "computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=None)",
         _RECORD_STATS_FALSY,
     ),
+    Explained(
+        "batching/scheduler.py",
+        "Scheduler.schedule",
+        "preempted = False",
+        "preempted = None",
+        "preempted is only read as `not preempted` (the guard of the waiting-request loop) and is only ever "
+        "set to True otherwise; None and False are both falsy, so the loop runs in exactly the same steps.",
+    ),
 ]
