@@ -1,4 +1,6 @@
-"""Request bookkeeping, KV block pool, prefix cache, KV-cache manager and scheduler. Pure Python."""
+"""Batching (under the engine floor): request bookkeeping, KV block pool, prefix cache, KV-cache manager
+and the scheduler, whose `SchedulerOutput` plans each step. Pure Python: never imports torch.
+May import: nothing of inflight (the engine, the executor and serving import it)."""
 
 from .block_hash import BlockHash, compute_block_hashes, hash_block_tokens
 from .block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
