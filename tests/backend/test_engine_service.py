@@ -79,6 +79,8 @@ def test_every_path_ends_with_exactly_one_final(tiny_path, monkeypatch) -> None:
             )
         bad = FakeSink()
         service.submit(GenerateRequest([5] * 200, SamplingParams(max_tokens=4)), bad)
+        too_many = FakeSink()  # the engine's own limit on max_tokens, shared with LLM
+        service.submit(GenerateRequest([5, 6], SamplingParams(max_tokens=100_000)), too_many)
         cancelled = FakeSink(cancel_at_check=3)
         service.submit(
             GenerateRequest([8, 9], SamplingParams(max_tokens=100, ignore_eos=True), stream=True), cancelled
@@ -87,14 +89,18 @@ def test_every_path_ends_with_exactly_one_final(tiny_path, monkeypatch) -> None:
         for sink in burst:
             service.submit(GenerateRequest([3, 4], SamplingParams(max_tokens=2, ignore_eos=True)), sink)
         gate.release_adds()
-        _wait_for_finals([*ok, bad, cancelled, *burst])
+        _wait_for_finals([*ok, bad, too_many, cancelled, *burst])
     finally:
         gate.release_adds()
         service.shutdown(drain_timeout_s=5)
-    _assert_one_final_each([*ok, bad, cancelled, *burst])
+    _assert_one_final_each([*ok, bad, too_many, cancelled, *burst])
     for sink in ok:  # every token exactly once
         assert len(sink.token_ids) == 40 and sink.error is None
-    assert bad.error.kind is ErrorKind.INVALID_ARG and "max_model_len" in bad.error.message
+    assert bad.error.kind is ErrorKind.INVALID_ARG and bad.error.message.startswith(
+        "input_ids: prompt has 200"
+    )
+    assert too_many.error.kind is ErrorKind.INVALID_ARG
+    assert too_many.error.message.startswith("max_tokens is 100000, more than max_model_len")
     # It waits behind the two running streams (max_num_seqs=2), polled every step: found at its third check.
     assert cancelled.responses == [(None, None, True)] and cancelled.checks == 3
     # Queued: the two streams, the cancelled one and the burst's first fill max_queue_size=4; the rest is
