@@ -90,6 +90,7 @@ class KVCacheManager:
 
         Only blocks lying entirely within the first `num_tokens - 1` tokens count: the last token
         must be computed to produce logits. Nothing is touched; pass the blocks to `allocate_slots`.
+        A request with `skip_prefix_cache` gets no hit.
 
         Args:
             request: a request with no computed tokens.
@@ -98,7 +99,7 @@ class KVCacheManager:
         Returns:
             (the cached blocks in order, the number of tokens they cover).
         """
-        if not self.enable_caching:
+        if not self.enable_caching or request.skip_prefix_cache:
             return [], 0
         max_num_hit_blocks = (request.num_tokens - 1) // self._block_size
         computed_blocks = []

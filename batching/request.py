@@ -48,6 +48,10 @@ class Request:
     the given limit clamped to the room its prompt leaves (``max_model_len - num_prompt_tokens``). The
     sequence cap `max_model_len` is expressed only through it: the scheduler never plans the KV of the
     token that reaches it, and the engine finishes the request when it reads that token.
+
+    `skip_prefix_cache` makes the request take no prefix-cache hits (it computes every token; its own full
+    blocks are still cached for others): the engine sets it for a request that wants the log-probabilities
+    of its prompt, which come only from computed positions.
     """
 
     def __init__(
@@ -57,6 +61,7 @@ class Request:
         block_size: int,
         arrival_index: int = 0,
         max_output_tokens: int | None = None,
+        skip_prefix_cache: bool = False,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
@@ -73,6 +78,7 @@ class Request:
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0
         self.max_output_tokens = max_output_tokens
+        self.skip_prefix_cache = skip_prefix_cache
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         # Prefix-cache hit (in tokens) found when the request was first scheduled.

@@ -46,7 +46,7 @@ class _StandIn:
         words = [tokenizer.encode(f" {w}", add_special_tokens=False)[0] for w in _WORDS]
         self.table = torch.tensor(words, dtype=torch.int64)
 
-    def execute(self, out: Any, pending: Any = None) -> Any:
+    def execute(self, out: Any, pending: Any = None, prompt_logprobs: Any = None) -> Any:
         from inflight.backend.executor.model_runner import ModelOutput
         from inflight.backend.executor.step_inputs import flatten_step
 

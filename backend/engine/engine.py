@@ -20,6 +20,7 @@ from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from inflight.backend.engine.finish import check_stop
 from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
 from inflight.backend.engine.overlap import StepOverlap
+from inflight.backend.engine.prompt_logprobs import PromptLogprobsState
 from inflight.backend.engine.prompts import Prompt, PromptProcessor
 from inflight.backend.engine.sampling_params import SamplingParams
 from inflight.backend.executor.executor import (
@@ -62,6 +63,7 @@ class _RequestState:
     stop_token_ids: frozenset[int]
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
+    prompt_logprobs: PromptLogprobsState | None = None  # when asked (see prompt_logprobs.py)
 
 
 class LLMEngine:
@@ -99,6 +101,7 @@ class LLMEngine:
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._overlap = StepOverlap(args.async_scheduling, args.async_scheduling_min_batch)
         self._history_ids: set[str] = set()  # requests whose sampling reads their output tokens
+        self._prompt_logprob_ids: set[str] = set()  # requests whose prompt logprobs are not complete
         self._arrivals = 0
 
     # ----------------------------------------------------------------------------------------- requests
@@ -116,9 +119,11 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         self.check_params(params)
-        # NOTE: the scheduler clamps max_output_tokens to the room the prompt leaves (max_model_len).
+        # NOTE: the scheduler clamps max_output_tokens to the room the prompt leaves (max_model_len). Prompt
+        # logprobs come from computed positions only: such a request takes no prefix-cache hit.
+        want_prompt = params.prompt_logprobs is not None
         request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals,
-                          max_output_tokens=params.max_tokens)  # fmt: skip
+                          max_output_tokens=params.max_tokens, skip_prefix_cache=want_prompt)  # fmt: skip
         state = _RequestState(
             request=request,
             params=params,
@@ -134,12 +139,15 @@ class LLMEngine:
             bad_words_token_ids=[
                 self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words
             ],
+            prompt_logprobs=PromptLogprobsState(prompt_ids, params.prompt_logprobs) if want_prompt else None,
         )
         self.scheduler.add_request(request)  # may raise QueueFullError; nothing is registered then
         self._arrivals += 1
         self._requests[request_id] = state
         if state.bad_words_token_ids or params.uses_penalties:
             self._history_ids.add(request_id)
+        if state.prompt_logprobs is not None and not state.prompt_logprobs.complete:
+            self._prompt_logprob_ids.add(request_id)
         return len(prompt_ids)
 
     def check_params(self, params: SamplingParams) -> None:
@@ -161,6 +169,7 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> _RequestState | None:
         self._history_ids.discard(request_id)
+        self._prompt_logprob_ids.discard(request_id)
         return self._requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -236,7 +245,14 @@ class LLMEngine:
         """Launch a step on the executor; a failure ends the step's requests (in ``outputs``)."""
         try:
             states = [self._requests[r.request_id] for r in scheduled.scheduled if r.needs_sample]
-            return self.executor.execute(scheduled, self._sampling_rows(states) if states else None, previous)
+            wanted = self._prompt_logprob_ids
+            prompt = {
+                r.request_id: state.executor_request()
+                for r in scheduled.scheduled
+                if r.request_id in wanted and (state := self._requests[r.request_id].prompt_logprobs)
+            } if wanted else None  # fmt: skip
+            return self.executor.execute(scheduled, self._sampling_rows(states) if states else None, previous,
+                                         prompt or None)  # fmt: skip
         except EngineDeadError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed step ends its own requests, not the engine
@@ -271,6 +287,12 @@ class LLMEngine:
         self.scheduler.append_sampled_tokens(step.sample_ids, token_ids)
         outputs = []
         requests, process = self._requests, self._process_token
+        for part in sampled.prompt_logprobs or ():
+            state = requests.get(part.request_id)
+            if state is not None and state.prompt_logprobs is not None:
+                state.prompt_logprobs.add(part)
+                if state.prompt_logprobs.complete:
+                    self._prompt_logprob_ids.discard(part.request_id)
         for i, (request_id, token_id) in enumerate(zip(step.sample_ids, token_ids, strict=True)):
             state = requests.get(request_id)
             if state is None:
@@ -325,6 +347,7 @@ class LLMEngine:
     ) -> RequestOutput:
         request = state.request
         with_logprobs = state.params.logprobs is not None
+        prompt = state.prompt_logprobs
         # NOTE: positional: keyword arguments made this 3x slower (1 us an output, 1,024 of them a step).
         return RequestOutput(
             request.request_id,
@@ -338,4 +361,5 @@ class LLMEngine:
             logprobs if with_logprobs else None,
             stop_reason,
             error,
+            prompt.take() if prompt is not None and token_ids else None,  # once, on the first token's delta
         )

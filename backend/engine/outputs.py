@@ -1,4 +1,10 @@
-"""What the engine returns: per-step deltas (streamed by the Triton model) and whole completions."""
+"""What the engine returns: per-step deltas (streamed by the Triton model) and whole completions.
+
+Prompt log-probabilities (``SamplingParams.prompt_logprobs``) are one list per request, one entry per prompt
+token: entry 0 is None (nothing precedes the first token), entry i a ``TokenLogprob`` of prompt token i as
+predicted at position i - 1 (its ``top``: the k best tokens there). They come whole, once, on the request's
+first delta (the one with its first token), and ``CompletionOutput.prompt_logprobs`` keeps them.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The log-probability of one generated token and, if asked, its top alternatives."""
+    """The log-probability of one generated (or prompt) token and, if asked, its top alternatives."""
 
     token_id: int
     logprob: float
@@ -29,6 +35,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # whole, on the first delta only (see above)
 
 
 @dataclass
@@ -43,6 +50,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     cumulative_logprob: float | None = None
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # when asked: [None, prompt token 1's, ...]
 
     @property
     def num_input_tokens(self) -> int:
@@ -59,5 +67,7 @@ class CompletionOutput:
         if delta.new_logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.new_logprobs
         self.cumulative_logprob = delta.cumulative_logprob
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finished:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason

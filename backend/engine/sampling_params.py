@@ -13,7 +13,7 @@ MAX_SEED = 2**63 - 1
 # NOTE: temperatures below this are treated as greedy (argmax); dividing logits by ~0 would overflow.
 GREEDY_TEMPERATURE = 1e-5
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs")
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
 # The allowed range of each float field, as named in error messages.
 _FLOAT_LIMITS = {
     "temperature": ">= 0",
@@ -27,7 +27,7 @@ _FLOAT_FIELDS = tuple(_FLOAT_LIMITS)
 _BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output")
 _STR_LIST_FIELDS = ("stop", "bad_words")
 _INT_LIST_FIELDS = ("stop_token_ids",)
-_OPTIONAL_FIELDS = ("max_tokens", "seed", "logprobs")
+_OPTIONAL_FIELDS = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
 
 # Names used by the TensorRT-LLM Triton backend, mapped to ours.
 _ALIASES = {
@@ -47,7 +47,10 @@ class SamplingParams:
 
     `max_tokens=None` means "up to the model's context length". `top_k` 0 or -1 turns top-k off.
     `logprobs` is the number of top alternatives returned per token (0: only the sampled token's
-    logprob). `bad_words` are kept as strings; the engine tokenizes them.
+    logprob). `prompt_logprobs` (None: off) asks for the log-probability of every prompt token after the
+    first under the model's raw distribution, with that many top alternatives per position (0: only the
+    prompt token's own): `CompletionOutput.prompt_logprobs`, as vLLM. `bad_words` are kept as strings;
+    the engine tokenizes them.
     """
 
     max_tokens: int | None = 16
@@ -67,6 +70,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     bad_words: list[str] = field(default_factory=list)
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -111,6 +115,8 @@ class SamplingParams:
             raise ValueError(f"seed must be in [0, 2**63 - 1], got {self.seed}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         for token_id in self.stop_token_ids:
             if token_id < 0:
                 raise ValueError(f"stop_token_ids must hold token ids >= 0, got {token_id}")
@@ -137,7 +143,7 @@ class SamplingParams:
         Numbers and booleans may arrive as strings ("12", "0.5", "true"); TensorRT-LLM backend names
         (`min_length`, `random_seed`, `stop_words`, `runtime_top_k`, `runtime_top_p`) are accepted, and
         `n` / `beam_width` only with the value 1. A null value means "use the default" except for the
-        fields where None has a meaning (`max_tokens`, `seed`, `logprobs`).
+        fields where None has a meaning (`max_tokens`, `seed`, `logprobs`, `prompt_logprobs`).
         """
         if not isinstance(values, Mapping):
             raise ValueError(f"sampling parameters must be a mapping, got {_describe(values)}")

@@ -20,6 +20,13 @@ import torch
 
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import ModelRunner, kv_cache_bytes_per_block
+from inflight.backend.executor.prompt_logprobs import (
+    PromptLogprobRequest,
+    PromptLogprobs,
+    PromptLogprobTensors,
+    PromptRows,
+)
+from inflight.backend.executor.prompt_logprobs import compute as compute_prompt_logprobs
 from inflight.backend.executor.sampler import RowParams, Sampler, SamplerOutput, SamplingBatch
 from inflight.backend.executor.step_inputs import PendingTokens
 from inflight.backend.executor.weight_loader import load_model
@@ -74,6 +81,7 @@ class SampledTokens:
     logprobs: list[float] | None  # log p(sampled token), when some row asked
     top_logprobs: list[list[float]] | None  # the best alternatives, best first, when some row asked
     top_token_ids: list[list[int]] | None
+    prompt_logprobs: list[PromptLogprobs] | None = None  # when some request of the step asked
 
 
 class StepObserver(Protocol):
@@ -88,12 +96,21 @@ class StepHandle:
     """A launched step: its sampled ids stay on the device (the next step's pending inputs) and are copied
     to the host, started at launch and read once."""
 
-    def __init__(self, scheduled: SchedulerOutput, sample_ids: list[str], out: SamplerOutput,
-                 device: torch.device) -> None:  # fmt: skip
+    def __init__(self, scheduled: SchedulerOutput, sample_ids: list[str], out: SamplerOutput | None,
+                 device: torch.device,
+                 prompt: tuple[PromptRows, PromptLogprobTensors] | None = None) -> None:  # fmt: skip
         self.scheduled = scheduled
         self.sample_ids = sample_ids  # the request of each sampled row
+        # NOTE: a step may sample nothing and still have prompt log-probabilities (a prompt's first chunks).
+        if out is None:
+            out = SamplerOutput(torch.empty(0, dtype=torch.int64, device=device))
         self._sampled = out.sampled_token_ids
         tensors = [out.sampled_token_ids, out.logprobs, out.top_logprobs, out.top_token_ids]
+        self._prompt_segments = None
+        if prompt is not None:
+            plan, lp = prompt
+            self._prompt_segments = plan.segments
+            tensors += [lp.logprobs, lp.top_logprobs, lp.top_token_ids]
         self._event = None
         if device.type == "cuda":
             # NOTE: pinned buffers and non_blocking copies: the host does not wait for the step here.
@@ -123,7 +140,12 @@ class StepHandle:
         """Waits for the copies (the step's one host synchronisation) and returns them as lists."""
         if self._read is None:
             self.wait()
-            self._read = SampledTokens(*(None if t is None else t.tolist() for t in self._tensors))
+            tensors = self._tensors
+            read = SampledTokens(*(None if t is None else t.tolist() for t in tensors[:4]))
+            if self._prompt_segments is not None:
+                lp = PromptLogprobTensors(*tensors[4:])
+                read.prompt_logprobs = lp.to_host(self._prompt_segments)
+            self._read = read
         return self._read
 
     def pending_tokens(self) -> PendingTokens:
@@ -223,23 +245,39 @@ class ModelExecutor:
             self.runner.swap(swap_out, swap_in)
 
     def execute(
-        self, scheduled: SchedulerOutput, rows: SamplingRows | None, previous: StepHandle | None = None
+        self,
+        scheduled: SchedulerOutput,
+        rows: SamplingRows | None,
+        previous: StepHandle | None = None,
+        prompt_logprobs: dict[str, PromptLogprobRequest] | None = None,
     ) -> StepHandle | None:
         """Launch a step's forward and its sampling (``rows``: the requests that sample, in scheduling
-        order); None when nothing samples. ``previous`` is the step in flight whose tokens are inputs of
-        this one's decodes (planned before they were read)."""
+        order); None when nothing samples and no prompt log-probabilities come. ``previous`` is the step in
+        flight whose tokens are inputs of this one's decodes (planned before they were read).
+        ``prompt_logprobs``: the step's requests that want their prompt's log-probabilities (those of
+        the positions this step computes come back in ``StepHandle.read().prompt_logprobs``)."""
         # NOTE: the batch is built before the forward, so its host-to-device copies do not wait for the GPU.
         batch = self._sampling_batch(rows) if rows is not None else None
         for observer in self.observers:
             observer.before_forward(scheduled)
         pending = previous.pending_tokens() if previous is not None else None
-        model_output = self.runner.execute(scheduled, pending)
+        model_output = self.runner.execute(scheduled, pending, prompt_logprobs)
         out = self.sampler(model_output.logits, batch) if batch is not None else None
+        plan, prompt = model_output.prompt_plan, None
+        if plan is not None:
+            assert model_output.prompt_hidden is not None
+            with torch.inference_mode():
+                prompt = (
+                    plan,
+                    compute_prompt_logprobs(
+                        model_output.prompt_hidden, plan, self.runner.model.compute_logits
+                    ),
+                )
         for observer in self.observers:
             observer.after_step(scheduled)
-        if out is None:
+        if out is None and prompt is None:
             return None
-        return StepHandle(scheduled, model_output.request_ids, out, self.device)
+        return StepHandle(scheduled, model_output.request_ids, out, self.device, prompt)
 
     def _sampling_batch(self, rows: SamplingRows) -> SamplingBatch:
         return SamplingBatch.build(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,7 @@ from torch import nn
 
 from inflight.backend.executor.cuda_graphs import DecodeGraphs, MixedGraphs, graph_batch_sizes
 from inflight.backend.executor.model_config import ModelConfig
+from inflight.backend.executor.prompt_logprobs import PromptLogprobRequest, PromptRows, prompt_rows
 from inflight.backend.executor.step_inputs import AttentionMetadata, PendingTokens, StepInputs, flatten_step
 from inflight.batching import SchedulerOutput
 
@@ -28,6 +29,8 @@ class ModelOutput:
 
     request_ids: list[str]
     logits: torch.Tensor  # [len(request_ids), vocab] fp32
+    prompt_hidden: torch.Tensor | None = None  # [len(prompt_plan.rows), hidden]: final hidden states
+    prompt_plan: PromptRows | None = None  # the step's prompt-logprob rows, if any request wants them
 
 
 def kv_cache_bytes_per_block(
@@ -215,14 +218,21 @@ class ModelRunner:
         return self.model(input_ids, self._to_device(inputs.positions), meta, rows)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, pending: PendingTokens | None = None) -> ModelOutput:
+    def execute(
+        self,
+        out: SchedulerOutput,
+        pending: PendingTokens | None = None,
+        prompt_logprobs: Mapping[str, PromptLogprobRequest] | None = None,
+    ) -> ModelOutput:
         """Run the model on one step; logits only for the rows that end a request's tokens.
 
         ``pending`` is the previous step's sampled tokens: a chunk whose last token is pending
-        (``last_token_pending``) takes its id from there.
+        (``last_token_pending``) takes its id from there. ``prompt_logprobs``: requests that want their
+        prompt's log-probabilities; the final hidden states of those rows come back too (``prompt_hidden``).
         """
         inputs = flatten_step(out, self.block_size)
         fill = self._pending_tokens(inputs, pending)
+        plan = prompt_rows(out, inputs.query_start_loc, prompt_logprobs) if prompt_logprobs else None
         num_seqs = len(inputs.seq_lens)
         if self.graphs is not None and inputs.is_decode and self.graphs.can_run(num_seqs):
             hidden = self.graphs.run(inputs, fill)
@@ -232,6 +242,11 @@ class ModelRunner:
             and self.mixed_graphs.can_run(len(inputs.input_ids), num_seqs)
         ):
             hidden = self.mixed_graphs.run(inputs, fill)
+        elif plan is not None:
+            # The last layer goes past attention for the sampled and the prompt-logprob rows only.
+            rows = inputs.logits_rows + plan.rows
+            hidden = self._forward_eager(inputs, fill, self._to_device(np.asarray(rows, dtype=np.int64)))
+            return self._with_prompt_rows(inputs, hidden, plan)
         elif inputs.logits_rows and len(inputs.logits_rows) < len(inputs.input_ids):
             # The last layer goes past attention for the sampled rows only (padded as ``_logits`` would).
             index = self._to_device(self._padded_rows(inputs.logits_rows))
@@ -239,9 +254,23 @@ class ModelRunner:
             return ModelOutput(inputs.sample_ids, self._head(hidden, len(inputs.logits_rows)))
         else:
             hidden = self._forward_eager(inputs, fill)
+        if plan is not None:
+            # NOTE: a graph computes every row (padding after them): pick the sampled rows, then the plan's.
+            rows = self._to_device(np.asarray(inputs.logits_rows + plan.rows, dtype=np.int64))
+            return self._with_prompt_rows(inputs, hidden.index_select(0, rows), plan)
         if not inputs.logits_rows:
             return ModelOutput([], hidden.new_empty((0, 0), dtype=torch.float32))
         return ModelOutput(inputs.sample_ids, self._logits(hidden, len(inputs.input_ids), inputs.logits_rows))
+
+    def _with_prompt_rows(self, inputs: StepInputs, picked: torch.Tensor, plan: PromptRows) -> ModelOutput:
+        """``picked``: the final hidden states of the sampled rows, then of ``plan.rows``."""
+        n = len(inputs.logits_rows)
+        logits = (
+            self._logits(picked, n + len(plan.rows), list(range(n)))
+            if n
+            else picked.new_empty((0, 0), dtype=torch.float32)
+        )
+        return ModelOutput(inputs.sample_ids, logits, picked[n:], plan)
 
     def warm_logits(self, max_rows: int, dtype: torch.dtype) -> None:
         """From now on the logits GEMM runs on a row count from ``graph_batch_sizes(max_rows)`` (the step's

@@ -80,6 +80,8 @@ class GenerateRequest:
     # non-streamed: all ids; streamed: ids not yet sent
     token_ids: list[int] = field(default_factory=list, repr=False)
     logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
+    # The prompt's logprobs (SamplingParams.prompt_logprobs) until the response that carries them is built.
+    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, repr=False)
     # Streamed: text not yet sent, the newest delta, and whether the response thread has it queued.
     unsent_text: list[str] = field(default_factory=list, repr=False)
     last_delta: RequestOutput | None = field(default=None, repr=False)

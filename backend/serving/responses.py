@@ -14,11 +14,14 @@ def _strings(*values: str) -> np.ndarray:
     return np.array([v.encode("utf-8") for v in values], dtype=np.object_)
 
 
-def logprobs_json(logprobs: list[TokenLogprob]) -> str:
-    """One JSON object per token: ``{"token_id": id, "logprob": lp, "top": {id: lp, ...}}``."""
+def logprobs_json(logprobs: list[TokenLogprob] | list[TokenLogprob | None]) -> str:
+    """One JSON object per token: ``{"token_id": id, "logprob": lp, "top": {id: lp, ...}}`` (null for a
+    prompt's first token, which has none)."""
     return json.dumps(
         [
-            {"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(t): v for t, v in lp.top}}
+            None
+            if lp is None
+            else {"token_id": lp.token_id, "logprob": lp.logprob, "top": {str(t): v for t, v in lp.top}}
             for lp in logprobs
         ]
     )
@@ -32,8 +35,10 @@ def build_outputs(
     out: RequestOutput,
     num_input_tokens: int,
     num_output_tokens: int,
+    prompt_logprobs: list[TokenLogprob | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The output tensors of one response: always ``text_output`` and ``output_ids``, the rest when asked."""
+    """The output tensors of one response: always ``text_output`` and ``output_ids``, the rest when asked
+    (``prompt_logprobs``: on the one response that carries them, see ``EngineService``)."""
     tensors = {"text_output": _strings(text), "output_ids": np.asarray(token_ids, dtype=np.int32)}
     if request.return_finish_reason and out.finished:
         tensors["finish_reason"] = _strings(out.finish_reason or "")
@@ -45,4 +50,6 @@ def build_outputs(
         tensors["num_input_tokens"] = np.array([num_input_tokens], dtype=np.uint32)
     if request.return_num_output_tokens:
         tensors["num_output_tokens"] = np.array([num_output_tokens], dtype=np.uint32)
+    if prompt_logprobs is not None:
+        tensors["prompt_logprobs"] = _strings(logprobs_json(prompt_logprobs))
     return tensors

@@ -341,6 +341,8 @@ class EngineService:
                 live.token_ids.extend(out.new_token_ids)
                 if out.new_logprobs:
                     live.logprobs.extend(out.new_logprobs)
+                if out.prompt_logprobs is not None:
+                    live.prompt_logprobs = out.prompt_logprobs  # sent with the next response, once
                 live.unsent_text.append(out.new_text)
                 live.last_delta = out
                 if (not out.new_token_ids and not out.finished) or live.send_queued:
@@ -351,6 +353,8 @@ class EngineService:
         live.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
             live.logprobs.extend(out.new_logprobs)
+        if out.prompt_logprobs is not None:
+            live.prompt_logprobs = out.prompt_logprobs
         live.text.append(out.new_text)
         if not out.finished:
             return
@@ -363,6 +367,7 @@ class EngineService:
             out,
             len(live.prompt_token_ids),
             live.num_output_tokens,
+            live.prompt_logprobs,
         )
         self._outbox.put((live, outputs, None, out.finished))
 
@@ -415,16 +420,19 @@ class EngineService:
     def _take_stream_response(self, live: GenerateRequest) -> tuple[dict[str, np.ndarray], bool]:
         """One response with every token of a stream not sent yet; final if the newest delta finished it."""
         with self._stream_lock:
-            text, ids, logprobs, out = (
+            text, ids, logprobs, out, prompt_logprobs = (
                 "".join(live.unsent_text),
                 live.token_ids,
                 live.logprobs,
                 live.last_delta,
+                live.prompt_logprobs,
             )
-            live.unsent_text, live.token_ids, live.logprobs = [], [], []
+            live.unsent_text, live.token_ids, live.logprobs, live.prompt_logprobs = [], [], [], None
             live.send_queued = False
         assert out is not None
-        outputs = build_outputs(live, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids))
+        outputs = build_outputs(
+            live, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids), prompt_logprobs
+        )
         return outputs, out.finished
 
     def _set_open_gauge(self) -> None:

@@ -21,7 +21,7 @@ from inflight.backend.serving.request import GenerateRequest
 # Scalar inputs that are sampling options (TensorRT-LLM spellings are mapped by SamplingParams.from_dict).
 SAMPLING_INPUTS = (
     "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "random_seed", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "min_tokens", "min_length", "ignore_eos",
+    "presence_penalty", "frequency_penalty", "min_tokens", "min_length", "ignore_eos", "prompt_logprobs",
 )  # fmt: skip
 LIST_INPUTS = ("stop", "stop_words", "bad_words")
 FLAG_INPUTS = (

@@ -138,11 +138,11 @@ def test_a_failing_step_ends_its_requests_and_the_engine_goes_on(tiny_path, monk
     real_execute = runner.execute
     calls = {"n": 0}
 
-    def flaky(out, pending=None):
+    def flaky(out, pending=None, prompt_logprobs=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("injected fault")
-        return real_execute(out, pending)
+        return real_execute(out, pending, prompt_logprobs)
 
     monkeypatch.setattr(runner, "execute", flaky)
     try:

@@ -147,6 +147,7 @@ SAMPLING_CASES = {
     "min_tokens": ("min_tokens", np.int32, "3", 3),
     "min_length": ("min_tokens", np.int32, "3", 3),  # TensorRT-LLM's name
     "ignore_eos": ("ignore_eos", np.bool_, "true", True),
+    "prompt_logprobs": ("prompt_logprobs", np.int32, "3", 3),
 }
 
 
@@ -284,6 +285,37 @@ def test_logprob_flags_ask_for_the_sampled_tokens_logprob(flag: str) -> None:
 def test_no_logprob_flag_leaves_logprobs_unset() -> None:
     assert _parse(stream=np.array([True])).params.logprobs is None
     assert _parse(sampling_parameters=_bytes('{"logprobs": 4}')).params.logprobs == 4
+
+
+def test_prompt_logprobs_as_input_or_in_sampling_parameters() -> None:
+    """prompt_logprobs asks for the prompt's logprobs alone: the sampled tokens' logprobs stay off."""
+    assert _parse(sampling_parameters=_bytes('{"prompt_logprobs": 2}')).params == _only("prompt_logprobs", 2)
+    assert _parse(sampling_parameters=_bytes('{"prompt_logprobs": "0"}')).params.prompt_logprobs == 0
+    assert _parse(prompt_logprobs=np.array([5], dtype=np.int32)).params == _only("prompt_logprobs", 5)
+    assert _parse().params.prompt_logprobs is None
+    for raw, message in [
+        ('{"prompt_logprobs": 21}', "prompt_logprobs must be in [0, 20], got 21"),
+        ('{"prompt_logprobs": -1}', "prompt_logprobs must be in [0, 20], got -1"),
+        ('{"prompt_logprobs": 1.5}', "prompt_logprobs must be an integer, got float 1.5"),
+        ('{"prompt_logprobs": "many"}', "prompt_logprobs must be an integer, got str 'many'"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            _parse(sampling_parameters=_bytes(raw))
+
+
+def test_prompt_logprobs_output_is_a_json_list_once_given() -> None:
+    from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
+    from inflight.backend.serving.responses import build_outputs
+
+    request = _parse(prompt_logprobs=np.array([1], dtype=np.int32))
+    out = RequestOutput("r", [7], "x", False, None, 2, 1)
+    entries = [None, TokenLogprob(9, -0.5, ((9, -0.5),))]
+    tensors = build_outputs(request, "x", [7], [], out, 2, 1, entries)
+    assert json.loads(tensors["prompt_logprobs"][0]) == [
+        None,
+        {"token_id": 9, "logprob": -0.5, "top": {"9": -0.5}},
+    ]
+    assert "prompt_logprobs" not in build_outputs(request, "x", [7], [], out, 2, 1)  # the later responses
 
 
 # --- sampling_parameters JSON ---------------------------------------------------------------------------

@@ -57,6 +57,24 @@ def test_prefix_hit_shares_blocks_and_counts_references() -> None:
     assert manager.get_block_ids("a") == [] and manager.get_block_ids("b") == []
 
 
+def test_a_request_that_skips_the_prefix_cache_gets_no_hit_but_caches_its_blocks() -> None:
+    """``Request.skip_prefix_cache`` (the engine's prompt_logprobs): every token is computed, in blocks of
+    its own; they are not entered twice, and the copy cached first stays the one others hit."""
+    manager = KVCacheManager(num_blocks=10, block_size=4)
+    admit(manager, Request("a", list(range(10)), block_size=4))  # blocks 1, 2 cached
+    b = Request("b", list(range(10)), block_size=4, skip_prefix_cache=True)
+    assert admit(manager, b) == 0
+    assert manager.get_block_ids("b") == [4, 5, 6]
+    assert ref_cnts(manager, [1, 2]) == [1, 1]
+    assert manager.block_pool.blocks[4].block_hash is None  # a duplicate of block 1: left uncached
+    c = Request("c", list(range(12)) + [7], block_size=4, skip_prefix_cache=True)
+    manager.free(b)
+    assert admit(manager, c) == 0
+    # Block 3 of c (tokens 8..11) was cached by nobody before: c's copy is, and a plain request hits it.
+    blocks, num_hit = manager.get_computed_blocks(Request("d", list(range(12)) + [8], block_size=4))
+    assert [b.block_id for b in blocks] == [1, 2, manager.get_block_ids("c")[2]] and num_hit == 12
+
+
 def test_hit_never_covers_the_last_token() -> None:
     manager = KVCacheManager(num_blocks=10, block_size=4)
     admit(manager, Request("a", list(range(12)), block_size=4))  # blocks 1, 2, 3 all cached

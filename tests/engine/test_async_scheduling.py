@@ -54,9 +54,9 @@ def _record_steps(llm: LLM) -> list:
     seen = []
     execute = llm.engine.executor.runner.execute
 
-    def recording_execute(out, pending=None):
+    def recording_execute(out, pending=None, prompt_logprobs=None):
         seen.append(out)
-        return execute(out, pending)
+        return execute(out, pending, prompt_logprobs)
 
     llm.engine.executor.runner.execute = recording_execute
     return seen
