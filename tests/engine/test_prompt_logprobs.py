@@ -110,8 +110,17 @@ def test_preempted_and_recomputed_matches_hf(tiny) -> None:
     # 8 usable blocks of 16: one request of max_model_len; the batch needs far more (see test_hf_parity).
     llm = LLM(str(path), max_model_len=112, block_size=16, kv_cache_memory_bytes=9 * _block_bytes(path),
               max_num_batched_tokens=24)  # fmt: skip
+    engine, scheduler = llm.engine, llm.engine.scheduler
+    preempt, mid_prompt = scheduler._preempt, []
+
+    def recording_preempt(request):
+        state = engine._requests.get(request.request_id)
+        mid_prompt.append(state is not None and not state.prompt_logprobs.complete)
+        return preempt(request)
+
+    scheduler._preempt = recording_preempt
     outputs = llm.generate(prompts, SamplingParams(max_tokens=24, temperature=0, prompt_logprobs=2))
-    assert llm.engine.scheduler.num_preemptions_total > 0
+    assert any(mid_prompt), "no request was preempted before its prompt logprobs were all in"
     for out, prompt in zip(outputs, prompts, strict=True):
         assert_matches_hf(out.prompt_logprobs, prompt, hf_logprobs(hf, prompt), 2)
 
