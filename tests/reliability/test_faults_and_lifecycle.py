@@ -8,11 +8,13 @@ import os
 import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 
 from inflight.client import InflightClient, InflightError, ModelUnavailableError
-from inflight.tools.server import is_ready, stub_pids
+from inflight.tools.server import stub_pids
 from tests.reliability.conftest import FATAL_TOKEN, STALL_TOKEN, STEP_FAULT_TOKEN
 from tests.reliability.harness import (
     HANG_S,
@@ -201,6 +203,24 @@ def _live_streams(server, n: int, results: list, max_tokens: int) -> threading.T
     return t
 
 
+def _says_not_ready(http_url: str) -> bool:
+    """The server answered its readiness check with an error status, or no longer takes connections.
+
+    NOTE: not ``not is_ready(...)``: that is also true when the check times out (a loaded 2-core machine),
+    and a request sent then can reach a server that has not begun to exit yet (and is accepted)."""
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=5) as response:
+            return response.status != 200
+    except urllib.error.HTTPError:
+        return True  # 503: exiting
+    except ConnectionRefusedError:
+        return True
+    except urllib.error.URLError as exc:
+        return isinstance(exc.reason, ConnectionRefusedError)
+    except OSError:
+        return False  # a timeout says nothing
+
+
 def test_unload_and_shutdown_with_live_streams(scenario, smollm2_path, tmp_path, full) -> None:
     """A server of its own (max_model_len 256): unload, then SIGINT, each with 16 live streams.
 
@@ -230,7 +250,7 @@ def test_unload_and_shutdown_with_live_streams(scenario, smollm2_path, tmp_path,
             else:
                 server.process.send_signal(signal.SIGINT)
                 # Triton reports not ready once it has begun to exit (and refuses requests from then on).
-                exiting = wait_until(lambda: not is_ready(server.url_http))
+                exiting = wait_until(lambda: _says_not_ready(server.url_http))
                 assert scenario.timed("server not ready after SIGINT", exiting), scenario.notes
                 (new,) = drive(server.url_grpc, [Job("new2", _long(0, 2))], concurrency=1, timeout_s=HANG_S)
             t.join(exit_timeout_s)
