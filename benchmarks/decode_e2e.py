@@ -3,7 +3,9 @@
     python -m benchmarks.decode_e2e --model /tmp/inflight-llama31-8b-random --out benchmarks/results/x.json
 
 Roofline: every decode step reads every weight once (the input embedding only one row), so
-``tok/s <= copy bandwidth / bytes of weights``, with the copy bandwidth measured in the same run.
+``tok/s <= copy bandwidth / bytes of weights``, with the copy bandwidth measured in the same run. With
+``--quantization fp8`` the weights are the FP8 model's (decoder linears at one byte, their scales, the
+embeddings and head in bf16): the FP8 weight-read roofline.
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     return total - (0 if tied else embed.numel() * embed.element_size()) + row
 
 
-def bench_inflight(path: Path, prompt_len: int, new_tokens: int, repeats: int) -> dict:
+def bench_inflight(path: Path, prompt_len: int, new_tokens: int, repeats: int, **options) -> dict:
     from inflight import LLM, SamplingParams
 
     llm = LLM(str(path), dtype="bfloat16", max_model_len=prompt_len + new_tokens + 16, max_num_seqs=8,
-              kv_cache_memory_bytes=2 << 30)  # fmt: skip
+              kv_cache_memory_bytes=2 << 30, **options)  # fmt: skip
     engine = llm.engine
     bytes_per_token = weight_bytes_per_token(engine.executor.runner.model)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
@@ -107,17 +109,23 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--quantization", choices=["fp8"], default=None)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     build_random_model("llama3-8b", args.model, tokenizer_dir=args.tokenizer_dir)
     copy_gbs = copy_bandwidth_gbs()
-    ours = bench_inflight(args.model, args.prompt_len, args.new_tokens, args.repeats)
+    ours = bench_inflight(args.model, args.prompt_len, args.new_tokens, args.repeats,
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
     roofline = copy_gbs * 1e9 / ours["weight_bytes_per_token"]
     hf = None if args.skip_hf else bench_hf(args.model, args.prompt_len, args.new_tokens)
     result = {
         "benchmark": "decode_e2e_batch1",
         **environment(),
-        "model": "llama3-8b shape, random weights, bf16",
+        "model": "llama3-8b shape, random weights, bf16"
+        + (", FP8 linears (quantized at load)" if args.quantization else "")
+        + (", FP8 KV" if args.kv_cache_dtype == "fp8" else ""),
+        "engine": {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype},
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "ceilings": {"copy_bandwidth_gbs": round(copy_gbs, 1), "roofline_tok_s": round(roofline, 1)},

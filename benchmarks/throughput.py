@@ -229,7 +229,9 @@ def main() -> None:
         f"=== offline throughput: {args.model.name}, {workload} ===\nmeasuring the device's ceilings ...",
         flush=True,
     )
-    ceiling = ceilings()
+    fp8 = options.get("quantization") == "fp8"
+    kv_fp8 = options.get("kv_cache_dtype") == "fp8"
+    ceiling = ceilings(fp8=fp8)
     print(f"ceilings: {describe_ceilings(ceiling)}\n--- inflight ...", flush=True)
     ours = bench_inflight(
         args.model, requests, args.max_num_seqs, args.max_num_batched_tokens, args.dtype, options
@@ -246,7 +248,7 @@ def main() -> None:
     )
     cb = (_run_peer("HF generate_batch", bench_hf_continuous, args.model, requests, args.cb_requests, args.dtype)
           if args.cb_requests else None)  # fmt: skip
-    ideal = ideal_for_run(config, [(len(p), n) for p, n in requests], ceiling)
+    ideal = ideal_for_run(config, [(len(p), n) for p, n in requests], ceiling, fp8=fp8, kv_fp8=kv_fp8)
     ours["fraction_of_ideal"] = round(ours["output_tok_s"] / ideal["ideal_out_tok_s"], 4)
     if "ideal_out_tok_s_sustained" in ideal:
         ours["fraction_of_sustained_ideal"] = round(
@@ -260,7 +262,7 @@ def main() -> None:
               "workload": workload, "ceilings": ceiling, "ideal": ideal, "inflight": ours, "hf_eager": hf,
               "hf_continuous_batching": cb, "ratios": ratios,
               "engine": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                         "dtype": args.dtype}}  # fmt: skip
+                         "dtype": args.dtype, **options}}  # fmt: skip
     write_result(args.out, result)
     peers = "".join(
         f"; {name} {p['output_tok_s']} out tok/s" if p and p.get("output_tok_s") else f"; {name}: {p}"

@@ -11,6 +11,8 @@ from typing import Any
 from inflight.backend.executor.executor import ExecutorConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("fp8",)  # methods a full-precision checkpoint can be quantized to at load
+KV_CACHE_DTYPES = ("auto", "fp8")
 
 
 @dataclass
@@ -25,6 +27,10 @@ class EngineArgs:
     tokenizer: str | None = None  # defaults to the model folder
     dtype: str = "auto"  # float32 on CPU; the checkpoint's 16-bit dtype (else bfloat16) on CUDA
     device: str = "auto"  # "cuda" when available, else "cpu"
+    # "fp8": quantize a full-precision checkpoint's linear layers at load (E4M3, per-channel weight scales,
+    # dynamic per-token activations). None: as the checkpoint is (an FP8 checkpoint loads as FP8 either way).
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": E4M3 K/V with per-layer scales
     block_size: int = 16
     kv_cache_memory_fraction: float = 0.9
     kv_cache_memory_bytes: int | None = None
@@ -55,6 +61,15 @@ class EngineArgs:
             raise ValueError("model must be the path of a Hugging Face checkpoint folder")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization {self.quantization!r} is not supported; supported: {', '.join(QUANTIZATIONS)} "
+                "(or leave it unset: a quantized checkpoint is detected from its config.json)"
+            )
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         _int(self, "block_size", 1, 1024)
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -95,6 +110,8 @@ class EngineArgs:
             model=self.model,
             device=self.device,
             dtype=self.dtype,
+            quantization=self.quantization,
+            kv_cache_dtype=self.kv_cache_dtype,
             max_model_len=max_model_len,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,

@@ -27,6 +27,7 @@ from inflight.backend.executor.prompt_logprobs import (
     PromptRows,
 )
 from inflight.backend.executor.prompt_logprobs import compute as compute_prompt_logprobs
+from inflight.backend.executor.quantization import resolve_quantization
 from inflight.backend.executor.sampler import RowParams, Sampler, SamplerOutput, SamplingBatch
 from inflight.backend.executor.step_inputs import PendingTokens
 from inflight.backend.executor.weight_loader import load_model
@@ -49,6 +50,8 @@ class ExecutorConfig:
     model: str  # the checkpoint folder
     device: str  # "auto" | "cpu" | "cuda[:N]"
     dtype: str  # "auto" | a torch dtype name
+    quantization: str | None  # None | "fp8" (quantize at load); FP8 checkpoints are detected either way
+    kv_cache_dtype: str  # "auto" | "fp8"
     max_model_len: int
     block_size: int
     max_num_seqs: int
@@ -173,7 +176,8 @@ class ModelExecutor:
         if self.device.type == "cpu":
             # NOTE: on CPU the budget is known before loading, so a configuration that cannot work fails fast.
             self.num_blocks = self._num_blocks(c.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
-        model = load_model(model_config, self.dtype, self.device, c.max_model_len)
+        self.quant = resolve_quantization(c.quantization, model_config.path)
+        model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant)
         self.runner = ModelRunner(model, self.device, c.block_size, self.dtype, c.max_model_len)
         if self.device.type == "cuda":
             self.num_blocks = self._num_blocks(self._gpu_kv_budget())

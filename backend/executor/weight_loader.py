@@ -15,6 +15,7 @@ from torch import nn
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.models import MODEL_REGISTRY
 from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.quantization import QuantConfig
 
 logger = logging.getLogger("inflight")
 
@@ -53,10 +54,11 @@ def empty_model(
     device: torch.device,
     max_position: int,
     parallel: ParallelConfig = SINGLE_RANK,
+    quant: QuantConfig | None = None,
 ) -> nn.Module:
     """``cfg``'s model on ``device`` with uninitialised parameters (one allocation each) and its buffers set."""
     with torch.device("meta"):
-        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel)
+        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel, quant)
     model.to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -70,21 +72,32 @@ def load_model(
     device: torch.device,
     max_position: int,
     parallel: ParallelConfig = SINGLE_RANK,
+    quant: QuantConfig | None = None,
 ) -> nn.Module:
-    """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place."""
+    """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place (and
+    turn it into the weight format's, e.g. quantize it, layer by layer)."""
     start = time.monotonic()
-    model = empty_model(cfg, dtype, device, max_position, parallel)
+    model = empty_model(cfg, dtype, device, max_position, parallel, quant)
     loaded = model.load_weights(iterate_weights(cfg.path))
     missing = model.expected_weights() - loaded
     if missing:
         raise ValueError(f"checkpoint {cfg.path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
+    for module in model.modules():
+        method = getattr(module, "linear_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the full-precision weights quantized at load
     model.eval()
     num_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
-        "model %s loaded: %.1f M parameters, %s on %s in %.1f s",
+        "model %s loaded: %.1f M parameters (%.2f GiB, %s%s) on %s in %.1f s",
         cfg.architecture,
         num_params / 1e6,
+        weight_bytes / 2**30,
         dtype,
+        f", linear layers FP8 ({quant.source})" if quant is not None else "",
         device,
         time.monotonic() - start,
     )

@@ -52,3 +52,26 @@ def test_gpu_ideal_at_the_burst_and_the_held_matmul_rate(scale) -> None:
     assert ideal["ideal_out_tok_s_sustained"] == round(held["ideal_out_tok_s"], 1)
     del ceiling["bf16_matmul_sustained_tflops"]  # results measured before the held rate was
     assert "ideal_out_tok_s_sustained" not in ideal_for_run(TINY, lengths, ceiling)
+
+
+def test_fp8_ideal_counts_layer_linears_at_the_fp8_rate_and_kv_at_one_byte() -> None:
+    lengths = [(5, 3), (1, 7)]
+    h, m, layers, kv = 8, 16, 2, 4
+    layer_flops = 2 * layers * (h * h + 2 * h * kv + h * h + 3 * h * m)  # per token
+    head_flops = 2 * h * 10
+    # bf16 at 1 FLOP/s, FP8 at 2 FLOP/s, K/V at 1 byte per value and 1 byte/s
+    ideal = offline_ideal(TINY, lengths, 1e-12, 1e-9, bytes_per_value=1, linear_tflops=2e-12)
+    dense = offline_ideal(TINY, lengths, 1e-12, 1e-9)
+    tokens_out = sum(n for _, n in lengths)
+    assert ideal["decode_matmul_s"] == pytest.approx(tokens_out * (layer_flops / 2 + head_flops), rel=1e-9)
+    assert ideal["decode_kv_read_s"] == pytest.approx(dense["decode_kv_read_s"] / 2, rel=1e-9)
+    attention = dense["prefill_matmul_s"] - 6 * (layer_flops + head_flops)
+    assert ideal["prefill_matmul_s"] == pytest.approx(
+        6 * (layer_flops / 2 + head_flops) + attention, rel=1e-9
+    )
+    ceiling = {"kind": "cuda", "copy_bandwidth_gbs": 1e-9, "bf16_matmul_tflops": 1e-12,
+               "bf16_matmul_sustained_tflops": 1e-12, "fp8_matmul_tflops": 2e-12,
+               "fp8_matmul_sustained_tflops": 2e-12}  # fmt: skip
+    assert ideal_for_run(TINY, lengths, ceiling, fp8=True, kv_fp8=True)["seconds"] == round(
+        ideal["seconds"], 2
+    )

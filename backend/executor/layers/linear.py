@@ -1,7 +1,9 @@
 """Linear layers: column-, row-parallel and fused (q/k/v, gate/up), with a pluggable weight format.
 
-A layer owns its parameters through a ``LinearMethod`` (plain dense weights today; FP8, INT8 and INT4
-formats implement the same two methods) and knows how to load a checkpoint tensor into its shard.
+A layer owns its parameters through a ``LinearMethod`` (dense weights here; FP8 in
+``executor/quantization``) and knows how to load a checkpoint tensor into its shard: a weight, or a
+format's scales (``weight_scale`` per output row like the weight, or one per tensor broadcast over the
+shard's rows; a 0-dim ``input_scale`` shared by fused shards, which keeps the largest).
 
 With ``tp_size`` ranks a column-parallel layer holds ``output_size / tp_size`` rows of the weight and a
 row-parallel one ``input_size / tp_size`` columns, followed by an all-reduce::
@@ -35,6 +37,14 @@ class LinearMethod(ABC):
     @abstractmethod
     def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
         """Register the layer's weight parameter(s) for a local ``[output_size, input_size]`` matrix."""
+
+    def init_params(self, layer: nn.Module) -> None:
+        """Initialise what must have a value before loading (the model is built uninitialised)."""
+        return None
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Turn the loaded checkpoint tensors into the format's (e.g. quantize a full-precision weight)."""
+        return None
 
     @abstractmethod
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -129,7 +139,19 @@ class LinearBase(nn.Module):
         self.linear_method.create_weights(self, input_size, output_size, dtype)
         self.bias = nn.Parameter(torch.empty(output_size, dtype=dtype), requires_grad=False) if bias else None
 
+    def init_buffers(self) -> None:
+        self.linear_method.init_params(self)
+
     def _copy(self, param: nn.Parameter, loaded: torch.Tensor, what: str) -> None:
+        if param.dim() == 0:  # a per-tensor input scale: fused shards share the largest
+            param.data.copy_(torch.maximum(param.data, loaded.reshape(()).to(param.dtype)))
+            return
+        if param.dim() == 1 and loaded.numel() == 1 and param.numel() > 1:
+            loaded = loaded.reshape(1).expand(param.shape[0])  # a per-tensor scale, over the shard's rows
+        elif param.dim() == 1:
+            loaded = loaded.reshape(-1)  # a per-channel scale may come as [rows, 1]
+        if (param.dtype == torch.float8_e4m3fn) != (loaded.dtype == torch.float8_e4m3fn):
+            raise ValueError(f"{what}: checkpoint dtype {loaded.dtype} where {param.dtype} is expected")
         if param.shape != loaded.shape:
             raise ValueError(
                 f"{what}: checkpoint shape {tuple(loaded.shape)} != expected {tuple(param.shape)}"
@@ -156,8 +178,8 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         """Copy this rank's rows of a full checkpoint tensor into ``param``."""
-        rows = param.shape[0]
-        self._copy(param, loaded.narrow(0, self.parallel.tp_rank * rows, rows), "column-parallel weight")
+        rows = param.shape[0] if param.dim() else 0
+        self._copy(param, _rows(loaded, self.parallel.tp_rank * rows, rows), "column-parallel weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.linear_method.apply(self, x, self.bias)
@@ -193,8 +215,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         assert isinstance(shard_id, int), "merged linear weights load one shard at a time"
         size = self.local_output_sizes[shard_id]
         offset = sum(self.local_output_sizes[:shard_id])
-        part = loaded.narrow(0, self.parallel.tp_rank * size, size)
-        self._copy(param.narrow(0, offset, size), part, f"merged shard {shard_id}")
+        part = _rows(loaded, self.parallel.tp_rank * size, size)
+        self._copy(param.narrow(0, offset, size) if param.dim() else param, part, f"merged shard {shard_id}")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -234,9 +256,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             size, index = self.kv_size, rank // self.kv_replicas
         else:
             raise ValueError(f"unknown qkv shard {shard_id!r}")
-        self._copy(
-            param.narrow(0, offset, size), loaded.narrow(0, index * size, size), f"qkv shard {shard_id}"
-        )
+        self._copy(param.narrow(0, offset, size) if param.dim() else param, _rows(loaded, index * size, size),
+                   f"qkv shard {shard_id}")  # fmt: skip
 
 
 class RowParallelLinear(LinearBase):
@@ -275,3 +296,8 @@ class RowParallelLinear(LinearBase):
         """``self(silu(x[:, :d]) * x[:, d:])`` over this rank's gate | up columns (may run fused)."""
         y = self.parallel.all_reduce(self.linear_method.apply_silu_mul(self, x, None))
         return y + self.bias if self.bias is not None else y
+
+
+def _rows(loaded: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """Rows ``start:start + size`` of a checkpoint tensor; a one-element (per-tensor) scale as it is."""
+    return loaded if loaded.numel() == 1 else loaded.narrow(0, start, size)

@@ -5,6 +5,7 @@ One definition covers them; the differences are flags of ``ModelConfig``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -22,6 +23,7 @@ from inflight.backend.executor.layers.norm import RMSNorm
 from inflight.backend.executor.layers.rotary import RotaryEmbedding
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.quantization import QuantConfig, linear_method
 from inflight.backend.executor.step_inputs import AttentionMetadata
 
 # checkpoint name piece -> (our fused parameter's name piece, shard id)
@@ -32,6 +34,9 @@ _FUSED_SHARDS = {
     "gate_proj": ("gate_up_proj", 0),
     "up_proj": ("gate_up_proj", 1),
 }
+# An FP8 checkpoint's K/V cache scales, by layout: compressed-tensors (and AutoFP8) ``self_attn.k_scale``;
+# ModelOpt ``self_attn.k_proj.k_scale``; older compressed-tensors ``self_attn.k_proj.output_scale``.
+_KV_SCALE = re.compile(r"(.*\.self_attn)\.(?:([kv])_proj\.(?:[kv]|output)_scale|([kv])_scale)$")
 
 
 class LlamaAttention(nn.Module):
@@ -42,18 +47,22 @@ class LlamaAttention(nn.Module):
         dtype: torch.dtype,
         max_position: int,
         parallel: ParallelConfig,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
+        prefix = f"model.layers.{layer_index}.self_attn"
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, dtype, parallel
-        )
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.qkv_bias, dtype, parallel,
+            linear_method(quant, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"),
+        )  # fmt: skip
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         self.o_proj = RowParallelLinear(
-            cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, dtype, parallel
-        )
+            cfg.num_heads * cfg.head_dim, cfg.hidden_size, cfg.o_proj_bias, dtype, parallel,
+            linear_method(quant, f"{prefix}.o_proj"),
+        )  # fmt: skip
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         rotary = RotaryEmbedding(cfg.head_dim, cfg.head_dim, max_position, cfg.rope)
@@ -89,13 +98,17 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, parallel: ParallelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_index: int, dtype: torch.dtype, parallel: ParallelConfig,
+                 quant: QuantConfig | None = None) -> None:  # fmt: skip
         super().__init__()
         size = cfg.intermediate_size
+        prefix = f"model.layers.{layer_index}.mlp"
         self.gate_up_proj = MergedColumnParallelLinear(
-            cfg.hidden_size, [size, size], cfg.mlp_bias, dtype, parallel
-        )
-        self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, dtype, parallel)
+            cfg.hidden_size, [size, size], cfg.mlp_bias, dtype, parallel,
+            linear_method(quant, f"{prefix}.gate_proj", f"{prefix}.up_proj"),
+        )  # fmt: skip
+        self.down_proj = RowParallelLinear(size, cfg.hidden_size, cfg.mlp_bias, dtype, parallel,
+                                           linear_method(quant, f"{prefix}.down_proj"))  # fmt: skip
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +123,11 @@ class LlamaDecoderLayer(nn.Module):
         dtype: torch.dtype,
         max_position: int,
         parallel: ParallelConfig,
+        quant: QuantConfig | None = None,
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_index, dtype, max_position, parallel)
-        self.mlp = LlamaMLP(cfg, dtype, parallel)
+        self.self_attn = LlamaAttention(cfg, layer_index, dtype, max_position, parallel, quant)
+        self.mlp = LlamaMLP(cfg, layer_index, dtype, parallel, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -137,13 +151,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(
-        self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig,
+                 quant: QuantConfig | None = None) -> None:  # fmt: skip
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, dtype, max_position, parallel) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, dtype, max_position, parallel, quant) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -159,12 +172,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only causal LM over a paged KV cache."""
 
-    def __init__(
-        self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig = SINGLE_RANK
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int,
+                 parallel: ParallelConfig = SINGLE_RANK, quant: QuantConfig | None = None) -> None:  # fmt: skip
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, max_position, parallel)
+        self.model = LlamaModel(cfg, dtype, max_position, parallel, quant)
         # NOTE: with tied embeddings the head reads the embedding table; no second copy exists.
         self.lm_head = (
             None
@@ -199,6 +211,14 @@ class LlamaForCausalLM(nn.Module):
         loaded: set[str] = set()
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or (self.lm_head is None and name == "lm_head.weight"):
+                continue
+            kv_scale = _KV_SCALE.fullmatch(name)
+            if kv_scale is not None:
+                # NOTE: used by an FP8 KV cache only (its attention layers then have these parameters).
+                target = f"{kv_scale[1]}.attn.{kv_scale[2] or kv_scale[3]}_scale"
+                if target in params:
+                    _copy_exact(params[target], tensor.reshape(params[target].shape), target)
+                    loaded.add(target)
                 continue
             shard_id = None
             for piece, (fused, shard) in _FUSED_SHARDS.items():

@@ -1,0 +1,118 @@
+"""FP8 (E4M3) linear layers: W8A8 with per-channel weight scales and per-token (or static) activation scales.
+
+Weights are ``float8_e4m3fn [out, in]`` with one fp32 scale per output channel (``weight_scale [out]``; a
+checkpoint's per-tensor scale is broadcast over its shard's rows, so fused q/k/v and gate/up keep each
+shard's own). Activations are quantized per token as they are made, ``y = (q_x @ q_w^T) * s_x * s_w``:
+
+    CUDA  M <= FP8_GEMV_MAX_M  ``kernels.fp8_gemv`` (weights read at one byte each; RMSNorm and the
+                               residual add fused, the activation quantized inside)
+          else                 RMSNorm / SiLU-and-mul kernels emit FP8 + per-token scales, then
+                               ``kernels.fp8.fp8_gemm`` (cuBLASLt, row-wise scales)
+    CPU                        the torch references: values cast to float8 and back, fp32 scales, so CI
+                               computes the same FP8 numbers (up to summation order)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inflight.backend.executor.layers.linear import LinearMethod
+from inflight.backend.executor.quantization.config import QuantConfig
+from inflight.kernels import activation, fp8, rms_norm
+
+# Rows up to which a CUDA step takes the FP8 GEMV (kernels/fp8_gemv.py) rather than cuBLASLt.
+FP8_GEMV_MAX_M = 4
+
+
+class Fp8LinearMethod(LinearMethod):
+    """W8A8 FP8. ``config.checkpoint_fp8``: the checkpoint holds FP8 weights and scales, loaded as they are;
+    otherwise the full-precision weight loads first and is quantized per channel after loading."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_size: int, dtype: torch.dtype) -> None:
+        layer.out_dtype = dtype
+        weight_dtype = fp8.FP8_DTYPE if self.config.checkpoint_fp8 else dtype
+        layer.weight = nn.Parameter(
+            torch.empty(output_size, input_size, dtype=weight_dtype), requires_grad=False
+        )
+        if self.config.checkpoint_fp8:
+            layer.weight_scale = nn.Parameter(
+                torch.empty(output_size, dtype=torch.float32), requires_grad=False
+            )
+        if self.config.static_input_scale:
+            # NOTE: fused q/k/v (gate/up) shards share one input; their scales combine by max as they load.
+            layer.input_scale = nn.Parameter(torch.empty((), dtype=torch.float32), requires_grad=False)
+
+    def init_params(self, layer: nn.Module) -> None:
+        if self.config.static_input_scale:
+            layer.input_scale.data.zero_()
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        if not self.config.checkpoint_fp8:
+            w_q, scale = fp8.quantize_weight_per_channel_reference(layer.weight.data)
+            layer.weight = nn.Parameter(w_q, requires_grad=False)
+            layer.weight_scale = nn.Parameter(scale, requires_grad=False)
+        if self.config.static_input_scale and not float(layer.input_scale) > 0:
+            raise ValueError("an FP8 checkpoint with static activation scales has an input_scale <= 0")
+
+    # ------------------------------------------------------------------------------------------- products
+    def _static(self, layer: nn.Module) -> torch.Tensor | None:
+        return layer.input_scale if self.config.static_input_scale else None
+
+    def _gemv(self, layer: nn.Module, x: torch.Tensor) -> bool:
+        return x.is_cuda and 0 < x.shape[0] <= FP8_GEMV_MAX_M and not self.config.static_input_scale
+
+    def _matmul(self, layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                addend: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        if q.is_cuda:
+            return fp8.fp8_gemm(q, scale, layer.weight, layer.weight_scale, layer.out_dtype, bias, addend)
+        return fp8.fp8_linear_reference(
+            q, scale, layer.weight, layer.weight_scale, layer.out_dtype, bias, addend
+        )
+
+    def _quantize(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:
+            return fp8.quantize_per_token(x, self._static(layer))
+        return fp8.quantize_per_token_reference(x, self._static(layer))
+
+    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self._gemv(layer, x):
+            from inflight.kernels.fp8_gemv import fp8_gemv
+
+            y, _ = fp8_gemv(x, layer.weight, layer.weight_scale)
+            return y if bias is None else y + bias
+        return self._matmul(layer, *self._quantize(layer, x), bias)
+
+    def apply_add(self, layer: nn.Module, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
+        if self._gemv(layer, x):
+            from inflight.kernels.fp8_gemv import fp8_gemv
+
+            return fp8_gemv(x, layer.weight, layer.weight_scale, addend=addend)[0]
+        return self._matmul(layer, *self._quantize(layer, x), None, addend)
+
+    def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):  # noqa: D102 (see LinearMethod)
+        if self._gemv(layer, x):
+            from inflight.kernels.fp8_gemv import fp8_gemv
+
+            y, new_residual = fp8_gemv(x, layer.weight, layer.weight_scale, "rmsnorm", residual=residual,
+                                       norm_weight=norm_weight, eps=eps)  # fmt: skip
+            return (y if bias is None else y + bias), (x if residual is None else new_residual)
+        if x.is_cuda and not self.config.static_input_scale:
+            q, scale, new_residual = rms_norm.rms_norm_quant(x, norm_weight, eps, residual)
+        else:
+            normed, new_residual = (rms_norm.rms_norm if x.is_cuda else rms_norm.rms_norm_reference)(
+                x, norm_weight, eps, residual
+            )
+            q, scale = self._quantize(layer, normed)
+        return self._matmul(layer, q, scale, bias), (x if residual is None else new_residual)
+
+    def apply_silu_mul(self, layer, x, bias):  # noqa: D102 (see LinearMethod)
+        if self._gemv(layer, x):
+            return self.apply(layer, activation.silu_and_mul(x), bias)
+        if x.is_cuda and not self.config.static_input_scale:
+            return self._matmul(layer, *activation.silu_and_mul_quant(x), bias)
+        act = activation.silu_and_mul(x) if x.is_cuda else activation.silu_and_mul_reference(x)
+        return self._matmul(layer, *self._quantize(layer, act), bias)
