@@ -26,6 +26,9 @@ from benchmarks.report import RESULTS, ROOT
 
 DEFAULT_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
+FP8 = ('--no-plots --max-num-batched-tokens 16384 --engine-option quantization=\"fp8\" '
+       '--engine-option kv_cache_dtype=\"fp8\"')
+
 # Per step: the module and its arguments on a GPU (the published sets) and on a CPU (the same shapes
 # where they fit a few minutes of a small shared CPU, else shortened; the JSON names what ran).
 GPU_STEPS = {
@@ -44,6 +47,20 @@ GPU_STEPS = {
     "throughput-random256": ("throughput", "--random-lengths 100 1024 --num-requests 256 --hf-batch 64"),
     "serving": ("serving", "--isl 467 --osl 256 --rate 2 --rate-requests 64 --concurrency 1,16,64,256 "
                            "--requests-per-slot 2 --min-requests 16"),
+    # FP8 (issue 20): W8A8 linears quantized at load + FP8 KV, trtllm-bench's request counts
+    "fp8-gemm": ("kernels.bench_fp8_gemm", ""),
+    "fp8-decode": ("decode_e2e", "--skip-hf --quantization fp8 --kv-cache-dtype fp8"),
+    "fp8-throughput-128x128": ("throughput", f"--isl 128 --osl 128 --num-requests 30000 {FP8} "
+                                             "--max-num-seqs 1024 --engine-option max_cuda_graph_batch_size=1024"),
+    "fp8-throughput-1000x1000": ("throughput", f"--isl 1000 --osl 1000 --num-requests 3000 {FP8} "
+                                               "--max-num-seqs 768 --engine-option max_cuda_graph_batch_size=768"),
+    "fp8-throughput-2048x2048": ("throughput", f"--isl 2048 --osl 2048 --num-requests 1500 {FP8} "
+                                               "--max-num-seqs 512 --engine-option max_cuda_graph_batch_size=512"),
+    "fp8-throughput-128x2048": ("throughput", f"--isl 128 --osl 2048 --num-requests 3000 {FP8} "
+                                              "--max-num-seqs 1024 --engine-option max_cuda_graph_batch_size=1024"),
+    "fp8-serving": ("serving", "--isl 467 --osl 256 --rate 2 --rate-requests 64 --concurrency 1,16,64,256 "
+                               "--requests-per-slot 2 --min-requests 16 --engine-option quantization=\"fp8\" "
+                               "--engine-option kv_cache_dtype=\"fp8\""),
 }  # fmt: skip
 CPU_STEPS = {
     "throughput-128x128": ("throughput", "--isl 128 --osl 128 --num-requests 8 --hf-batch 8 --cb-requests 2 "

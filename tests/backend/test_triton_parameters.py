@@ -42,10 +42,15 @@ def test_values_are_converted_by_type() -> None:
         "max_model_len": {"string_value": "2048"},
         "kv_cache_memory_fraction": {"string_value": "0.5"},
         "enable_chunked_prefill": {"string_value": "no"},
+        "quantization": {"string_value": "fp8"},
+        "kv_cache_dtype": {"string_value": "fp8"},
     }
     args = engine_args_from_parameters(params, cwd=str(REPO))
     assert args.max_model_len == 2048 and args.kv_cache_memory_fraction == 0.5
     assert args.enable_chunked_prefill is False
+    assert args.quantization == "fp8" and args.kv_cache_dtype == "fp8"
+    shipped = engine_args_from_parameters(_shipped_parameters(), cwd=str(REPO))
+    assert shipped.quantization is None and shipped.kv_cache_dtype == "auto"  # full precision unless asked
 
 
 @pytest.mark.parametrize(
@@ -55,6 +60,8 @@ def test_values_are_converted_by_type() -> None:
         ("enable_prefix_caching", "maybe", "enable_prefix_caching"),
         ("kv_cache_memory_fraction", "1.5", "kv_cache_memory_fraction"),
         ("max_num_seq", "8", "unknown config parameter 'max_num_seq'"),
+        ("quantization", "awq", "quantization 'awq' is not supported; supported: fp8"),
+        ("kv_cache_dtype", "int8", "kv_cache_dtype must be one of auto, fp8, got 'int8'"),
         ("model_path", "", "model_path is required"),
     ],
 )

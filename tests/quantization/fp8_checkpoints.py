@@ -54,7 +54,7 @@ def _calibration_amax(
         out = model(token_ids, use_cache=True)
     for h in hooks:
         h.remove()
-    cache = out.past_key_values
+    cache = getattr(out, "cache", None) or out.past_key_values
     kv = {}
     for i in range(model.config.num_hidden_layers):
         k, v = (cache.layers[i].keys, cache.layers[i].values) if hasattr(cache, "layers") else cache[i]

@@ -3,7 +3,9 @@
 Each layout is a tiny checkpoint written as its tool writes it (``fp8_checkpoints``); ``quantization="fp8"``
 quantizes the full-precision one at load. The engine's prompt log-probabilities and greedy tokens must match
 HF's with the same FP8 weights and activation quantization. An activation's FP8 rounding can differ where
-fp32 sums in another order (one E4M3 step, 1/16 of that value), hence 2e-3 on log-probabilities.
+fp32 sums in another order (one E4M3 step, 1/16 of that value, measured up to 1.1e-2 on one position, mean
+3e-4), hence a bound on the mean (2e-3) and a looser one on each position (5e-2); the same model without FP8
+is 6e-2 away on average, 30x the bound on the mean.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..engine.tiny_models import build_tiny_checkpoint
 from .fp8_checkpoints import hf_fp8_reference, write_fp8_checkpoint
 
 LAYOUTS = ["ct-dynamic", "ct-static", "modelopt", "fp8-static"]
-TOL = 2e-3
+MEAN_TOL, MAX_TOL = 2e-3, 5e-2
 MAX_NEW = 12
 
 
@@ -38,13 +40,16 @@ def _check_against_hf(llm: LLM, hf) -> None:
     prompts = random_prompts(5, [7, 23, 40])
     params = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, prompt_logprobs=0)
     outputs = llm.generate(prompts, params)
+    errors = []
     for prompt, out in zip(prompts, outputs, strict=True):
         with torch.no_grad():
             expected = hf(torch.tensor([prompt])).logits[0].float().log_softmax(-1)
-        got = [e.logprob for e in out.prompt_logprobs[1:]]
-        want = [expected[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
-        assert got == pytest.approx(want, abs=TOL)
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, MAX_NEW)
+        got = torch.tensor([e.logprob for e in out.prompt_logprobs[1:]])
+        want = expected[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+        errors.append((got - want).abs())
+        assert out.token_ids == hf_greedy(hf, prompt, MAX_NEW)
+    errors = torch.cat(errors)
+    assert errors.mean().item() <= MEAN_TOL and errors.max().item() <= MAX_TOL, errors
 
 
 def _fp8_layers(llm: LLM) -> list:
