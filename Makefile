@@ -21,7 +21,7 @@ PERF_ARGS ?=
 BENCH_MODEL ?=
 BENCH_ARGS ?=
 
-.PHONY: setup model serve perf bench bench-carry test test-gpu mutate gpu-carry lint format clean
+.PHONY: setup model serve perf bench bench-carry quality test test-gpu mutate gpu-carry lint format clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,22 @@ perf: setup model
 bench: setup model
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PIP) install -q -e '.[bench]'
 	$(PY) -m benchmarks.bench $(if $(BENCH_MODEL),--model "$(BENCH_MODEL)") $(BENCH_ARGS)
+
+# FP8 quality (benchmarks/quality.py): perplexity of the default model in full precision, with
+# quantization=fp8 and with kv_cache_dtype=fp8 too, against HF and an HF fake-quant reference; non-zero when a
+# bound is missed; JSON in benchmarks/results/quality-<tag>.json and the README's block. A few minutes on the
+# 2-core CPU. QUALITY_ARGS="--windows 48", or on a GPU "--device cuda --model M --wheel W".
+QUALITY_ARGS ?=
+# Its text: the Wikipedia sample dump that the gensim 4.4.0 wheel ships (CC BY-SA: read from the wheel at run
+# time, never committed), downloaded once by pip.
+GENSIM_WHEEL := $(CACHE)/wheels/.gensim-4.4.0.downloaded
+
+quality: setup model $(GENSIM_WHEEL)
+	$(PY) -m benchmarks.quality $(QUALITY_ARGS)
+
+$(GENSIM_WHEEL): | $(STAMP)
+	$(PIP) download -q gensim==4.4.0 --no-deps --only-binary=:all: -d $(CACHE)/wheels
+	@touch $@
 
 # What a GPU machine without network needs for the benchmarks, the served one included (git-ignored .gpu/):
 # the tokenizer files, and the Triton server + numpy 1.26 + tritonclient bundle of ../shared/gpu.

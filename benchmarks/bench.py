@@ -26,8 +26,10 @@ from benchmarks.report import RESULTS, ROOT
 
 DEFAULT_MODEL = ROOT / ".cache" / "models" / "SmolLM2-135M-Instruct"
 
-FP8 = ('--no-plots --max-num-batched-tokens 16384 --engine-option quantization=\"fp8\" '
-       '--engine-option kv_cache_dtype=\"fp8\"')
+FP8 = (
+    '--no-plots --max-num-batched-tokens 16384 --engine-option quantization="fp8" '
+    '--engine-option kv_cache_dtype="fp8"'
+)
 
 # Per step: the module and its arguments on a GPU (the published sets) and on a CPU (the same shapes
 # where they fit a few minutes of a small shared CPU, else shortened; the JSON names what ran).

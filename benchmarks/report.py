@@ -256,6 +256,56 @@ def profile_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+QUALITY_BEGIN, QUALITY_END = "<!-- quality:begin -->", "<!-- quality:end -->"
+QUALITY_INTRO = (
+    "**FP8 quality** (`make quality`: `benchmarks/quality.py`): the model's perplexity on the first N windows "
+    "of 512 tokens of the Wikipedia sample in the gensim 4.4.0 wheel, in full precision (HF transformers and "
+    'inflight) and with inflight\'s FP8 (`quantization="fp8"`: W8A8 E4M3; `kv_cache_dtype="fp8"`), beside '
+    "HF with fake-quantized W8A8 linears. Bounds: FP8 at most +3.5% over inflight's full precision, the FP8 KV "
+    "cache at most +1% more, FP8 within 0.5% of the fake-quant reference."
+)
+
+
+def _ppl(result: dict, name: str) -> str:
+    """A perplexity and its difference from inflight's full precision; the error if the run failed."""
+    value, full = result["perplexity"].get(name), result["perplexity"].get("engine")
+    if value is None:
+        error = result.get("errors", {}).get(name, "no figure").replace("|", "\\|")
+        return f"failed ({error})"
+    if name == "engine" or full is None:
+        return f"{value:.3f}"
+    return f"{value:.3f} ({100 * (value / full - 1):+.2f}%)"
+
+
+def _signed_pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:+.2f}%"
+
+
+def quality_row(r: dict, name: str) -> str:
+    """A quality result's row: each perplexity with its difference from inflight's full precision."""
+    missed = [f"{b['name']} {_signed_pct(b['value'])}" for b in r["bounds"] if not b["passed"]]
+    verdict = "all met" if not missed else "missed: " + ", ".join(missed)
+    return (
+        f"| {r['model']} ({r['dtype']}), {r['windows']} x {r['window_tokens']} tokens "
+        f"| {_ppl(r, 'hf')} | {_ppl(r, 'engine')} | {_ppl(r, 'engine_fp8')} | {_ppl(r, 'engine_fp8_kv')} "
+        f"| {_ppl(r, 'hf_fake_w8a8')} | {verdict} "
+        f"| {r['device']}, {r['date'][:10]} ([json](benchmarks/results/{name})) |"
+    )
+
+
+def quality_table() -> str:
+    """One row per ``quality-<tag>.json`` (``benchmarks/quality.py``)."""
+    lines = [QUALITY_INTRO, "",
+             "| model, text | HF full precision | inflight full precision | inflight FP8 W8A8 | "
+             "inflight FP8 W8A8 + FP8 KV | HF fake-quant W8A8 | bounds | device, date |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    paths = sorted(RESULTS.glob("quality-*.json"))
+    lines += [quality_row(json.loads(path.read_text()), path.name) for path in paths]
+    if not paths:
+        lines.append("| not measured yet: run `make quality` | | | | | | | |")
+    return "\n".join(lines)
+
+
 def _tag(result: dict) -> str:
     return "h200" if "H200" in result["device"] else "h100" if "H100" in result["device"] else "gpu"
 
@@ -273,6 +323,8 @@ def main() -> None:
     profile = _load("profile-steps-h200.json")
     if profile and PROFILE_BEGIN in text:
         text = _replace(text, PROFILE_BEGIN, PROFILE_END, profile_table(profile))
+    if QUALITY_BEGIN in text:
+        text = _replace(text, QUALITY_BEGIN, QUALITY_END, quality_table())
     block = f"{BEGIN}\n{table()}\n{END}"
     if BEGIN in text:
         head, rest = text.split(BEGIN, 1)

@@ -3,6 +3,8 @@
 The fused gate/up projection holds both halves in one row; the kernel reads both and writes one::
 
     x[row] = [ gate (d) | up (d) ]  ─►  out[row] = silu(gate) * up     (fp32 math, one rounding)
+
+``silu_and_mul_quant`` quantizes the row per token for an FP8 down projection (kernels.fp8) in the same pass.
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .fp8 import (
+    FP8_DTYPE,
+    FP8_MAX_C,
+    MIN_SCALE_C,
+    _e4m3,
+    check_static_scale,
+    quantize_per_token_reference,
+    row_launch,
+)
 from .launch import launcher
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,3 +76,80 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:  # [..., 2 * d] fp32 / fp16 /
         rows, out_rows, rows.stride(0), out_rows.stride(0), d, BLOCK=block, num_warps=4
     )
     return out
+
+
+def silu_and_mul_quant_reference(
+    x: torch.Tensor, static_scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q, scale)``: ``silu_and_mul_reference(x)`` (in x's dtype) quantized per token (kernels.fp8)."""
+    return quantize_per_token_reference(silu_and_mul_reference(x), static_scale)
+
+
+@triton.jit
+def _silu_and_mul_quant_kernel(
+    x_ptr,  # [num_rows, 2 * d]
+    q_ptr,  # [num_rows, d] fp8
+    scale_ptr,  # [num_rows] fp32
+    static_scale_ptr,  # [1] fp32 (STATIC_SCALE)
+    stride_x_row,
+    stride_q_row,
+    d,
+    STATIC_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per row: the whole row's amax comes before its first quantized value.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + row * stride_x_row + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # Rounded where the reference rounds (F.silu's output, then the product), so the two quantize one value.
+    silu = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(gate.dtype)
+    y = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+    if STATIC_SCALE:
+        scale = tl.load(static_scale_ptr)
+    else:
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), FP8_MAX_C), MIN_SCALE_C)
+    q = _e4m3(tl.math.div_rn(y, scale))
+    tl.store(q_ptr + row * stride_q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def silu_and_mul_quant(
+    x: torch.Tensor,  # [..., 2 * d] fp32 / fp16 / bf16
+    static_scale: torch.Tensor | None = None,  # fp32, one element
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``silu_and_mul_quant_reference``: ``(q [..., d] float8_e4m3fn, scale [..., 1] fp32)`` in one pass.
+
+    NOTE: the GPU's exp is approximate, so silu(gate) may round to the neighbouring value of the dtype now and
+    then (as in ``silu_and_mul``); the quantization of a given value is bit for bit the reference's.
+    """
+    who = "silu_and_mul_quant"
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{who}: x must be fp32, fp16 or bf16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] % 2 != 0 or x.shape[-1] == 0:
+        raise ValueError(f"{who}: the last dimension must be even (gate | up), got {tuple(x.shape)}")
+    check_static_scale(static_scale, x.device, who)
+    d = x.shape[-1] // 2
+    q = torch.empty((*x.shape[:-1], d), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    if q.numel() == 0:
+        return q, scale
+    rows = x.reshape(-1, 2 * d)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    block = triton.next_power_of_2(d)
+    launcher(_silu_and_mul_quant_kernel, x.device)[(rows.shape[0],)](
+        rows,
+        q.view(-1, d),
+        scale,
+        static_scale if static_scale is not None else scale,
+        rows.stride(0),
+        d,
+        d,
+        STATIC_SCALE=static_scale is not None,
+        BLOCK=block,
+        num_warps=row_launch(block),
+    )
+    return q, scale

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import check_heads, check_kv_cache
+from .kv_cache import FP8_DTYPE, check_heads, check_kv_cache, check_kv_scales
 
 
 def check_index_tensor(
@@ -26,8 +26,11 @@ def check_paged_inputs(
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32
-) -> tuple[int, int, int]:
-    """Validate the common inputs; return ``(num_seqs, num_heads, head_dim)``."""
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: one-element fp32 tensors on the device
+    v_scale: torch.Tensor | None = None,
+) -> tuple[int, int, int, bool]:
+    """Validate the common inputs; return ``(num_seqs, num_heads, head_dim, kv_fp8)``: the cache is the
+    query's dtype, or FP8 (E4M3) with its dequantization scales."""
     if query.dim() != 3:
         raise ValueError(f"{who}: query must be [num_tokens, num_heads, head_dim], got {tuple(query.shape)}")
     num_tokens, num_heads, head_dim = query.shape
@@ -38,8 +41,12 @@ def check_paged_inputs(
         raise ValueError(f"{who}: k_cache must be [num_blocks, block_size, num_kv_heads, head_dim]")
     num_kv_heads = k_cache.shape[2]
     check_kv_cache(who, k_cache, v_cache, num_kv_heads, head_dim)
-    if k_cache.dtype != query.dtype:
-        raise ValueError(f"{who}: the caches ({k_cache.dtype}) must have the query's dtype ({query.dtype})")
+    if k_cache.dtype not in (query.dtype, FP8_DTYPE):
+        raise ValueError(
+            f"{who}: the caches ({k_cache.dtype}) must have the query's dtype ({query.dtype}) or be "
+            "float8_e4m3fn"
+        )
+    kv_fp8 = check_kv_scales(who, k_cache, k_scale, v_scale)
     if num_kv_heads == 0 or num_heads % num_kv_heads != 0:
         raise ValueError(
             f"{who}: num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})"
@@ -56,4 +63,4 @@ def check_paged_inputs(
             f"{who}: block_tables must be [{num_seqs}, max_blocks] int32, got {tuple(block_tables.shape)}"
         )
     check_index_tensor(who, "block_tables", block_tables, tuple(block_tables.shape), query.device)
-    return num_seqs, num_heads, head_dim
+    return num_seqs, num_heads, head_dim, kv_fp8

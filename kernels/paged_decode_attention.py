@@ -15,6 +15,10 @@ Each KV block is read once per KV head, for all the query heads of its group (GQ
 to ``GROUP_PAD = max(16, next_pow2(GROUP))`` rows because ``tl.dot`` needs 16 rows; the padded rows
 are zeros and are never stored. With one partition the first kernel writes the output itself.
 Scores are kept in base 2 (``scale * log2(e)`` folded in) so the kernel uses ``exp2``.
+
+An FP8 (E4M3) cache is read as the query's dtype (exact) inside the tile loop; its per-layer scales are
+folded in: ``k_scale`` into the score scale, ``v_scale`` into the output (the partial results of a split
+carry it), so ``q . (k8 * k_scale) = (q . k8) * k_scale`` holds up to the rounding order.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ def _paged_decode_partition_kernel(
     part_acc_ptr,  # [num_seqs, num_heads, num_partitions, HEAD_DIM] fp32 (used when SPLIT)
     part_max_ptr,  # [num_seqs, num_heads, num_partitions] fp32, base-2 logits
     part_sum_ptr,  # [num_seqs, num_heads, num_partitions] fp32
+    k_scale_ptr,  # 0-dim fp32 (KV_FP8 only)
+    v_scale_ptr,
     scale_log2,  # softmax scale * log2(e)
     stride_q_seq,
     stride_q_head,
@@ -68,6 +74,7 @@ def _paged_decode_partition_kernel(
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,
     USE_WINDOW: tl.constexpr,
+    KV_FP8: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -88,6 +95,8 @@ def _paged_decode_partition_kernel(
         other=0.0,
     )
 
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     lo = part_start
     if USE_WINDOW:
         lo = tl.maximum(lo, seq_len - sliding_window)  # the query sits at position seq_len - 1
@@ -107,6 +116,8 @@ def _paged_decode_partition_kernel(
         kv_offsets = block_ids * stride_cache_block + (pos % block_size) * stride_cache_slot + head_offset
         kv_ptrs = kv_offsets[:, None] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
+        if KV_FP8:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(key_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,9 +125,13 @@ def _paged_decode_partition_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
+        if KV_FP8:
+            v = v.to(q.dtype)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     if SPLIT:
         stat_offsets = (seq * tl.num_programs(1) * GROUP + heads).to(tl.int64) * num_partitions + part
         tl.store(part_max_ptr + stat_offsets, m_i, mask=row_valid)
@@ -180,13 +195,15 @@ def _paged_decode_reduce_kernel(
 
 def paged_decode_attention(
     query: torch.Tensor,  # [num_seqs, num_heads, head_dim] fp32 / fp16 / bf16
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], query's dtype
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], query's dtype or FP8
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32: tokens in the cache, this step's included
     scale: float,
     sliding_window: int | None = None,
     *,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: 0-dim fp32 dequantization scales
+    v_scale: torch.Tensor | None = None,
     max_seq_len: int | None = None,
     partition_size: int = DEFAULT_PARTITION_SIZE,
     max_partitions: int = DEFAULT_MAX_PARTITIONS,
@@ -201,10 +218,12 @@ def paged_decode_attention(
     ``max_seq_len`` (an upper bound of ``seq_lens``) sets the number of partitions; without it one
     device-to-host sync reads it. The context is split into ``partition_size``-token partitions, the
     size doubled until there are at most ``max_partitions``. A sequence of length 0 gets zeros (padded
-    CUDA-graph rows).
+    CUDA-graph rows). An FP8 cache is dequantized with ``k_scale`` / ``v_scale``, read at run time.
     """
     who = "paged_decode_attention"
-    num_seqs, num_heads, head_dim = check_paged_inputs(who, query, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs, num_heads, head_dim, kv_fp8 = check_paged_inputs(
+        who, query, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale
+    )
     if query.shape[0] != num_seqs:
         raise ValueError(
             f"{who}: query has {query.shape[0]} rows but seq_lens has {num_seqs} (one query each)"
@@ -246,6 +265,8 @@ def paged_decode_attention(
         part_acc,
         part_max,
         part_sum,
+        k_scale if kv_fp8 else seq_lens,
+        v_scale if kv_fp8 else seq_lens,
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -265,6 +286,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         SPLIT=split,
         USE_WINDOW=sliding_window is not None,
+        KV_FP8=kv_fp8,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=1 if interpreting(device) else num_stages,

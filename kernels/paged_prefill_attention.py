@@ -18,6 +18,9 @@ Work split (GQA packed into the rows of one tile, so each K/V tile is read once 
       folded into one FMA):
         tiles every row may see whole: no causal mask
         the tiles on the diagonal (and a partial prefix tile): masked by absolute position
+
+An FP8 (E4M3) cache is read as the query's dtype (exact) inside the tile loop, ``k_scale`` folded into the
+score scale and ``v_scale`` into the output; every key then comes from the cache (no ``k_new``).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ def _paged_prefill_kernel(
     seq_lens_ptr,  # [num_seqs] int32: cached tokens after this step
     query_start_loc_ptr,  # [num_seqs + 1] int32
     out_ptr,  # [num_tokens, num_heads, HEAD_DIM]
+    k_scale_ptr,  # 0-dim fp32 (KV_FP8 only)
+    v_scale_ptr,
     scale_log2,  # softmax scale * log2(e)
     stride_q_token,
     stride_q_head,
@@ -84,6 +89,7 @@ def _paged_prefill_kernel(
     USE_WINDOW: tl.constexpr,
     NEW_KV: tl.constexpr,
     USE_TMA: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache is FP8 (never with NEW_KV)
     DOT_PRECISION: tl.constexpr,
 ):
     # NOTE: KV heads vary fastest and the longest causal rows start first, so the first wave holds the
@@ -109,6 +115,8 @@ def _paged_prefill_kernel(
     q_offsets = (q_start + token).to(tl.int64) * stride_q_token + heads * stride_q_head
     q = tl.load(q_ptr + q_offsets[:, None] + dims[None, :], mask=row_valid[:, None], other=0.0)
 
+    if KV_FP8:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr)
     min_pos = context_len + first_token
     lo = 0
     if USE_WINDOW:
@@ -138,6 +146,8 @@ def _paged_prefill_kernel(
         ] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs)
         v = tl.load(v_cache_ptr + kv_ptrs)
+        if KV_FP8:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         visible = pos[None, :] > q_pos[:, None] - sliding_window
         acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, USE_WINDOW, DOT_PRECISION)
     for start in range(full_hi, cache_hi, BLOCK_N):  # the masked tail (the diagonal without NEW_KV)
@@ -149,6 +159,8 @@ def _paged_prefill_kernel(
         ] + dims[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=key_valid[:, None], other=0.0)
+        if KV_FP8:
+            k, v = k.to(q.dtype), v.to(q.dtype)
         visible = key_valid[None, :] & (pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
@@ -192,6 +204,8 @@ def _paged_prefill_kernel(
                 visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
             acc, m_i, l_i = _softmax_step(q, k, v, acc, m_i, l_i, visible, scale_log2, True, DOT_PRECISION)
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     out_offsets = (q_start + token).to(tl.int64) * stride_out_token + heads * stride_out_head
     tl.store(
@@ -248,7 +262,7 @@ def _default_stages(block_m: int, block_n: int, head_dim: int, dtype_bytes: int,
 
 def paged_prefill_attention(
     query: torch.Tensor,  # [num_tokens, num_heads, head_dim] fp32 / fp16 / bf16
-    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], query's dtype
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], query's dtype or FP8
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_seqs] int32: tokens in the cache, this step's included
@@ -256,6 +270,8 @@ def paged_prefill_attention(
     scale: float,
     sliding_window: int | None = None,
     *,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: 0-dim fp32 dequantization scales
+    v_scale: torch.Tensor | None = None,
     max_query_len: int | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
@@ -275,10 +291,13 @@ def paged_prefill_attention(
     ``k_new``/``v_new``: the step's own keys and values (the rows the cache write stored, same values),
     read from these contiguous rows instead of through the block table; the cache then serves only the
     prefix before the step. ``use_tma`` (default: on Hopper and newer when the rows are 16-byte aligned)
-    reads them with the tensor-memory accelerator through host-side descriptors.
+    reads them with the tensor-memory accelerator through host-side descriptors. An FP8 cache (dequantized
+    with ``k_scale`` / ``v_scale``, read at run time) takes no ``k_new``: every key comes from the cache.
     """
     who = "paged_prefill_attention"
-    num_seqs, num_heads, head_dim = check_paged_inputs(who, query, k_cache, v_cache, block_tables, seq_lens)
+    num_seqs, num_heads, head_dim, kv_fp8 = check_paged_inputs(
+        who, query, k_cache, v_cache, block_tables, seq_lens, k_scale, v_scale
+    )
     check_index_tensor(who, "query_start_loc", query_start_loc, (num_seqs + 1,), query.device)
     if sliding_window is not None and sliding_window <= 0:
         raise ValueError(f"{who}: sliding_window must be positive, got {sliding_window}")
@@ -306,6 +325,8 @@ def paged_prefill_attention(
     new_kv = k_new is not None
     if new_kv != (v_new is not None):
         raise ValueError(f"{who}: k_new and v_new go together")
+    if new_kv and kv_fp8:
+        raise ValueError(f"{who}: an FP8 cache takes no k_new / v_new (the step's keys are read quantized)")
     if new_kv:
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if t.shape != (query.shape[0], num_kv_heads, head_dim) or t.dtype != query.dtype:
@@ -340,6 +361,8 @@ def paged_prefill_attention(
         seq_lens,
         query_start_loc,
         out,
+        k_scale if kv_fp8 else seq_lens,
+        v_scale if kv_fp8 else seq_lens,
         scale * LOG2E,
         query.stride(0),
         query.stride(1),
@@ -361,6 +384,7 @@ def paged_prefill_attention(
         USE_WINDOW=sliding_window is not None,
         NEW_KV=new_kv,
         USE_TMA=use_tma,
+        KV_FP8=kv_fp8,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=num_warps or (8 if block_m >= 128 else 4),
         num_stages=num_stages or _default_stages(block_m, block_n, head_dim, query.element_size(), on_gpu),

@@ -1,9 +1,11 @@
-"""RMSNorm, optionally fused with the residual add that precedes it.
+"""RMSNorm, optionally fused with the residual add that precedes it (and, for FP8 linears, with the
+per-token quantization that follows it).
 
 One Triton program normalises one row::
 
     x[row], residual[row] ─► s = x + residual (rounded to the dtype, stored as the new residual)
                           ─► out = (s * rsqrt(mean(s^2) + eps)).to(dtype) * weight
+                          (─► rms_norm_quant: q, scale = quantize_per_token(out), out never stored)
 """
 
 from __future__ import annotations
@@ -12,6 +14,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import (
+    FP8_DTYPE,
+    FP8_MAX_C,
+    MIN_SCALE_C,
+    _e4m3,
+    check_static_scale,
+    quantize_per_token_reference,
+    row_launch,
+)
 from .launch import launcher
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -150,3 +161,113 @@ def rms_norm(
         return x, residual
     out = out_rows.view(x.shape)
     return out, (r_out_rows.view(x.shape) if has_residual else None)
+
+
+def rms_norm_quant_reference(
+    x: torch.Tensor,  # [..., hidden]
+    weight: torch.Tensor,  # [hidden]
+    eps: float,
+    residual: torch.Tensor | None = None,
+    static_scale: torch.Tensor | None = None,  # fp32, one element
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q, scale, x + residual or None)``: ``rms_norm_reference``'s output quantized per token (kernels.fp8)."""
+    out, new_residual = rms_norm_reference(x, weight, eps, residual)
+    q, scale = quantize_per_token_reference(out, static_scale)
+    return q, scale, new_residual
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr,  # [num_rows, hidden]
+    residual_ptr,  # [num_rows, hidden] (HAS_RESIDUAL)
+    weight_ptr,  # [hidden]
+    q_ptr,  # [num_rows, hidden] fp8
+    scale_ptr,  # [num_rows] fp32
+    residual_out_ptr,  # [num_rows, hidden] (HAS_RESIDUAL)
+    static_scale_ptr,  # [1] fp32 (STATIC_SCALE)
+    stride_x_row,
+    stride_residual_row,
+    stride_q_row,
+    stride_residual_out_row,
+    hidden,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    STATIC_SCALE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(residual_out_ptr + row * stride_residual_out_row + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    variance = tl.sum(xf * xf, axis=0) / hidden
+    normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)
+    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    # rms_norm's output rounded to the dtype, as the unfused path would quantize it
+    y = (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
+    if STATIC_SCALE:
+        scale = tl.load(static_scale_ptr)
+    else:
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), FP8_MAX_C), MIN_SCALE_C)
+    q = _e4m3(tl.math.div_rn(y, scale))
+    tl.store(q_ptr + row * stride_q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+def rms_norm_quant(
+    x: torch.Tensor,  # [..., hidden] fp32 / fp16 / bf16
+    weight: torch.Tensor,  # [hidden], x's dtype
+    eps: float,
+    residual: torch.Tensor | None = None,  # x's shape and dtype
+    static_scale: torch.Tensor | None = None,  # fp32, one element
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Triton ``rms_norm_quant_reference`` in one pass: ``(q [..., hidden] float8_e4m3fn, scale [..., 1] fp32,
+    x + residual or None)``; the normed activation itself is never written.
+
+    Numerics: as ``rms_norm`` (fp32 sum of squares in another order, the GPU's rsqrt) up to the rounding of
+    the normed value to the dtype; from there as ``kernels.fp8.quantize_per_token``, bit for bit.
+    """
+    who = "rms_norm_quant"
+    if x.dtype not in FLOAT_DTYPES or x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(
+            f"{who}: x must be fp32, fp16 or bf16 [..., hidden > 0], got {tuple(x.shape)} {x.dtype}"
+        )
+    hidden = x.shape[-1]
+    if weight.shape != (hidden,) or weight.dtype != x.dtype or not weight.is_contiguous():
+        raise ValueError(
+            f"{who}: weight must be contiguous [{hidden}] {x.dtype}, got {tuple(weight.shape)} {weight.dtype}"
+        )
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"{who}: residual must match x ({tuple(x.shape)} {x.dtype})")
+    check_static_scale(static_scale, x.device, who)
+    q = torch.empty(x.shape, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
+    x_rows = _as_rows(x, hidden, "x", False)
+    r_rows = _as_rows(residual, hidden, "residual", False) if residual is not None else None
+    r_out = torch.empty(x_rows.shape, dtype=x.dtype, device=x.device) if residual is not None else None
+    if x_rows.shape[0] > 0:
+        block = triton.next_power_of_2(hidden)
+        launcher(_rms_norm_quant_kernel, x.device)[(x_rows.shape[0],)](
+            x_rows,
+            r_rows if r_rows is not None else x_rows,
+            weight,
+            q.view(-1, hidden),
+            scale,
+            r_out if r_out is not None else x_rows,
+            static_scale if static_scale is not None else scale,
+            x_rows.stride(0),
+            r_rows.stride(0) if r_rows is not None else 0,
+            hidden,
+            hidden,
+            hidden,
+            eps,
+            HAS_RESIDUAL=residual is not None,
+            STATIC_SCALE=static_scale is not None,
+            BLOCK=block,
+            num_warps=row_launch(block),
+        )
+    return q, scale, (r_out.view(x.shape) if r_out is not None else None)

@@ -6,7 +6,8 @@ For a head vector ``x = [x1 | x2]`` (two halves of ``head_dim / 2``) at position
     out = [x1 * cos - x2 * sin | x2 * cos + x1 * sin]
 
 The Triton kernel handles one token per program: all its query heads, all its KV heads, and, in the
-fused form, stores the rotated key and the value straight into the paged cache at the token's slot.
+fused form, stores the rotated key and the value straight into the paged cache at the token's slot
+(into an FP8 cache quantized with the layer's ``k_scale`` / ``v_scale``: ``kv_cache.py``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import check_heads, check_kv_cache, check_slot_mapping, write_kv_cache_reference
+from .kv_cache import (
+    check_heads,
+    check_kv_cache,
+    check_kv_scales,
+    check_slot_mapping,
+    quantize_e4m3,
+    write_kv_cache_reference,
+)
 from .launch import launcher
 
 
@@ -50,11 +58,14 @@ def rotary_embedding_write_kv_cache_reference(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; negative = padding, skipped
     rotate_k_in_place: bool = False,
+    k_scale: torch.Tensor | float | None = None,  # FP8 cache only: the dequantization scales
+    v_scale: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Rotate q and k, store the rotated k and v at their slots (in place); return the rotated q.
-    ``rotate_k_in_place``: ``k`` itself also becomes the rotated keys."""
+    ``rotate_k_in_place``: ``k`` itself also becomes the rotated keys. Into an FP8 cache the rotated k (in
+    k's dtype) and v are stored as ``clamp(x.float() / scale, -448, 448)`` in E4M3."""
     q_rot, k_rot = rotary_embedding_reference(positions, q, k, cos_sin_cache)
-    write_kv_cache_reference(k_rot, v, k_cache, v_cache, slot_mapping)
+    write_kv_cache_reference(k_rot, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     if rotate_k_in_place:
         k.copy_(k_rot)
     return q_rot
@@ -72,6 +83,8 @@ def _rotary_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim] (WRITE_CACHE only)
     v_cache_ptr,
     slot_mapping_ptr,  # [num_tokens] int64 (WRITE_CACHE only)
+    k_scale_ptr,  # 0-dim fp32 (KV_FP8 only)
+    v_scale_ptr,
     stride_q_token,
     stride_q_head,
     stride_k_token,
@@ -88,6 +101,7 @@ def _rotary_kernel(
     block_size,
     WRITE_CACHE: tl.constexpr,
     STORE_K: tl.constexpr,  # WRITE_CACHE: also overwrite k with the rotated keys
+    KV_FP8: tl.constexpr,  # WRITE_CACHE into an FP8 cache: k / k_scale and v / v_scale, rounded to E4M3
     BLOCK_H: tl.constexpr,  # >= max(num_heads, num_kv_heads), a power of two
     BLOCK_HALF: tl.constexpr,  # >= half, a power of two
 ):
@@ -133,14 +147,23 @@ def _rotary_kernel(
             + cols
         )
         cache_ty = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + cache_row, k1_rot.to(k_ty).to(cache_ty), mask=store_mask)
-        tl.store(k_cache_ptr + cache_row + half, k2_rot.to(k_ty).to(cache_ty), mask=store_mask)
+        k1_out = k1_rot.to(k_ty)
+        k2_out = k2_rot.to(k_ty)
         if STORE_K:  # NOTE: this thread loaded these elements above: no other reader of the old keys
-            tl.store(k_row, k1_rot.to(k_ty), mask=kv_mask)
-            tl.store(k_row + half, k2_rot.to(k_ty), mask=kv_mask)
+            tl.store(k_row, k1_out, mask=kv_mask)
+            tl.store(k_row + half, k2_out, mask=kv_mask)
         v_row = v_ptr + token * stride_v_token + heads * stride_v_head + cols
         v1 = tl.load(v_row, mask=store_mask, other=0.0)
         v2 = tl.load(v_row + half, mask=store_mask, other=0.0)
+        if KV_FP8:
+            k_scale = tl.load(k_scale_ptr)
+            v_scale = tl.load(v_scale_ptr)
+            k1_out = quantize_e4m3(k1_out.to(tl.float32), k_scale)
+            k2_out = quantize_e4m3(k2_out.to(tl.float32), k_scale)
+            v1 = quantize_e4m3(v1.to(tl.float32), v_scale)
+            v2 = quantize_e4m3(v2.to(tl.float32), v_scale)
+        tl.store(k_cache_ptr + cache_row, k1_out.to(cache_ty), mask=store_mask)
+        tl.store(k_cache_ptr + cache_row + half, k2_out.to(cache_ty), mask=store_mask)
         tl.store(v_cache_ptr + cache_row, v1.to(cache_ty), mask=store_mask)
         tl.store(v_cache_ptr + cache_row + half, v2.to(cache_ty), mask=store_mask)
     else:
@@ -179,7 +202,7 @@ def _check_rotary_inputs(
 
 
 def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, slot_mapping,
-            store_k: bool = False) -> None:  # fmt: skip
+            store_k: bool = False, k_scale=None, v_scale=None) -> None:  # fmt: skip
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     write_cache = k_cache is not None
@@ -195,6 +218,8 @@ def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, s
         k_cache if write_cache else q_out,
         v_cache if write_cache else q_out,
         slot_mapping if write_cache else positions,
+        positions if k_scale is None else k_scale,
+        positions if v_scale is None else v_scale,
         q.stride(0),
         q.stride(1),
         k.stride(0),
@@ -209,6 +234,7 @@ def _launch(positions, q, k, v, cos_sin_cache, q_out, k_out, k_cache, v_cache, s
         k_cache.shape[1] if write_cache else 1,
         WRITE_CACHE=write_cache,
         STORE_K=store_k,
+        KV_FP8=k_scale is not None,
         BLOCK_H=triton.next_power_of_2(max(num_heads, num_kv_heads)),
         BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
         num_warps=4,
@@ -243,13 +269,16 @@ def rotary_embedding_write_kv_cache(
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; negative = padding, nothing written
     rotate_k_in_place: bool = False,
+    k_scale: torch.Tensor | None = None,  # FP8 cache only: 0-dim fp32 dequantization scales on q's device
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """RoPE fused with the cache write: returns the rotated q; stores rotated k and v at their slots.
     ``rotate_k_in_place``: ``k`` itself is overwritten with the rotated keys too (prefill attention then
     reads the step's keys from there).
 
     Same results as ``rotary_embedding_write_kv_cache_reference``; one launch instead of two and the
-    rotated key never goes through memory. Padded rows (negative slot) still get a rotated q.
+    rotated key never goes through memory. Padded rows (negative slot) still get a rotated q. An FP8 cache
+    is written with the scales' values at run time (a captured CUDA graph reads them then).
     """
     who = "rotary_embedding_write_kv_cache"
     _check_rotary_inputs(who, positions, q, k, cos_sin_cache)
@@ -258,13 +287,13 @@ def rotary_embedding_write_kv_cache(
     if v.shape != k.shape:
         raise ValueError(f"{who}: v {tuple(v.shape)} must match k {tuple(k.shape)}")
     check_kv_cache(who, k_cache, v_cache, k.shape[1], head_dim)
+    check_kv_scales(who, k_cache, k_scale, v_scale)
     check_slot_mapping(who, slot_mapping, num_tokens, q.device)
     for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.device != q.device:
             raise ValueError(f"{who}: {name} is on {t.device}, q on {q.device}")
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens > 0:
-        _launch(
-            positions, q, k, v, cos_sin_cache, q_out, None, k_cache, v_cache, slot_mapping, rotate_k_in_place
-        )
+        _launch(positions, q, k, v, cos_sin_cache, q_out, None, k_cache, v_cache, slot_mapping,
+                rotate_k_in_place, k_scale, v_scale)  # fmt: skip
     return q_out

@@ -18,6 +18,8 @@ from typing import Protocol
 
 import torch
 
+from inflight.backend.executor.kv_scales import init_kv_scales
+from inflight.backend.executor.layers.attention import kv_cache_dtype_for_build
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import ModelRunner, kv_cache_bytes_per_block
 from inflight.backend.executor.prompt_logprobs import (
@@ -171,14 +173,22 @@ class ModelExecutor:
         self.model_config = model_config
         self.device = resolve_device(c.device)
         self.dtype = resolve_dtype(c.dtype, self.device, model_config.checkpoint_dtype)
-        self.bytes_per_block = kv_cache_bytes_per_block(model_config, c.block_size, self.dtype,
+        # NOTE: an FP8 cache takes 1 byte an element: the same budget holds 2x the blocks of bf16 (4x fp32).
+        self.kv_dtype = torch.float8_e4m3fn if c.kv_cache_dtype == "fp8" else self.dtype
+        self.bytes_per_block = kv_cache_bytes_per_block(model_config, c.block_size, self.kv_dtype,
                                                         model_config.num_kv_heads)  # fmt: skip
         if self.device.type == "cpu":
             # NOTE: on CPU the budget is known before loading, so a configuration that cannot work fails fast.
             self.num_blocks = self._num_blocks(c.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
         self.quant = resolve_quantization(c.quantization, model_config.path)
-        model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant)
-        self.runner = ModelRunner(model, self.device, c.block_size, self.dtype, c.max_model_len)
+        with kv_cache_dtype_for_build(c.kv_cache_dtype):  # FP8: attention layers with k_scale / v_scale
+            model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant)
+        self.runner = ModelRunner(model, self.device, c.block_size, self.kv_dtype, c.max_model_len)
+        self.kv_scales_source = None  # FP8: "checkpoint" | "calibrated" | "checkpoint + calibrated"
+        if c.kv_cache_dtype == "fp8":
+            # NOTE: before profiling and the real cache, whose steps quantize with them (and graphs read them).
+            self.kv_scales_source = init_kv_scales(self.runner, model_config.vocab_size, self.dtype,
+                                                   c.max_model_len)  # fmt: skip
         if self.device.type == "cuda":
             self.num_blocks = self._num_blocks(self._gpu_kv_budget())
         self.runner.allocate_kv_cache(self.num_blocks)
@@ -195,9 +205,9 @@ class ModelExecutor:
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
         self.observers: list[StepObserver] = []
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.1f MiB), max_model_len %d; %d host blocks to swap to",
-            self.num_blocks, c.block_size, self.num_blocks * self.bytes_per_block / 2**20, c.max_model_len,
-            self.num_host_blocks,
+            "KV cache: %d blocks of %d tokens, %s (%.1f MiB), max_model_len %d; %d host blocks to swap to",
+            self.num_blocks, c.block_size, str(self.kv_dtype).removeprefix("torch."),
+            self.num_blocks * self.bytes_per_block / 2**20, c.max_model_len, self.num_host_blocks,
         )  # fmt: skip
 
     # --------------------------------------------------------------------------------------------- sizing

@@ -49,7 +49,7 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = kv_dtype  # the cache's: the model dtype, or float8_e4m3fn (its layers own the scales)
         self.max_model_len = max_model_len
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
@@ -61,13 +61,15 @@ class ModelRunner:
         self.mixed_graphs: MixedGraphs | None = None
         self.logits_sizes: list[int] = []  # row counts the logits GEMM is padded to (``warm_logits``)
 
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``, bound to each layer."""
+    def allocate_kv_cache(self, num_blocks: int, dtype: torch.dtype | None = None) -> None:
+        """``[num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]``, bound to each layer;
+        in ``kv_dtype`` unless ``dtype`` is given (the FP8 scales' calibration runs over a full-precision
+        cache)."""
         layers = self.model.attention_layers()
         first = layers[0]
         self.kv_cache = None  # free a previous (profiling) cache first
         self.kv_cache = torch.zeros(len(layers), 2, num_blocks, self.block_size, first.num_kv_heads, first.head_dim,
-                                    dtype=self.kv_dtype, device=self.device)  # fmt: skip
+                                    dtype=dtype or self.kv_dtype, device=self.device)  # fmt: skip
         self.num_blocks = num_blocks
         for i, layer in enumerate(layers):
             layer.bind_kv_cache(self.kv_cache[i, 0], self.kv_cache[i, 1])
@@ -101,9 +103,13 @@ class ModelRunner:
         a swap-out's go. Only the device-side gather and scatter are on the compute stream, which waits for
         a swap-in's copies just before its scatter (1000/1000 on an H100: 0.87 s of device time between
         steps went to copies on the compute stream, 2026-11-22).
+
+        An FP8 cache is copied as bytes (``index_copy_`` has no float8 kernel on the CPU).
         """
         cache, host = self.kv_cache, self.host_kv_cache
         assert cache is not None and host is not None, "no host cache to swap with"
+        if cache.dtype == torch.float8_e4m3fn:
+            cache, host = cache.view(torch.uint8), host.view(torch.uint8)
         side = self._swap_stream
         main = torch.cuda.current_stream(self.device) if side is not None else None
         if swap_out:
@@ -153,11 +159,43 @@ class ModelRunner:
 
         if num_tokens > SHORT_QUERY_TOKENS:
             self._forward_eager(prompt(16), None)
+        self.release_kv_cache()
+        return peak
+
+    @torch.inference_mode()
+    def kv_amax(self, prompts: list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+        """``[num_layers, 2]`` fp32: each layer's largest ``|K|`` (after RoPE) and ``|V|`` over one eager
+        prefill of ``prompts`` (token ids, each from position 0) through a temporary cache in ``dtype``,
+        freed after. The FP8 cache's scales are calibrated by it (``kv_scales.py``)."""
+        bs = self.block_size
+        widths = [math.ceil(len(p) / bs) for p in prompts]
+        tables = np.zeros((len(prompts), max(widths)), dtype=np.int32)
+        slots, positions, first = [], [], 1  # block 0 is the null block
+        for i, (prompt, width) in enumerate(zip(prompts, widths, strict=True)):
+            tables[i, :width] = np.arange(first, first + width)
+            pos = np.arange(len(prompt), dtype=np.int64)
+            slots.append(tables[i, pos // bs].astype(np.int64) * bs + pos % bs)
+            positions.append(pos)
+            first += width
+        starts = np.cumsum([0] + [len(p) for p in prompts]).tolist()
+        inputs = StepInputs(np.concatenate([np.asarray(p, dtype=np.int64) for p in prompts]),
+                            np.concatenate(positions), np.concatenate(slots), tables, [len(p) for p in prompts],
+                            starts, [], [])  # fmt: skip
+        self.allocate_kv_cache(first, dtype)
+        try:
+            self._forward_eager(inputs, None, self._to_device(np.asarray(starts[1:], dtype=np.int64) - 1))
+            # NOTE: unwritten slots (the null block, a last block's tail) hold zeros: no effect on the max.
+            return self.kv_cache.abs().amax(dim=(2, 3, 4, 5)).float()
+        finally:
+            self.release_kv_cache()
+
+    def release_kv_cache(self) -> None:
+        """Unbind and free the cache (after a profiling or calibration pass)."""
         self.kv_cache = None
         for layer in self.model.attention_layers():
             layer.bind_kv_cache(None, None)
-        torch.cuda.empty_cache()
-        return peak
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def capture_cuda_graphs(
         self, max_batch_size: int, max_prefill_tokens: int = 0, max_num_seqs: int = 1

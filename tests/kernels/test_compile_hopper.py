@@ -97,6 +97,7 @@ def test_prefill_compiles(dtype, head_dim, group, window, query_len, new_kv) -> 
         USE_WINDOW=window,
         NEW_KV=new_kv,
         USE_TMA=False,
+        KV_FP8=False,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
     )
     dtype_bytes = 4 if dtype == "fp32" else 2
@@ -123,6 +124,7 @@ def test_decode_compiles(dtype, head_dim, group) -> None:
         BLOCK_N=64,
         SPLIT=True,
         USE_WINDOW=group == 1,
+        KV_FP8=False,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
     )
     compiled = compile_for_hopper(
@@ -144,13 +146,18 @@ def test_elementwise_kernels_compile() -> None:
     compile_for_hopper(_rms_norm_kernel, "bf16", dict(HAS_RESIDUAL=True, BLOCK=8192), 16, 1)
     compile_for_hopper(_silu_and_mul_kernel, "bf16", dict(BLOCK=1024), 4, 1)
     compile_for_hopper(
-        _write_kv_cache_kernel, "bf16", dict(BLOCK_H=8, BLOCK_D=128), 4, 1, (("slot_mapping_ptr", "i64"),)
+        _write_kv_cache_kernel,
+        "bf16",
+        dict(BLOCK_H=8, BLOCK_D=128, KV_FP8=False),
+        4,
+        1,
+        (("slot_mapping_ptr", "i64"),),
     )
     for write_cache in (False, True):
         compile_for_hopper(
             _rotary_kernel,
             "bf16",
-            dict(WRITE_CACHE=write_cache, BLOCK_H=32, BLOCK_HALF=64),
+            dict(WRITE_CACHE=write_cache, BLOCK_H=32, BLOCK_HALF=64, KV_FP8=False),
             4,
             1,
             (("positions_ptr", "i64"), ("cos_sin_ptr", "fp32"), ("slot_mapping_ptr", "i64")),

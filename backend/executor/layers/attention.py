@@ -2,26 +2,52 @@
 
 On CUDA the OpenAI Triton kernels run (RoPE fused with the cache write; split-K decode attention when
 every sequence has one new token, else varlen prefill attention); on CPU the torch references.
+
+FP8 KV cache (``kv_cache_dtype="fp8"``, docs/fp8.md): a layer built for it owns two 0-dim fp32 parameters,
+``k_scale`` and ``v_scale`` (dequantization scales: real = fp8 * scale), loaded from the checkpoint or
+calibrated at load (``executor/kv_scales.py``). The kernels read them through their device pointers, so
+CUDA graphs captured after they are set stay valid. Whether a step quantizes follows the bound cache's
+dtype: the calibration pass runs the same layers over a full-precision cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from inflight.backend.executor.layers.rotary import RotaryEmbedding
 from inflight.backend.executor.step_inputs import AttentionMetadata
+from inflight.kernels.kv_cache import FP8_DTYPE
 from inflight.kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
 from inflight.kernels.rotary import rotary_embedding_reference
+
+# The KV cache dtype ("auto" | "fp8") that attention layers built in this context are for. NOTE: a context
+# rather than an argument: the models are built through one registry signature shared by every format
+# (``weight_loader.empty_model``), and only the attention layers need to know (as vLLM's current config).
+_KV_CACHE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("kv_cache_dtype", default="auto")
+
+
+@contextlib.contextmanager
+def kv_cache_dtype_for_build(kv_cache_dtype: str) -> Iterator[None]:
+    """Attention layers built inside are for a KV cache of ``kv_cache_dtype`` ("auto" | "fp8")."""
+    token = _KV_CACHE_DTYPE.set(kv_cache_dtype)
+    try:
+        yield
+    finally:
+        _KV_CACHE_DTYPE.reset(token)
 
 
 class Attention(nn.Module):
     """Multi-head / grouped-query attention with RoPE over the paged cache of one layer."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 rotary: RotaryEmbedding, sliding_window: int | None = None) -> None:  # fmt: skip
+                 rotary: RotaryEmbedding, sliding_window: int | None = None,
+                 kv_cache_dtype: str | None = None) -> None:  # fmt: skip
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -31,33 +57,60 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
+        self.kv_cache_dtype = kv_cache_dtype or _KV_CACHE_DTYPE.get()
+        if self.kv_cache_dtype == "fp8":
+            # 0 until loaded from the checkpoint or calibrated (``init_buffers``; the model is built empty).
+            self.k_scale = nn.Parameter(torch.empty((), dtype=torch.float32), requires_grad=False)
+            self.v_scale = nn.Parameter(torch.empty((), dtype=torch.float32), requires_grad=False)
+        elif self.kv_cache_dtype == "auto":
+            self.k_scale = self.v_scale = None
+        else:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or 'fp8', got {self.kv_cache_dtype!r}")
 
-    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    def init_buffers(self) -> None:
+        if self.k_scale is not None:
+            self.k_scale.data.zero_()
+            self.v_scale.data.zero_()
+
+    def bind_kv_cache(self, k_cache: torch.Tensor | None, v_cache: torch.Tensor | None) -> None:
+        if k_cache is not None and k_cache.dtype == FP8_DTYPE and self.k_scale is None:
+            raise ValueError("an FP8 KV cache needs attention layers built for it (kv_cache_dtype='fp8')")
         self.k_cache, self.v_cache = k_cache, v_cache
+
+    def _scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The dequantization scales when the bound cache is FP8, else (None, None)."""
+        if self.k_cache.dtype == FP8_DTYPE:
+            return self.k_scale, self.v_scale
+        return None, None
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:  # fmt: skip
         """``q [T, H, D]``, ``k``/``v [T, KVH, D]`` before RoPE -> ``[T, H * D]``."""
         assert self.k_cache is not None and self.v_cache is not None, "KV cache not bound"
         cos_sin = self.rotary_emb.cos_sin_cache
+        k_scale, v_scale = self._scales()
         if q.is_cuda:
-            out = self._forward_cuda(positions, q, k, v, cos_sin, meta)
+            out = self._forward_cuda(positions, q, k, v, cos_sin, meta, k_scale, v_scale)
         else:
             q, k = rotary_embedding_reference(positions, q, k, cos_sin)
-            write_kv_cache_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            write_kv_cache_reference(k, v, self.k_cache, self.v_cache, meta.slot_mapping, k_scale, v_scale)
             out = paged_attention_reference(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                            meta.query_start_loc, self.scale, self.sliding_window)  # fmt: skip
+                                            meta.query_start_loc, self.scale, self.sliding_window,
+                                            k_scale, v_scale)  # fmt: skip
         return out.reshape(out.shape[0], self.num_heads * self.head_dim)
 
-    def _forward_cuda(self, positions, q, k, v, cos_sin, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_cuda(self, positions, q, k, v, cos_sin, meta: AttentionMetadata, k_scale: torch.Tensor | None,
+                      v_scale: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         from inflight.kernels.paged_attention import paged_attention
         from inflight.kernels.rotary import rotary_embedding_write_kv_cache
 
         # Prefill reads this step's keys from the rotated k rows (and v) rather than through the cache.
-        # (Not after a q/k norm, which makes k contiguous and v not: the kernel takes one stride for both.)
+        # (Not after a q/k norm, which makes k contiguous and v not: the kernel takes one stride for both.
+        # Not with an FP8 cache: a step's own tokens attend to their quantized K/V, as later steps will.)
         step_kv = meta.max_query_len > 1 and k.dtype == self.k_cache.dtype and k.stride() == v.stride()
         q = rotary_embedding_write_kv_cache(positions, q, k, v, cos_sin, self.k_cache, self.v_cache,
-                                            meta.slot_mapping, rotate_k_in_place=step_kv)  # fmt: skip
+                                            meta.slot_mapping, rotate_k_in_place=step_kv, k_scale=k_scale,
+                                            v_scale=v_scale)  # fmt: skip
         return paged_attention(
             q,
             self.k_cache,
@@ -72,6 +125,8 @@ class Attention(nn.Module):
             partition_size=decode_partition_size(q.shape[0], self.num_kv_heads, meta.max_seq_len, q.device),
             k_new=k if step_kv else None,
             v_new=v if step_kv else None,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
 

@@ -240,9 +240,12 @@ class LlamaForCausalLM(nn.Module):
         return loaded
 
     def expected_weights(self) -> set[str]:
-        """Every parameter (and fused shard) that a complete checkpoint fills."""
+        """Every parameter (and fused shard) that a complete checkpoint fills. An FP8 KV cache's scales are
+        optional: calibrated at load when the checkpoint has none (``executor/kv_scales.py``)."""
         names: set[str] = set()
         for name, _ in self.named_parameters():
+            if name.endswith((".attn.k_scale", ".attn.v_scale")):
+                continue
             if ".qkv_proj." in name:
                 names.update(f"{name}:{s}" for s in ("q", "k", "v"))
             elif ".gate_up_proj." in name:

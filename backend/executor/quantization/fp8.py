@@ -5,7 +5,8 @@ checkpoint's per-tensor scale is broadcast over its shard's rows, so fused q/k/v
 shard's own). Activations are quantized per token as they are made, ``y = (q_x @ q_w^T) * s_x * s_w``:
 
     CUDA  M <= FP8_GEMV_MAX_M  ``kernels.fp8_gemv`` (weights read at one byte each; RMSNorm and the
-                               residual add fused, the activation quantized inside)
+                               residual add fused, the activation quantized inside; after SiLU-and-mul
+                               its kernel emits FP8 + scales and the GEMV takes them)
           else                 RMSNorm / SiLU-and-mul kernels emit FP8 + per-token scales, then
                                ``kernels.fp8.fp8_gemm`` (cuBLASLt, row-wise scales)
     CPU                        the torch references: values cast to float8 and back, fp32 scales, so CI
@@ -20,9 +21,10 @@ from torch import nn
 from inflight.backend.executor.layers.linear import LinearMethod
 from inflight.backend.executor.quantization.config import QuantConfig
 from inflight.kernels import activation, fp8, rms_norm
+from inflight.kernels.fp8_gemv import fp8_gemv
 
 # Rows up to which a CUDA step takes the FP8 GEMV (kernels/fp8_gemv.py) rather than cuBLASLt.
-FP8_GEMV_MAX_M = 4
+FP8_GEMV_MAX_M = 8
 
 
 class Fp8LinearMethod(LinearMethod):
@@ -62,11 +64,16 @@ class Fp8LinearMethod(LinearMethod):
     def _static(self, layer: nn.Module) -> torch.Tensor | None:
         return layer.input_scale if self.config.static_input_scale else None
 
-    def _gemv(self, layer: nn.Module, x: torch.Tensor) -> bool:
-        return x.is_cuda and 0 < x.shape[0] <= FP8_GEMV_MAX_M and not self.config.static_input_scale
+    def _gemv(self, x: torch.Tensor) -> bool:
+        return x.is_cuda and 0 < x.shape[0] <= FP8_GEMV_MAX_M
 
     def _matmul(self, layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """The product of E4M3 activations ``q`` (per-row ``scale``) with the weight (+ bias, + addend)."""
+        if q.is_cuda and self._gemv(q):
+            y, _ = fp8_gemv(q, layer.weight, layer.weight_scale, a_scale=scale, out_dtype=layer.out_dtype,
+                            bias=bias, addend=addend)  # fmt: skip
+            return y
         if q.is_cuda:
             return fp8.fp8_gemm(q, scale, layer.weight, layer.weight_scale, layer.out_dtype, bias, addend)
         return fp8.fp8_linear_reference(
@@ -74,45 +81,34 @@ class Fp8LinearMethod(LinearMethod):
         )
 
     def _quantize(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if x.is_cuda:
-            return fp8.quantize_per_token(x, self._static(layer))
-        return fp8.quantize_per_token_reference(x, self._static(layer))
+        quantize = fp8.quantize_per_token if x.is_cuda else fp8.quantize_per_token_reference
+        return quantize(x, self._static(layer))
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self._gemv(layer, x):
-            from inflight.kernels.fp8_gemv import fp8_gemv
-
-            y, _ = fp8_gemv(x, layer.weight, layer.weight_scale)
-            return y if bias is None else y + bias
+        if self._gemv(x):
+            return fp8_gemv(x, layer.weight, layer.weight_scale, bias=bias, static_scale=self._static(layer))[
+                0
+            ]
         return self._matmul(layer, *self._quantize(layer, x), bias)
 
     def apply_add(self, layer: nn.Module, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
-        if self._gemv(layer, x):
-            from inflight.kernels.fp8_gemv import fp8_gemv
-
-            return fp8_gemv(x, layer.weight, layer.weight_scale, addend=addend)[0]
+        if self._gemv(x):
+            return fp8_gemv(
+                x, layer.weight, layer.weight_scale, addend=addend, static_scale=self._static(layer)
+            )[0]
         return self._matmul(layer, *self._quantize(layer, x), None, addend)
 
     def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):  # noqa: D102 (see LinearMethod)
-        if self._gemv(layer, x):
-            from inflight.kernels.fp8_gemv import fp8_gemv
-
+        static = self._static(layer)
+        if self._gemv(x):
             y, new_residual = fp8_gemv(x, layer.weight, layer.weight_scale, "rmsnorm", residual=residual,
-                                       norm_weight=norm_weight, eps=eps)  # fmt: skip
-            return (y if bias is None else y + bias), (x if residual is None else new_residual)
-        if x.is_cuda and not self.config.static_input_scale:
-            q, scale, new_residual = rms_norm.rms_norm_quant(x, norm_weight, eps, residual)
+                                       norm_weight=norm_weight, eps=eps, bias=bias, static_scale=static)  # fmt: skip
         else:
-            normed, new_residual = (rms_norm.rms_norm if x.is_cuda else rms_norm.rms_norm_reference)(
-                x, norm_weight, eps, residual
-            )
-            q, scale = self._quantize(layer, normed)
-        return self._matmul(layer, q, scale, bias), (x if residual is None else new_residual)
+            quantize = rms_norm.rms_norm_quant if x.is_cuda else rms_norm.rms_norm_quant_reference
+            q, scale, new_residual = quantize(x, norm_weight, eps, residual, static)
+            y = self._matmul(layer, q, scale, bias)
+        return y, (x if residual is None else new_residual)
 
     def apply_silu_mul(self, layer, x, bias):  # noqa: D102 (see LinearMethod)
-        if self._gemv(layer, x):
-            return self.apply(layer, activation.silu_and_mul(x), bias)
-        if x.is_cuda and not self.config.static_input_scale:
-            return self._matmul(layer, *activation.silu_and_mul_quant(x), bias)
-        act = activation.silu_and_mul(x) if x.is_cuda else activation.silu_and_mul_reference(x)
-        return self._matmul(layer, *self._quantize(layer, act), bias)
+        quantize = activation.silu_and_mul_quant if x.is_cuda else activation.silu_and_mul_quant_reference
+        return self._matmul(layer, *quantize(x, self._static(layer)), bias)
