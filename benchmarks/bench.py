@@ -48,7 +48,7 @@ GPU_STEPS = {
     "throughput-2048x2048": ("throughput", "--isl 2048 --osl 2048 --num-requests 256 --hf-batch 32 --cb-requests 16"),
     "throughput-random256": ("throughput", "--random-lengths 100 1024 --num-requests 256 --hf-batch 64"),
     "serving": ("serving", "--isl 467 --osl 256 --rate 2 --rate-requests 64 --concurrency 1,16,64,256 "
-                           "--requests-per-slot 2 --min-requests 16"),
+                           "--requests-per-slot 2 --min-requests 16 --unlimited 500"),
     # FP8 (issue 20): W8A8 linears quantized at load + FP8 KV, trtllm-bench's request counts
     "fp8-gemm": ("kernels.bench_fp8_gemm", ""),
     "fp8-decode": ("decode_e2e", "--skip-hf --quantization fp8 --kv-cache-dtype fp8"),
@@ -61,7 +61,7 @@ GPU_STEPS = {
     "fp8-throughput-128x2048": ("throughput", f"--isl 128 --osl 2048 --num-requests 3000 {FP8} "
                                               "--max-num-seqs 1024 --engine-option max_cuda_graph_batch_size=1024"),
     "fp8-serving": ("serving", "--isl 467 --osl 256 --rate 2 --rate-requests 64 --concurrency 1,16,64,256 "
-                               "--requests-per-slot 2 --min-requests 16 --engine-option quantization=\"fp8\" "
+                               "--requests-per-slot 2 --min-requests 16 --unlimited 500 --engine-option quantization=\"fp8\" "
                                "--engine-option kv_cache_dtype=\"fp8\""),
 }  # fmt: skip
 CPU_STEPS = {

@@ -164,14 +164,76 @@ OFFLINE_GOALS = {
 }
 DEVICES = {"h100": "H100", "h200": "H200"}
 
+# Issue 20's FP8 goals per device: out tok/s offline (trtllm-bench's method and counts), and TensorRT-LLM's
+# published Llama-3.1-8B FP8 figures (perf-overview, TP1, v0.17 / v1.0) beside them.
+FP8_GOALS = {
+    "h100": {"128/128": 30_000, "1000/1000": 16_000, "2048/2048": 10_000, "128/2048": 23_500},
+    "h200": {"128/128": 31_000, "1000/1000": 18_500, "2048/2048": 12_800, "128/2048": 27_000},
+}
+TRTLLM_FP8 = {
+    "h100": {"128/128": 28_837, "1000/1000": 15_270, "2048/2048": 9_488, "128/2048": 22_714},
+    "h200": {"128/128": 29_526, "1000/1000": 17_744, "2048/2048": 12_194, "128/2048": 26_221},
+}
+TRTLLM_TRITON_BF16 = {"h100": 9_420, "h200": 10_121}  # its published Triton serving figure, 467/256
+TRTLLM_BENCH_REQUESTS = {"128/128": 30_000, "1000/1000": 3_000, "2048/2048": 1_500, "128/2048": 3_000}
+
 
 def targets() -> str:
-    """The issues' must-show figures, a table per device that has results (the H100 first)."""
+    """The issues' must-show figures, a table per device that has results (the H100 first), bf16 then FP8."""
     parts = []
     for tag, name in DEVICES.items():
         if any(RESULTS.glob(f"*-{tag}*.json")):
             parts.append(f"**{name}**\n\n" + device_targets(tag))
+            parts.append(f"**{name}, FP8** (issue 20: W8A8 linears + FP8 KV, the 8B shape quantized at load)\n\n"
+                         + fp8_targets(tag))  # fmt: skip
     return "\n\n".join(parts)
+
+
+def fp8_targets(tag: str) -> str:
+    """Issue 20's rows on one device: each beside TensorRT-LLM's published FP8 figure and the FP8 ideal
+    measured in the same run (the ideal at the held FP8 matmul rate)."""
+    rows = ["| target | measured | goal | verdict | TensorRT-LLM FP8 | result |", "|---|---|---|---|---|---|"]
+
+    def row(check: str, peer: str) -> str:
+        cells = check.rstrip(" |").split(" | ")
+        return " | ".join([*cells[:4], peer, cells[4]]) + " |"
+
+    for name, goal in FP8_GOALS[tag].items():
+        file = f"fp8-throughput-{name.replace('/', 'x')}-{tag}.json"
+        result = _load(file)
+        value = result["inflight"]["output_tok_s"] if result else None
+        bound = ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
+        check = _check(f"{name} offline FP8, out tok/s", value, goal, "", True, file, bound)
+        count = int(result["workload"].split()[0]) if result else TRTLLM_BENCH_REQUESTS[name]
+        if count != TRTLLM_BENCH_REQUESTS[name]:  # a shorter run than trtllm-bench's: not the goal's method
+            check = check.replace(" | met |", " | met on fewer requests |").replace(
+                " | missed", f" | on {count:,} requests, not {TRTLLM_BENCH_REQUESTS[name]:,}: missed"
+            )
+        rows.append(row(check, f"{TRTLLM_FP8[tag][name]:,}"))
+    decode = _load(f"fp8-decode-{tag}.json")
+    value = 100 * decode["inflight"]["fraction_of_roofline"] if decode else None
+    rows.append(row(_check("batch-1 decode 8B FP8, % of the FP8 weight-read roofline", value, 75, "%", True,
+                           f"fp8-decode-{tag}.json"), ""))  # fmt: skip
+    serving = _load(f"fp8-serving-{tag}.json")
+    rate2 = next(
+        (lv for lv in (serving or {}).get("levels", []) if lv["mode"] == "rate" and lv["value"] == 2), None
+    )
+    for key, goal in (("ttft_ms", 14), ("itl_ms", 4.5)):
+        value = rate2["triton"][key]["p50"] if rate2 and rate2.get("triton") else None
+        rows.append(row(_check(f"2 req/s 467/256 via Triton FP8: {key[:-3].upper()} p50", value, goal, " ms", False,
+                               f"fp8-serving-{tag}.json"), ""))  # fmt: skip
+    gemm = _load(f"fp8-gemm-{tag}.json")
+    for low, goal in ((1, 1.0), (1024, 1.4), (4096, 1.6)):
+        ratios = [r["speedup_vs_bf16"] for r in (gemm or {}).get("linears", []) if r["m"] >= low]
+        rows.append(row(_check(f"FP8 GEMM / bf16, 8B projections, worst at M >= {low}",
+                               min(ratios) if ratios else None, goal, "x", True, f"fp8-gemm-{tag}.json"), ""))  # fmt: skip
+    for name, file in (("bf16", f"serving-{tag}.json"), ("FP8", f"fp8-serving-{tag}.json")):
+        level = next((lv for lv in (_load(file) or {}).get("levels", []) if lv["mode"] == "unlimited"), None)
+        value = level["triton"]["output_tok_s"] if level and level.get("triton") else None
+        peer = f"{TRTLLM_TRITON_BF16[tag]:,} (bf16, Triton)"
+        rows.append(row(_check(f"467/256 through Triton, unlimited rate, {name}, out tok/s", value,
+                               TRTLLM_TRITON_BF16[tag], "", True, file), peer))  # fmt: skip
+    return "\n".join(rows)
 
 
 def device_targets(tag: str) -> str:

@@ -46,6 +46,8 @@ def _levels(args: argparse.Namespace) -> list[dict[str, Any]]:
         }
         for c in args.concurrency
     ]
+    if args.unlimited:  # every request sent at once (TensorRT-LLM's Triton figure's setting)
+        levels.append({"mode": "unlimited", "value": "all at once", "num_requests": args.unlimited})
     return levels
 
 
@@ -58,6 +60,8 @@ def _specs(level: dict[str, Any], args: argparse.Namespace, vocab: int, index: i
 
 
 def _label(level: dict[str, Any]) -> str:
+    if level["mode"] == "unlimited":
+        return f"{level['num_requests']} at once"
     return f"{level['value']} req/s" if level["mode"] == "rate" else f"concurrency {level['value']}"
 
 
@@ -85,7 +89,7 @@ def run_level(target: Any, specs: list[RequestSpec], level: dict[str, Any], time
     try:
         concurrency = level["value"] if level["mode"] == "concurrency" else None
         if hasattr(target, "prewarm"):
-            target.prewarm(concurrency or _RATE_STREAMS)
+            target.prewarm(concurrency or (len(specs) if level["mode"] == "unlimited" else _RATE_STREAMS))
         before = _server_counters(metrics_url) if metrics_url else None
         start = time.monotonic()
         records = drive(specs, target, concurrency=concurrency, progress=progress, timeout_s=timeout_s)
@@ -217,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=floats, default=[2.0], help="Poisson request rates (req/s), e.g. 2,8")
     parser.add_argument("--rate-requests", type=int, default=64, help="requests per rate level")
     parser.add_argument("--concurrency", type=ints, default=[1, 16, 64, 256], help="e.g. 1,16,64,256")
+    parser.add_argument("--unlimited", type=int, default=0, help="also send this many requests all at once")
     parser.add_argument("--requests-per-slot", type=int, default=2, help="a concurrency level sends this x c")
     parser.add_argument(
         "--min-requests", type=int, default=16, help="at least this many per concurrency level"

@@ -40,7 +40,10 @@ from .launch import interpreting, launcher
 from .rms_norm import rms_norm_quant, rms_norm_reference
 
 MAX_M = 16
-FUSE_MAX_M = 4  # the fused form up to here (benchmarks/kernels/bench_fp8_gemm.py times both forms)
+# The fused form up to here by default. 0: the quantize-first form was faster at every M from 1 to 16 for all
+# four 8B projections on an H100 in CUDA graphs (benchmarks/kernels/bench_fp8_gemm.py, 2026-12-07: qkv at M=1
+# 21.7 vs 30.2 us, gate_up 57.5 vs 66.2): each program's own pass over the rows costs more than a launch.
+FUSE_MAX_M = 0
 PROLOGUES = (None, "rmsnorm")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

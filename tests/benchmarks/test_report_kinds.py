@@ -63,3 +63,40 @@ def test_a_missed_goal_above_the_held_rate_ideal_says_so() -> None:
     assert "| missed by 10.0%; above the ideal at the held matmul rate (19,442) |" in row
     assert "| missed by 10.0% |" in _check("x", 18_000, 20_000, "", True, "r.json", bound=21_000)
     assert "| met |" in _check("x", 20_500, 20_000, "", True, "r.json", bound=19_442)
+
+
+def test_fp8_targets_read_each_result_and_show_the_trtllm_figure(tmp_path, monkeypatch) -> None:
+    import json
+
+    import benchmarks.report as report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    throughput = {"inflight": {"output_tok_s": 31_234.5}, "ideal": {"ideal_out_tok_s_sustained": 60_000.0},
+                  "workload": "30000 requests, 128 in / 128 out"}  # fmt: skip
+    (tmp_path / "fp8-throughput-128x128-h100.json").write_text(json.dumps(throughput))
+    short = {
+        **throughput,
+        "inflight": {"output_tok_s": 9_000.0},
+        "workload": "300 requests, 2048 in / 2048 out",
+    }
+    (tmp_path / "fp8-throughput-2048x2048-h100.json").write_text(json.dumps(short))
+    gemm = {"linears": [{"m": 1, "speedup_vs_bf16": 1.7}, {"m": 1024, "speedup_vs_bf16": 1.3},
+                        {"m": 4096, "speedup_vs_bf16": 1.65}]}  # fmt: skip
+    (tmp_path / "fp8-gemm-h100.json").write_text(json.dumps(gemm))
+    serving = {"levels": [{"mode": "rate", "value": 2, "triton": _stats(100.0)},
+                          {"mode": "unlimited", "value": "all at once", "triton": _stats(12_000.0)}]}  # fmt: skip
+    (tmp_path / "fp8-serving-h100.json").write_text(json.dumps(serving))
+    rows = report.fp8_targets("h100").splitlines()
+    assert rows[2] == ("| 128/128 offline FP8, out tok/s | 31,234.5 | ≥ 30000 | met | 28,837 "
+                       "| fp8-throughput-128x128-h100.json |")  # fmt: skip
+    assert "| 1000/1000 offline FP8, out tok/s | not measured | ≥ 16000 | - | 15,270 |" in rows[3]
+    assert "| 9,000.0 | ≥ 10000 | on 300 requests, not 1,500: missed by 10.0% | 9,488 |" in rows[4]
+    gemm_rows = [r for r in rows if "FP8 GEMM" in r]
+    assert [r.split(" | ")[1:4] for r in gemm_rows] == [
+        ["1.3x", "≥ 1x", "met"],
+        ["1.3x", "≥ 1.4x", "missed by 7.1%"],
+        ["1.6x", "≥ 1.6x", "met"],
+    ]  # the worst ratio from each M on (1.65 shows as 1.6 at one decimal)
+    assert "| 2 req/s 467/256 via Triton FP8: TTFT p50 | 5.0 ms | ≤ 14 ms | met |" in "\n".join(rows)
+    unlimited = [r for r in rows if "unlimited rate, FP8" in r][0]
+    assert "| 12,000.0 | ≥ 9420 | met | 9,420 (bf16, Triton) | fp8-serving-h100.json |" in unlimited

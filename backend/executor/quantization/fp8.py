@@ -15,6 +15,8 @@ shard's own). Activations are quantized per token as they are made, ``y = (q_x @
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -23,8 +25,12 @@ from inflight.backend.executor.quantization.config import QuantConfig
 from inflight.kernels import activation, fp8, rms_norm
 from inflight.kernels.fp8_gemv import fp8_gemv
 
-# Rows up to which a CUDA step takes the FP8 GEMV (kernels/fp8_gemv.py) rather than cuBLASLt.
-FP8_GEMV_MAX_M = 8
+# Rows up to which a CUDA step takes the FP8 GEMV (kernels/fp8_gemv.py) rather than cuBLASLt: the GEMV
+# (quantize-first form) was the fastest for every 8B projection at every M from 1 to 16 on an H100 in CUDA
+# graphs (benchmarks/kernels/bench_fp8_gemm.py, 2026-12-07: qkv 21.7 vs 26.9 us with the quantization, down
+# 40.4 vs 59.8). Batch-1 decode of the 8B shape: 183.7 tok/s with the GEMV (then the fused form, M <= 2),
+# 171.6 without (INFLIGHT_FP8_GEMV=0 in the environment, read at import: every row count to cuBLASLt).
+FP8_GEMV_MAX_M = 16 if os.environ.get("INFLIGHT_FP8_GEMV", "1") != "0" else 0
 
 
 class Fp8LinearMethod(LinearMethod):
