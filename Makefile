@@ -13,8 +13,10 @@ STAMP := $(VENV)/.installed
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
-# MODEL=<HF checkpoint folder> serves another checkpoint instead of the default one.
+# MODEL=<HF checkpoint folder> serves another checkpoint instead of the default one; SERVE_ARGS adds config
+# parameters, e.g. SERVE_ARGS="--param quantization=fp8 --param kv_cache_dtype=fp8" (docs/fp8.md).
 MODEL ?=
+SERVE_ARGS ?=
 
 PERF_ARGS ?=
 # `make bench BENCH_MODEL=<HF folder>` on a GPU; BENCH_ARGS="--only serving" etc. (python -m benchmarks.bench -h)
@@ -38,7 +40,7 @@ $(MODEL_DIR)/config.json: | $(STAMP)
 
 serve: setup model
 	$(PY) -m inflight.tools.server --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-		--metrics-port $(METRICS_PORT) $(if $(MODEL),--model "$(MODEL)")
+		--metrics-port $(METRICS_PORT) $(if $(MODEL),--model "$(MODEL)") $(SERVE_ARGS)
 
 # Throughput and latency through the real server: perf_analyzer, then genai-perf (vllm and tensorrtllm modes).
 perf: setup model

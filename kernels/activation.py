@@ -15,13 +15,12 @@ import triton
 import triton.language as tl
 
 from .fp8 import (
-    FP8_DTYPE,
     FP8_MAX_C,
     MIN_SCALE_C,
     _e4m3,
     check_static_scale,
+    launch_row_quantization,
     quantize_per_token_reference,
-    row_launch,
 )
 from .launch import launcher
 
@@ -131,25 +130,4 @@ def silu_and_mul_quant(
     if x.dim() < 1 or x.shape[-1] % 2 != 0 or x.shape[-1] == 0:
         raise ValueError(f"{who}: the last dimension must be even (gate | up), got {tuple(x.shape)}")
     check_static_scale(static_scale, x.device, who)
-    d = x.shape[-1] // 2
-    q = torch.empty((*x.shape[:-1], d), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
-    if q.numel() == 0:
-        return q, scale
-    rows = x.reshape(-1, 2 * d)
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    block = triton.next_power_of_2(d)
-    launcher(_silu_and_mul_quant_kernel, x.device)[(rows.shape[0],)](
-        rows,
-        q.view(-1, d),
-        scale,
-        static_scale if static_scale is not None else scale,
-        rows.stride(0),
-        d,
-        d,
-        STATIC_SCALE=static_scale is not None,
-        BLOCK=block,
-        num_warps=row_launch(block),
-    )
-    return q, scale
+    return launch_row_quantization(_silu_and_mul_quant_kernel, x, x.shape[-1] // 2, static_scale)

@@ -142,23 +142,31 @@ def quantize_per_token(
     if a.dtype not in FLOAT_DTYPES or a.dim() < 1 or a.shape[-1] == 0:
         raise ValueError(f"{who}: a must be fp32, fp16 or bf16 [..., K > 0], got {tuple(a.shape)} {a.dtype}")
     check_static_scale(static_scale, a.device, who)
-    k = a.shape[-1]
-    q = torch.empty(a.shape, dtype=FP8_DTYPE, device=a.device)
-    scale = torch.empty((*a.shape[:-1], 1), dtype=torch.float32, device=a.device)
+    return launch_row_quantization(_quantize_per_token_kernel, a, a.shape[-1], static_scale)
+
+
+def launch_row_quantization(
+    kernel, x: torch.Tensor, out_cols: int, static_scale: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [..., out_cols] float8_e4m3fn, scale [..., 1] fp32)`` from a one-row-per-program ``kernel`` over
+    ``x``'s rows, called as ``kernel(x_rows, q, scale, static_scale, stride_x_row, stride_q_row, out_cols,
+    STATIC_SCALE=, BLOCK=)`` (quantize_per_token's and silu_and_mul_quant's kernels)."""
+    q = torch.empty((*x.shape[:-1], out_cols), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if q.numel() == 0:
         return q, scale
-    rows = a.reshape(-1, k)
+    rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    block = triton.next_power_of_2(k)
-    launcher(_quantize_per_token_kernel, a.device)[(rows.shape[0],)](
+    block = triton.next_power_of_2(out_cols)
+    launcher(kernel, x.device)[(rows.shape[0],)](
         rows,
-        q.view(-1, k),
+        q.view(-1, out_cols),
         scale,
         static_scale if static_scale is not None else scale,
         rows.stride(0),
-        k,
-        k,
+        out_cols,
+        out_cols,
         STATIC_SCALE=static_scale is not None,
         BLOCK=block,
         num_warps=row_launch(block),
