@@ -153,6 +153,51 @@ def bench_decode(args, copy_gbs: float) -> dict:
     }
 
 
+def bench_fp8_kv(args, copy_gbs: float, matmul_rate: float) -> dict:
+    """The same decode and prefill shapes with an E4M3 cache (kv_cache_dtype="fp8"), engine defaults: decode's
+    KV bytes are half bf16's; its GB/s counts the FP8 bytes, so % of copy compares with bf16's directly."""
+    from inflight.kernels.kv_cache import FP8_MAX, quantize_fp8_reference
+
+    def to_fp8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = (cache.float().abs().amax() / FP8_MAX).reshape(())
+        return quantize_fp8_reference(cache, scale), scale
+
+    b, ctx, h, kvh, d, bs = (
+        args.batch,
+        args.context,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.block_size,
+    )
+    k_cache, v_cache, block_tables, _, _ = paged_cache(b, ctx, kvh, d, bs, shuffle=True)
+    (k8, ks), (v8, vs) = to_fp8(k_cache), to_fp8(v_cache)
+    del k_cache, v_cache
+    q = torch.randn(b, h, d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+    ms = bench_ms(lambda: paged_decode_attention(q, k8, v8, block_tables, seq_lens, d**-0.5, max_seq_len=ctx,
+                                                 k_scale=ks, v_scale=vs))  # fmt: skip
+    gbs = 2 * b * kvh * ctx * d / (ms / 1e3) / 1e9
+    decode = {"ms": round(ms, 4), "kv_gbs": round(gbs, 1), "pct_copy": round(100 * gbs / copy_gbs, 1)}
+    del k8, v8
+    torch.cuda.empty_cache()
+    t = args.prefill_tokens
+    k_cache, v_cache, block_tables, _, _ = paged_cache(1, t, kvh, d, bs, shuffle=True)
+    (k8, ks), (v8, vs) = to_fp8(k_cache), to_fp8(v_cache)
+    q = torch.randn(t, h, d, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.tensor([t], dtype=torch.int32, device="cuda")
+    starts = torch.tensor([0, t], dtype=torch.int32, device="cuda")
+    ms = bench_ms(lambda: paged_prefill_attention(q, k8, v8, block_tables, seq_lens, starts, d**-0.5,
+                                                  max_query_len=t, k_scale=ks, v_scale=vs))  # fmt: skip
+    tflops = 4 * h * d * t * (t + 1) / 2 / (ms / 1e3) / 1e12
+    prefill = {
+        "ms": round(ms, 4),
+        "tflops": round(tflops, 1),
+        "pct_matmul": round(100 * tflops / matmul_rate, 1),
+    }
+    return {"decode": decode, "prefill": prefill}
+
+
 PREFILL_CONFIGS = (  # (block_m, block_n, num_warps, num_stages)
     (128, 64, 8, 2),
     (128, 64, 8, 3),
@@ -253,6 +298,8 @@ def main() -> None:
     decode = bench_decode(args, copy_gbs)
     torch.cuda.empty_cache()
     prefill = bench_prefill(args, matmul_rate)
+    torch.cuda.empty_cache()
+    fp8_kv = bench_fp8_kv(args, copy_gbs, matmul_rate)
     result = {
         **environment(),
         "ceilings": {
@@ -261,6 +308,7 @@ def main() -> None:
         },
         "decode": decode,
         "prefill": prefill,
+        "fp8_kv": fp8_kv,
     }
     write_result(args.out, result)
 
@@ -300,6 +348,10 @@ def main() -> None:
         if r is not None:
             print(f"{name:40}{r['ms']:9.3f}{r['tflops']:10,.1f}{r['pct_matmul']:7.1f}%")
     print(f"max |triton - sdpa| = {prefill['max_abs_diff_vs_sdpa']:.2e}")
+    f8 = result["fp8_kv"]
+    print(f"\nFP8 KV cache (engine defaults): decode {f8['decode']['ms']:.3f} ms, {f8['decode']['kv_gbs']:,.0f} GB/s "
+          f"({f8['decode']['pct_copy']:.1f}% copy); prefill {f8['prefill']['ms']:.3f} ms, "
+          f"{f8['prefill']['tflops']:,.1f} TFLOP/s ({f8['prefill']['pct_matmul']:.1f}% of bf16 matmul)")  # fmt: skip
 
 
 if __name__ == "__main__":
