@@ -23,7 +23,7 @@ PERF_ARGS ?=
 BENCH_MODEL ?=
 BENCH_ARGS ?=
 
-.PHONY: setup model serve perf bench bench-carry quality test test-gpu mutate gpu-carry lint format clean
+.PHONY: setup model serve perf bench bench-carry quality quality-carry test test-gpu mutate gpu-carry lint format clean
 
 setup: $(STAMP)
 
@@ -74,7 +74,7 @@ bench-carry: gpu-carry
 	bash ../shared/gpu/make-bundle.sh .gpu
 
 # The CPU suite (CI). tests/gpu needs a CUDA GPU: `make test-gpu` runs it with the kernels on CUDA.
-test: setup model
+test: setup model $(GENSIM_WHEEL)
 	$(PY) -m pytest -q tests --ignore=tests/gpu
 
 # Issue 6: every reliability scenario at full size through the real server, then a table; non-zero on any
@@ -92,6 +92,16 @@ mutate: setup model
 
 test-gpu: setup
 	$(PY) -m pytest -q tests/gpu tests/kernels
+
+# `make quality` on a GPU machine (no network, at most 64 MiB carried a run): the default model's GGUF in two
+# halves and the gensim + gguf wheels, in three git-ignored folders carried by three runs made back to back
+# (files a run leaves there stay while the machine is warm); docs/fp8.md, "Quality", has the commands.
+quality-carry: model $(GENSIM_WHEEL)
+	rm -rf .gpu/quality-a .gpu/quality-b .gpu/quality-c && mkdir -p .gpu/quality-a .gpu/quality-b .gpu/quality-c
+	split -n 2 -d $(CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf .gpu/quality-x.
+	mv .gpu/quality-x.00 .gpu/quality-a/ && mv .gpu/quality-x.01 .gpu/quality-b/
+	cp $(CACHE)/wheels/gensim-4.4.0-*.whl .gpu/quality-c/
+	$(PIP) download -q gguf==0.19.0 --no-deps -d .gpu/quality-c
 
 # What a GPU machine without network needs beside the checkout (git-ignored; name `.gpu/tok` in the device
 # tool's carry): the tokenizer files for the GPU tests' tiny checkpoints and the benchmarks' 8B-shaped one.

@@ -203,11 +203,8 @@ def test_quality_row_and_the_readme_block() -> None:
 
 
 def test_the_wheel_text_has_no_markup_left() -> None:
-    try:
-        wheel = find_wheel()
-    except FileNotFoundError:
-        pytest.skip("no gensim wheel in .cache/wheels (`make quality` downloads it)")
-    text = corpus_text(wheel)
+    """The real text (`make test` downloads the wheel as `make quality` does)."""
+    text = corpus_text(find_wheel())
     assert len(text) > 1_000_000
     for markup in ("{{", "}}", "[[", "]]", "{|", "|}", "''", "<ref", "</", "/>", "<!--", "&nbsp;", "[http"):
         assert markup not in text, markup
