@@ -9,7 +9,8 @@ One list per area, in the files beside this one.
 
 from tests.mutation.explained_batching import BATCHING
 from tests.mutation.explained_detokenizer import DETOKENIZER
+from tests.mutation.explained_quantization import QUANTIZATION
 from tests.mutation.explained_sampler import SAMPLER
 from tests.mutation.report import Explained
 
-EXPLAINED: list[Explained] = [*BATCHING, *SAMPLER, *DETOKENIZER]
+EXPLAINED: list[Explained] = [*BATCHING, *SAMPLER, *DETOKENIZER, *QUANTIZATION]
