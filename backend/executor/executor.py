@@ -19,7 +19,6 @@ from typing import Protocol
 import torch
 
 from inflight.backend.executor.kv_scales import init_kv_scales
-from inflight.backend.executor.layers.attention import kv_cache_dtype_for_build
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import ModelRunner, kv_cache_bytes_per_block
 from inflight.backend.executor.prompt_logprobs import (
@@ -181,8 +180,8 @@ class ModelExecutor:
             # NOTE: on CPU the budget is known before loading, so a configuration that cannot work fails fast.
             self.num_blocks = self._num_blocks(c.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
         self.quant = resolve_quantization(c.quantization, model_config.path)
-        with kv_cache_dtype_for_build(c.kv_cache_dtype):  # FP8: attention layers with k_scale / v_scale
-            model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant)
+        model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant,
+                           kv_cache_dtype=c.kv_cache_dtype)  # fmt: skip
         self.runner = ModelRunner(model, self.device, c.block_size, self.kv_dtype, c.max_model_len)
         self.kv_scales_source = None  # FP8: "checkpoint" | "calibrated" | "checkpoint + calibrated"
         if c.kv_cache_dtype == "fp8":

@@ -55,10 +55,11 @@ def empty_model(
     max_position: int,
     parallel: ParallelConfig = SINGLE_RANK,
     quant: QuantConfig | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> nn.Module:
     """``cfg``'s model on ``device`` with uninitialised parameters (one allocation each) and its buffers set."""
     with torch.device("meta"):
-        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel, quant)
+        model = MODEL_REGISTRY[cfg.architecture](cfg, dtype, max_position, parallel, quant, kv_cache_dtype)
     model.to_empty(device=device)
     for module in model.modules():
         if hasattr(module, "init_buffers"):
@@ -73,11 +74,13 @@ def load_model(
     max_position: int,
     parallel: ParallelConfig = SINGLE_RANK,
     quant: QuantConfig | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> nn.Module:
     """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place (and
-    turn it into the weight format's, e.g. quantize it, layer by layer)."""
+    turn it into the weight format's, e.g. quantize it, layer by layer). ``kv_cache_dtype`` "fp8": the
+    attention layers take the checkpoint's K/V scales where it has them (else 0: calibrated later)."""
     start = time.monotonic()
-    model = empty_model(cfg, dtype, device, max_position, parallel, quant)
+    model = empty_model(cfg, dtype, device, max_position, parallel, quant, kv_cache_dtype)
     loaded = model.load_weights(iterate_weights(cfg.path))
     missing = model.expected_weights() - loaded
     if missing:

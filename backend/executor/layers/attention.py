@@ -12,10 +12,7 @@ dtype: the calibration pass runs the same layers over a full-precision cache.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -26,28 +23,13 @@ from inflight.kernels.kv_cache import FP8_DTYPE
 from inflight.kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
 from inflight.kernels.rotary import rotary_embedding_reference
 
-# The KV cache dtype ("auto" | "fp8") that attention layers built in this context are for. NOTE: a context
-# rather than an argument: the models are built through one registry signature shared by every format
-# (``weight_loader.empty_model``), and only the attention layers need to know (as vLLM's current config).
-_KV_CACHE_DTYPE: contextvars.ContextVar[str] = contextvars.ContextVar("kv_cache_dtype", default="auto")
-
-
-@contextlib.contextmanager
-def kv_cache_dtype_for_build(kv_cache_dtype: str) -> Iterator[None]:
-    """Attention layers built inside are for a KV cache of ``kv_cache_dtype`` ("auto" | "fp8")."""
-    token = _KV_CACHE_DTYPE.set(kv_cache_dtype)
-    try:
-        yield
-    finally:
-        _KV_CACHE_DTYPE.reset(token)
-
 
 class Attention(nn.Module):
     """Multi-head / grouped-query attention with RoPE over the paged cache of one layer."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
                  rotary: RotaryEmbedding, sliding_window: int | None = None,
-                 kv_cache_dtype: str | None = None) -> None:  # fmt: skip
+                 kv_cache_dtype: str = "auto") -> None:  # fmt: skip
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
@@ -57,7 +39,7 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
-        self.kv_cache_dtype = kv_cache_dtype or _KV_CACHE_DTYPE.get()
+        self.kv_cache_dtype = kv_cache_dtype
         if self.kv_cache_dtype == "fp8":
             # 0 until loaded from the checkpoint or calibrated (``init_buffers``; the model is built empty).
             self.k_scale = nn.Parameter(torch.empty((), dtype=torch.float32), requires_grad=False)

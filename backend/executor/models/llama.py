@@ -48,6 +48,7 @@ class LlamaAttention(nn.Module):
         max_position: int,
         parallel: ParallelConfig,
         quant: QuantConfig | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         super().__init__()
         prefix = f"model.layers.{layer_index}.self_attn"
@@ -73,6 +74,7 @@ class LlamaAttention(nn.Module):
             cfg.head_dim**-0.5,
             rotary,
             cfg.sliding_windows[layer_index],
+            kv_cache_dtype,
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -124,9 +126,12 @@ class LlamaDecoderLayer(nn.Module):
         max_position: int,
         parallel: ParallelConfig,
         quant: QuantConfig | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer_index, dtype, max_position, parallel, quant)
+        self.self_attn = LlamaAttention(
+            cfg, layer_index, dtype, max_position, parallel, quant, kv_cache_dtype
+        )
         self.mlp = LlamaMLP(cfg, layer_index, dtype, parallel, quant)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
@@ -152,11 +157,12 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int, parallel: ParallelConfig,
-                 quant: QuantConfig | None = None) -> None:  # fmt: skip
+                 quant: QuantConfig | None = None, kv_cache_dtype: str = "auto") -> None:  # fmt: skip
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, parallel)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, i, dtype, max_position, parallel, quant) for i in range(cfg.num_layers)
+            LlamaDecoderLayer(cfg, i, dtype, max_position, parallel, quant, kv_cache_dtype)
+            for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
@@ -173,10 +179,13 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only causal LM over a paged KV cache."""
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_position: int,
-                 parallel: ParallelConfig = SINGLE_RANK, quant: QuantConfig | None = None) -> None:  # fmt: skip
+                 parallel: ParallelConfig = SINGLE_RANK, quant: QuantConfig | None = None,
+                 kv_cache_dtype: str = "auto") -> None:  # fmt: skip
+        """``quant``: the linear layers' FP8 format (None: dense); ``kv_cache_dtype`` "fp8": the attention
+        layers get K/V scales."""
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, dtype, max_position, parallel, quant)
+        self.model = LlamaModel(cfg, dtype, max_position, parallel, quant, kv_cache_dtype)
         # NOTE: with tied embeddings the head reads the embedding table; no second copy exists.
         self.lm_head = (
             None
