@@ -4,9 +4,9 @@ Weights are ``float8_e4m3fn [out, in]`` with one fp32 scale per output channel (
 checkpoint's per-tensor scale is broadcast over its shard's rows, so fused q/k/v and gate/up keep each
 shard's own). Activations are quantized per token as they are made, ``y = (q_x @ q_w^T) * s_x * s_w``:
 
-    CUDA  M <= FP8_GEMV_MAX_M  ``kernels.fp8_gemv`` (weights read at one byte each; RMSNorm and the
-                               residual add fused, the activation quantized inside; after SiLU-and-mul
-                               its kernel emits FP8 + scales and the GEMV takes them)
+    CUDA  M <= FP8_GEMV_MAX_M  ``kernels.fp8_gemv`` (weights read at one byte each; bias and residual add
+                               fused; the RMSNorm / quantization before it as its FUSE_MAX_M says: by
+                               default a kernel that emits FP8 + scales, then the GEMV)
           else                 RMSNorm / SiLU-and-mul kernels emit FP8 + per-token scales, then
                                ``kernels.fp8.fp8_gemm`` (cuBLASLt, row-wise scales)
     CPU                        the torch references: values cast to float8 and back, fp32 scales, so CI
