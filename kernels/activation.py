@@ -15,12 +15,10 @@ import triton
 import triton.language as tl
 
 from .fp8 import (
-    FP8_MAX_C,
-    MIN_SCALE_C,
-    _e4m3,
     check_static_scale,
     launch_row_quantization,
     quantize_per_token_reference,
+    store_row_quantized,
 )
 from .launch import launcher
 
@@ -106,13 +104,9 @@ def _silu_and_mul_quant_kernel(
     # Rounded where the reference rounds (F.silu's output, then the product), so the two quantize one value.
     silu = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(gate.dtype)
     y = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
-    if STATIC_SCALE:
-        scale = tl.load(static_scale_ptr)
-    else:
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), FP8_MAX_C), MIN_SCALE_C)
-    q = _e4m3(tl.math.div_rn(y, scale))
-    tl.store(q_ptr + row * stride_q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    store_row_quantized(
+        y, q_ptr + row * stride_q_row + cols, scale_ptr + row, static_scale_ptr, mask, STATIC_SCALE
+    )
 
 
 def silu_and_mul_quant(

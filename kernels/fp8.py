@@ -112,13 +112,22 @@ def _quantize_per_token_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < K
     v = tl.load(a_ptr + row * stride_a_row + cols, mask=mask, other=0.0).to(tl.float32)
+    store_row_quantized(
+        v, q_ptr + row * stride_q_row + cols, scale_ptr + row, static_scale_ptr, mask, STATIC_SCALE
+    )
+
+
+@triton.jit
+def store_row_quantized(v, q_ptrs, scale_ptr, static_scale_ptr, mask, STATIC_SCALE: tl.constexpr):
+    """Store the fp32 row ``v`` (0 where masked) as E4M3 at ``q_ptrs`` and its scale at ``scale_ptr``:
+    ``quantize_per_token_reference``'s numbers (the scale from the row's amax, or the static one)."""
     if STATIC_SCALE:
         scale = tl.load(static_scale_ptr)
     else:
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), FP8_MAX_C), MIN_SCALE_C)
     q = _e4m3(tl.math.div_rn(v, scale))
-    tl.store(q_ptr + row * stride_q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr, scale)
 
 
 def check_static_scale(static_scale: torch.Tensor | None, device: torch.device, who: str) -> None:

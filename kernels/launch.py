@@ -12,10 +12,10 @@ launches through ``launcher(kernel, device)``:
     CUDA tensors, TRITON_INTERPRET=1  -> the interpreter (read at launch time; to debug on a GPU machine)
 
 For the length of one interpreted launch (and only then) this module:
-  * gives every ``@triton.jit`` function of ``triton.language`` and of the kernel's module an
-    interpreted twin, then puts every module attribute back exactly as it was, so compiled launches in
-    the same process never see the interpreter's patches (nested interpreted calls patch
-    ``triton.language.core`` without undoing it);
+  * gives every ``@triton.jit`` function of ``triton.language``, of the kernel's module and of the modules
+    of the jit helpers it calls an interpreted twin, then puts every module attribute back exactly as it
+    was, so compiled launches in the same process never see the interpreter's patches (nested interpreted
+    calls patch ``triton.language.core`` without undoing it);
   * lets the interpreter's ``tl.dot`` take bf16 operands (it multiplies their raw uint16 bits);
   * lets runtime loop bounds be turned into ints under numpy >= 2.4 (triton 3.6 does ``int(array)``
     on a 1-element array, which numpy 2.4 refuses; triton 3.9 fixed it).
@@ -79,9 +79,20 @@ def _patch_lang_tensor_numpy2(tensor, scope, *args, **kwargs):
 
 
 def _language_namespaces(kernel_globals: dict) -> list[dict]:
+    """The namespaces whose ``@triton.jit`` functions get their twins: triton.language's, the kernel's module,
+    and the modules of the jit helpers it calls (a helper from another module calls that module's own)."""
     names = [n for n in list(sys.modules) if n == "triton.language" or n.startswith("triton.language.")]
     spaces = [vars(sys.modules[n]) for n in names if sys.modules[n] is not None]
-    return [*spaces, kernel_globals, vars(interpreter)]
+    spaces += [kernel_globals, vars(interpreter)]
+    seen, todo = {id(space) for space in spaces}, [kernel_globals]
+    while todo:
+        for value in list(todo.pop().values()):
+            helper_globals = value.fn.__globals__ if isinstance(value, JITFunction) else None
+            if helper_globals is not None and id(helper_globals) not in seen:
+                seen.add(id(helper_globals))
+                spaces.append(helper_globals)
+                todo.append(helper_globals)
+    return spaces
 
 
 class _Interpreted:

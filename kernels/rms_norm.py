@@ -16,12 +16,10 @@ import triton.language as tl
 
 from .fp8 import (
     FP8_DTYPE,
-    FP8_MAX_C,
-    MIN_SCALE_C,
-    _e4m3,
     check_static_scale,
     quantize_per_token_reference,
     row_launch,
+    store_row_quantized,
 )
 from .launch import launcher
 
@@ -66,7 +64,19 @@ def _rms_norm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    # NOTE: the whole row is loaded before anything is stored, so the outputs may alias the inputs.
+    out = _residual_rms_norm(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, cols, mask, stride_x_row,
+                             stride_residual_row, stride_residual_out_row, hidden, eps, HAS_RESIDUAL)  # fmt: skip
+    tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_rms_norm(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, cols, mask, stride_x_row,
+                       stride_residual_row, stride_residual_out_row, hidden, eps, HAS_RESIDUAL: tl.constexpr):  # fmt: skip
+    """One row: ``x (+ residual, rounded to the dtype, stored as the new residual)``, RMS-normed and rounded
+    to the dtype, times the weight, in fp32 (``rms_norm_reference``'s numbers before its last rounding).
+
+    NOTE: the whole row is loaded before anything is stored, so the outputs may alias the inputs.
+    """
     x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
@@ -77,8 +87,7 @@ def _rms_norm_kernel(
     variance = tl.sum(xf * xf, axis=0) / hidden
     normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-    out = normed.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row * stride_out_row + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return normed.to(tl.float32) * w.to(tl.float32)
 
 
 def _as_rows(t: torch.Tensor, hidden: int, name: str, in_place: bool) -> torch.Tensor:
@@ -198,24 +207,13 @@ def _rms_norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(residual_ptr + row * stride_residual_row + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
-        tl.store(residual_out_ptr + row * stride_residual_out_row + cols, x, mask=mask)
-    xf = x.to(tl.float32)
-    variance = tl.sum(xf * xf, axis=0) / hidden
-    normed = (xf * tl.rsqrt(variance + eps)).to(x.dtype)
-    w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+    out = _residual_rms_norm(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, row, cols, mask, stride_x_row,
+                             stride_residual_row, stride_residual_out_row, hidden, eps, HAS_RESIDUAL)  # fmt: skip
     # rms_norm's output rounded to the dtype, as the unfused path would quantize it
-    y = (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype).to(tl.float32)
-    if STATIC_SCALE:
-        scale = tl.load(static_scale_ptr)
-    else:
-        scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(y), axis=0), FP8_MAX_C), MIN_SCALE_C)
-    q = _e4m3(tl.math.div_rn(y, scale))
-    tl.store(q_ptr + row * stride_q_row + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale)
+    y = out.to(x_ptr.dtype.element_ty).to(tl.float32)
+    store_row_quantized(
+        y, q_ptr + row * stride_q_row + cols, scale_ptr + row, static_scale_ptr, mask, STATIC_SCALE
+    )
 
 
 def rms_norm_quant(
