@@ -50,10 +50,17 @@ def quantize_per_token_reference(
     return q, scale
 
 
-def quantize_weight_per_channel_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize-at-load of a linear weight ``w`` [N, K]: ``(w_q [N, K] float8_e4m3fn, w_scale [N] fp32)``."""
-    w_q, scale = quantize_per_token_reference(w)
-    return w_q, scale.view(-1)
+def quantize_weight_per_channel_reference(
+    w: torch.Tensor, row_amax: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize-at-load of a linear weight ``w`` [N, K]: ``(w_q [N, K] float8_e4m3fn, w_scale [N] fp32)``.
+    ``row_amax`` [N] fp32: each row's amax taken over more than ``w`` (a tensor-parallel shard of the rows:
+    the whole rows'), so every shard gets the unsharded weight's scales and values."""
+    if row_amax is None:
+        w_q, scale = quantize_per_token_reference(w)
+        return w_q, scale.view(-1)
+    scale = (row_amax.float().reshape(-1, 1) / FP8_MAX).clamp_min(MIN_SCALE)
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale.view(-1)
 
 
 def fp8_linear_reference(

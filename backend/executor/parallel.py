@@ -30,6 +30,12 @@ class ParallelConfig:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise max of ``x`` over the group (in place); the identity with one rank."""
+        if self.tp_size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX, group=self.group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate each rank's ``x`` along the last dimension; the identity with one rank."""
         if self.tp_size == 1:

@@ -22,6 +22,8 @@ from inflight.backend.executor.layers.linear import RowParallelLinear
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import ModelRunner
 from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
+from inflight.backend.executor.quantization import QuantConfig
+from inflight.backend.executor.quantization.fp8 import Fp8LinearMethod
 from inflight.backend.executor.step_inputs import AttentionMetadata
 from inflight.backend.executor.weight_loader import load_model
 
@@ -41,6 +43,7 @@ CASES = {
 }
 PROMPTS = [[0, 500, 501, 1000, 7], [3, 999, 250, 751, 12, 499, 502, 64, 900, 1, 33]]  # both halves, edges
 NEXT_TOKENS = [1000, 0]  # one decode step after the prefill
+FP8_AT_LOAD = QuantConfig("fp8 at load", False, True, False, False)
 
 
 def _checkpoint(case: str, out: Path) -> Path:
@@ -126,6 +129,11 @@ def _layers(parallel: ParallelConfig) -> dict[str, torch.Tensor]:
     embed = VocabParallelEmbedding(VOCAB, 8, torch.float32, parallel)
     embed.weight_loader(embed.weight, t["table"])
     out["embed"] = embed(t["ids"])
+    # FP8 quantized at load: a row-parallel shard's scales are the whole rows'
+    fp8 = RowParallelLinear(24, 16, False, torch.float32, parallel, Fp8LinearMethod(FP8_AT_LOAD))
+    fp8.weight_loader(fp8.weight, t["w"])
+    fp8.linear_method.process_weights_after_loading(fp8)
+    out["fp8_weight"], out["fp8_scale"] = fp8.weight.float(), fp8.weight_scale.clone()
     return out
 
 
@@ -228,3 +236,18 @@ def test_vocab_parallel_embedding_looks_up_both_halves(tp_results) -> None:
     for results in tp_results[1]:
         # exact: each row is one rank's row plus zeros from the other
         assert torch.equal(results["layers"]["embed"], F.embedding(t["ids"], t["table"]))
+
+
+def test_fp8_quantized_at_load_shards_are_the_single_rank_weight(tp_results) -> None:
+    """Each rank's columns of a row-parallel FP8 weight, and the scales, are the unsharded ones': the scales
+    come from the whole rows (an all-reduce max), not from this rank's columns."""
+    from inflight.kernels.fp8 import quantize_weight_per_channel_reference
+
+    w_q, scale = quantize_weight_per_channel_reference(_layer_inputs()["w"])
+    for rank, results in enumerate(tp_results[1]):
+        got = results["layers"]
+        assert torch.equal(got["fp8_scale"], scale), f"rank {rank}"
+        assert torch.equal(got["fp8_weight"], w_q.float().chunk(TP, dim=1)[rank]), f"rank {rank}"
+    # without the all-reduce, rank 0's scales would be its own columns' (checks the test can fail)
+    own, _ = _layer_inputs()["w"].chunk(TP, dim=1)
+    assert not torch.equal(quantize_weight_per_channel_reference(own)[1], scale)

@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from inflight.backend.executor.layers.linear import LinearMethod
+from inflight.backend.executor.layers.linear import LinearMethod, RowParallelLinear
 from inflight.backend.executor.quantization.config import QuantConfig
 from inflight.kernels import activation, fp8, rms_norm
 from inflight.kernels.fp8_gemv import fp8_gemv
@@ -60,7 +60,13 @@ class Fp8LinearMethod(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         if not self.config.checkpoint_fp8:
-            w_q, scale = fp8.quantize_weight_per_channel_reference(layer.weight.data)
+            w = layer.weight.data
+            row_amax = None
+            if isinstance(layer, RowParallelLinear) and layer.parallel.tp_size > 1:
+                # NOTE: this rank holds some columns of each row: the scales come from the whole rows, so
+                # every tensor-parallel size stores the same FP8 weight.
+                row_amax = layer.parallel.all_reduce_max(w.float().abs().amax(dim=1))
+            w_q, scale = fp8.quantize_weight_per_channel_reference(w, row_amax)
             layer.weight = nn.Parameter(w_q, requires_grad=False)
             layer.weight_scale = nn.Parameter(scale, requires_grad=False)
         if self.config.static_input_scale and not float(layer.input_scale) > 0:
