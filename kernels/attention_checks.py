@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import FP8_DTYPE, check_heads, check_kv_cache, check_kv_scales
+from .fp8 import FP8_DTYPE
+from .kv_cache import check_heads, check_kv_cache, check_kv_scales
 
 
 def check_index_tensor(

@@ -12,7 +12,7 @@ variant quantizes with a given fp32 scale instead (checkpoints with a per-tensor
 
 The Triton quantization kernels equal their references bit for bit when given the same values: they divide
 with IEEE rounding (``tl.math.div_rn``: Triton's ``/`` is an approximate division on NVIDIA GPUs) and round to
-the E4M3 grid themselves before the fp8 cast (``_e4m3``). ``fp8_gemm`` is ``torch._scaled_mm`` on CUDA.
+the E4M3 grid themselves before the fp8 cast (``round_e4m3``). ``fp8_gemm`` is ``torch._scaled_mm`` on CUDA.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def fp8_linear_reference(
 
 
 @triton.jit
-def _e4m3(v):
+def round_e4m3(v):
     """fp32 ``v`` clamped to +-448 and rounded to the nearest E4M3 value (ties to even), still in fp32.
 
     The ``.to(tl.float8e4nv)`` after it is then exact. NOTE: rounding here rather than in the cast keeps
@@ -101,6 +101,14 @@ def _e4m3(v):
     sub = (a + 24576.0) - 24576.0
     r = tl.where(a < 0.015625, sub, normal)
     return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0
+
+
+@triton.jit
+def quantize_e4m3(x, scale):
+    """fp32 ``x / scale`` (IEEE division, as the references' torch division) as an E4M3 value, in fp32:
+    ``clamp(x / scale, -448, 448)`` rounded to nearest, ties to even (the KV write and every quantization
+    kernel here)."""
+    return round_e4m3(tl.math.div_rn(x, scale))
 
 
 @triton.jit
@@ -132,7 +140,7 @@ def store_row_quantized(v, q_ptrs, scale_ptr, static_scale_ptr, mask, STATIC_SCA
         scale = tl.load(static_scale_ptr)
     else:
         scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), axis=0), FP8_MAX_C), MIN_SCALE_C)
-    q = _e4m3(tl.math.div_rn(v, scale))
+    q = quantize_e4m3(v, scale)
     tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
     tl.store(scale_ptr, scale)
 

@@ -30,9 +30,9 @@ from .fp8 import (
     FP8_DTYPE,
     FP8_MAX_C,
     MIN_SCALE_C,
-    _e4m3,
     check_static_scale,
     fp8_linear_reference,
+    quantize_e4m3,
     quantize_per_token,
     quantize_per_token_reference,
 )
@@ -153,7 +153,7 @@ def _quantize_rows(x_ptr, residual_ptr, norm_w_ptr, residual_out_ptr, static_sca
                 a = _normed(h_first, rstd, tl.load(norm_w_ptr + ks, mask=ks < K, other=0.0))
             else:
                 a = _activation(x_row, r_row, norm_w_ptr, ks, K, rstd, RMSNORM, HAS_RESIDUAL)
-            q = _e4m3(tl.math.div_rn(a, scale))
+            q = quantize_e4m3(a, scale)
             tl.store(q_ptr + m * stride_q + ks, q.to(q_ptr.dtype.element_ty), mask=ks < K)
     return scales
 

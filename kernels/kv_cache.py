@@ -19,11 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import FLOAT_DTYPES, FP8_DTYPE, FP8_MAX, quantize_e4m3
 from .launch import launcher
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FP8_DTYPE = torch.float8_e4m3fn  # the FP8 KV cache's element type
-FP8_MAX = 448.0  # E4M3's largest finite value
 CACHE_DTYPES = (*FLOAT_DTYPES, FP8_DTYPE)
 
 
@@ -61,26 +59,6 @@ def write_kv_cache_reference(
         return
     k_flat.index_copy_(0, slots, key[keep].to(k_cache.dtype))
     v_flat.index_copy_(0, slots, value[keep].to(v_cache.dtype))
-
-
-@triton.jit
-def quantize_e4m3(x, scale):
-    """``clamp(x / scale, -448, 448)`` (fp32, ``x / scale`` rounded as IEEE division) rounded to the nearest
-    E4M3 value, ties to even, still in fp32: the cast to ``tl.float8e4nv`` that follows is then exact.
-
-    NOTE: rounded here rather than by the cast because Triton's interpreter (3.9) casts fp32 to fp8
-    wrongly (a mantissa that rounds up does not carry into the exponent: 31.1 becomes 16). Normal values
-    (>= 2^-6) keep 3 mantissa bits of the fp32 bits, the carry moving into the exponent; smaller ones are
-    multiples of 2^-9 (E4M3's subnormal step), rounded by an fp32 add in the binade whose step that is.
-    On the GPU the cast (``cvt.rn.satfinite``) would give the same; the few integer ops are free in
-    these memory-bound kernels.
-    """
-    x = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-    bits = x.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)  # 0xFFF00000
-    small = ((tl.abs(x) + 24576.0) - 24576.0).to(tl.int32, bitcast=True)  # 24576 = 1.5 * 2^14: step 2^-9
-    small = (small | (bits & -2147483648)).to(tl.float32, bitcast=True)  # the sign back (-0 stays -0)
-    return tl.where(tl.abs(x) >= 0.015625, normal, small)
 
 
 @triton.jit

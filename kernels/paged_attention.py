@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .kv_cache import (
-    FP8_DTYPE,
-    write_kv_cache_reference,  # noqa: F401  (re-exported: kernels.ops imports it here)
-)
+from .fp8 import FP8_DTYPE
+from .kv_cache import write_kv_cache_reference  # noqa: F401  (re-exported: kernels.ops imports it here)
 from .paged_decode_attention import DEFAULT_PARTITION_SIZE, paged_decode_attention
 from .paged_prefill_attention import paged_prefill_attention
 

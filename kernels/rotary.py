@@ -16,12 +16,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import quantize_e4m3
 from .kv_cache import (
     check_heads,
     check_kv_cache,
     check_kv_scales,
     check_slot_mapping,
-    quantize_e4m3,
     write_kv_cache_reference,
 )
 from .launch import launcher

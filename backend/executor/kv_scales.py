@@ -30,7 +30,7 @@ import logging
 import torch
 
 from inflight.backend.executor.model_runner import ModelRunner
-from inflight.kernels.kv_cache import FP8_MAX
+from inflight.kernels.fp8 import FP8_MAX
 
 logger = logging.getLogger("inflight")
 

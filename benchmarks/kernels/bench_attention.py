@@ -156,7 +156,8 @@ def bench_decode(args, copy_gbs: float) -> dict:
 def bench_fp8_kv(args, copy_gbs: float, matmul_rate: float) -> dict:
     """The same decode and prefill shapes with an E4M3 cache (kv_cache_dtype="fp8"), engine defaults: decode's
     KV bytes are half bf16's; its GB/s counts the FP8 bytes, so % of copy compares with bf16's directly."""
-    from inflight.kernels.kv_cache import FP8_MAX, quantize_fp8_reference
+    from inflight.kernels.fp8 import FP8_MAX
+    from inflight.kernels.kv_cache import quantize_fp8_reference
 
     def to_fp8(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale = (cache.float().abs().amax() / FP8_MAX).reshape(())

@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inflight.kernels.kv_cache import FP8_DTYPE, quantize_fp8_reference
+from inflight.kernels.fp8 import FP8_DTYPE
+from inflight.kernels.kv_cache import quantize_fp8_reference
 from inflight.kernels.paged_attention import paged_attention, paged_attention_reference
 from inflight.kernels.paged_decode_attention import paged_decode_attention
 from inflight.kernels.paged_prefill_attention import paged_prefill_attention

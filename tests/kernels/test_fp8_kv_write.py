@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from inflight.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from inflight.kernels.kv_cache import (
-    FP8_DTYPE,
-    FP8_MAX,
     quantize_fp8_reference,
     write_kv_cache,
     write_kv_cache_reference,

@@ -19,7 +19,7 @@ from torch import nn
 
 from inflight.backend.executor.layers.rotary import RotaryEmbedding
 from inflight.backend.executor.step_inputs import AttentionMetadata
-from inflight.kernels.kv_cache import FP8_DTYPE
+from inflight.kernels.fp8 import FP8_DTYPE
 from inflight.kernels.paged_attention import paged_attention_reference, write_kv_cache_reference
 from inflight.kernels.rotary import rotary_embedding_reference
 
