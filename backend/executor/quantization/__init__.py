@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from inflight.backend.executor.layers.linear import LinearMethod
 from inflight.backend.executor.quantization.config import QuantConfig, resolve_quantization
+from inflight.backend.executor.quantization.fp8 import Fp8LinearMethod
 
 __all__ = ["QuantConfig", "linear_method", "resolve_quantization"]
 
@@ -22,6 +23,4 @@ def linear_method(config: QuantConfig | None, *prefixes: str) -> LinearMethod | 
             f"the checkpoint quantizes some of {', '.join(prefixes)} and not others; they are fused into one "
             "layer here, which must be all FP8 or all full precision"
         )
-    from inflight.backend.executor.quantization.fp8 import Fp8LinearMethod
-
     return Fp8LinearMethod(config)

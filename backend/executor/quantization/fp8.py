@@ -82,7 +82,7 @@ class Fp8LinearMethod(LinearMethod):
     def _matmul(self, layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 addend: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """The product of E4M3 activations ``q`` (per-row ``scale``) with the weight (+ bias, + addend)."""
-        if q.is_cuda and self._gemv(q):
+        if self._gemv(q):
             y, _ = fp8_gemv(q, layer.weight, layer.weight_scale, a_scale=scale, out_dtype=layer.out_dtype,
                             bias=bias, addend=addend)  # fmt: skip
             return y
@@ -98,16 +98,16 @@ class Fp8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self._gemv(x):
-            return fp8_gemv(x, layer.weight, layer.weight_scale, bias=bias, static_scale=self._static(layer))[
-                0
-            ]
+            y, _ = fp8_gemv(x, layer.weight, layer.weight_scale, bias=bias, static_scale=self._static(layer))
+            return y
         return self._matmul(layer, *self._quantize(layer, x), bias)
 
     def apply_add(self, layer: nn.Module, x: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
         if self._gemv(x):
-            return fp8_gemv(
+            y, _ = fp8_gemv(
                 x, layer.weight, layer.weight_scale, addend=addend, static_scale=self._static(layer)
-            )[0]
+            )
+            return y
         return self._matmul(layer, *self._quantize(layer, x), None, addend)
 
     def apply_rmsnorm(self, layer, x, residual, norm_weight, eps, bias):  # noqa: D102 (see LinearMethod)
