@@ -112,13 +112,6 @@ def quant_case(m: int, k: int, copy_gbs: float) -> dict:
     return r
 
 
-def fp8_matmul_tflops(n: int = 8192) -> float:
-    """Row-wise scaled fp8 ``n x n x n`` rate (torch._scaled_mm), the GEMM's ceiling."""
-    q, s = quantize_per_token(torch.randn(n, n, dtype=BF16, device="cuda"))
-    us = bench_us(lambda: fp8_gemm(q, s, q, s.view(-1), BF16))
-    return 2 * n**3 / us / 1e6
-
-
 def print_tables(linear: list[dict], quant: list[dict], ceilings: dict) -> None:
     print(f"\nceilings: copy {ceilings['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_tflops']:.0f}"
           f" TFLOP/s, fp8 row-wise matmul {ceilings['fp8_rowwise_matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
@@ -161,7 +154,7 @@ def main() -> None:
     shapes = {"o_proj": SHAPES["o_proj"]} if args.smoke else SHAPES
     ms = [1, 16, 256] if args.smoke else MS
     ceilings = {"copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1), "bf16_matmul_tflops": round(matmul_tflops(), 1),
-                "fp8_rowwise_matmul_tflops": round(fp8_matmul_tflops(), 1)}  # fmt: skip
+                "fp8_rowwise_matmul_tflops": round(matmul_tflops(fp8=True), 1)}  # fmt: skip
     quant = [
         quant_case(m, k, ceilings["copy_bandwidth_gbs"])
         for m, k in (QUANT_CASES[:2] if args.smoke else QUANT_CASES)
