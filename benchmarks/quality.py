@@ -102,31 +102,42 @@ class Progress:
 
 
 # ----------------------------------------------------------------------------- fake-quant W8A8 (E4M3)
-def fp8_quantize(t: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """E4M3 values and fp32 scales of ``t``, one scale per slice along ``dim`` (amax / 448, floored)."""
+def fp8_quantize(
+    t: torch.Tensor, dim: int, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E4M3 values and fp32 scales of ``t``, one scale per slice along ``dim`` (amax / 448, floored), or the
+    given (static) ``scale``."""
     t = t.float()
-    scale = (t.abs().amax(dim=dim, keepdim=True) / FP8_MAX).clamp_min(SCALE_FLOOR)
+    if scale is None:
+        scale = (t.abs().amax(dim=dim, keepdim=True) / FP8_MAX).clamp_min(SCALE_FLOOR)
     return (t / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
 
 
-def fp8_dequantize(t: torch.Tensor, dim: int) -> torch.Tensor:
+def fp8_dequantize(t: torch.Tensor, dim: int, scale: torch.Tensor | None = None) -> torch.Tensor:
     """``t`` through E4M3 and back, in fp32."""
-    q, scale = fp8_quantize(t, dim)
+    q, scale = fp8_quantize(t, dim, scale)
     return q.float() * scale
 
 
 class FakeW8A8Linear(nn.Module):
     """A linear layer as FP8 W8A8 computes it: the weight quantized per output channel (once), the input
-    per token (each call), ``F.linear`` of the dequantized values in fp32, the output in the input's dtype."""
+    per token (each call), ``F.linear`` of the dequantized values in fp32, the output in the input's dtype.
 
-    def __init__(self, linear: nn.Linear) -> None:
+    ``weight``: an FP8 checkpoint's weight, already dequantized, instead; ``input_scale``: its static
+    per-tensor activation scale instead of per-token ones (the tests' reference for each checkpoint layout).
+    """
+
+    def __init__(self, linear: nn.Linear, weight: torch.Tensor | None = None,
+                 input_scale: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.register_buffer("weight", fp8_dequantize(linear.weight.detach(), dim=1))
+        dense = linear.weight.detach()
+        self.register_buffer("weight", fp8_dequantize(dense, dim=1) if weight is None else weight.float())
         bias = linear.bias
         self.register_buffer("bias", None if bias is None else bias.detach().float())
+        self.register_buffer("input_scale", None if input_scale is None else input_scale.float().reshape(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(fp8_dequantize(x, dim=-1), self.weight, self.bias).to(x.dtype)
+        return F.linear(fp8_dequantize(x, -1, self.input_scale), self.weight, self.bias).to(x.dtype)
 
 
 def fake_quantize_decoder(model: nn.Module) -> int:

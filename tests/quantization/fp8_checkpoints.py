@@ -3,7 +3,8 @@
 The writers take a full-precision tiny checkpoint and write exactly what each tool writes (docs/fp8.md):
 tensor names, shapes, dtypes and ``quantization_config``. The reference is independent of the engine: HF
 transformers with every decoder linear's weight replaced by its dequantized FP8 value and its input
-fake-quantized (per token, or by the static ``input_scale``), all in fp32.
+fake-quantized (per token, or by the static ``input_scale``), all in fp32: ``make quality``'s
+``FakeW8A8Linear`` (benchmarks/quality.py), given the checkpoint's weights and scales.
 """
 
 from __future__ import annotations
@@ -14,23 +15,12 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
-MIN_SCALE = 1.0 / (FP8_MAX * 512.0)
+from benchmarks.quality import FP8_MAX, FakeW8A8Linear, fp8_quantize
+
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-
-
-def fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` through E4M3 with ``scale`` (broadcast), back in fp32."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
-
-
-def per_row_scale(x: torch.Tensor) -> torch.Tensor:
-    return (x.float().abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def _calibration_amax(
@@ -81,8 +71,11 @@ def write_fp8_checkpoint(src: Path, out: Path, layout: str, seed: int = 0) -> Pa
             written[name] = tensor
             continue
         prefix = name[: -len(".weight")]
-        scale = per_row_scale(tensor) if per_channel else per_row_scale(tensor.reshape(1, -1)).reshape(())
-        written[name] = (tensor.float() / (scale if per_channel else scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        if per_channel:
+            written[name], scale = fp8_quantize(tensor, dim=1)  # scale [out, 1]
+        else:
+            q, scale = fp8_quantize(tensor.reshape(1, -1), dim=1)
+            written[name], scale = q.reshape(tensor.shape), scale.reshape(())
         if layout.startswith("ct"):
             # llm-compressor stores scales in the model's dtype: [out, 1] per channel, [1] per tensor
             written[f"{prefix}.weight_scale"] = (scale if per_channel else scale.reshape(1)).to(
@@ -128,18 +121,6 @@ def _quantization_config(layout: str) -> dict:
     return {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
 
 
-class FakeQuantLinear(nn.Module):
-    """An HF linear with a dequantized FP8 weight and a fake-quantized input (per token, or static)."""
-
-    def __init__(self, linear: nn.Linear, weight: torch.Tensor, input_scale: torch.Tensor | None) -> None:
-        super().__init__()
-        self.weight, self.bias, self.input_scale = weight, linear.bias, input_scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = per_row_scale(x) if self.input_scale is None else self.input_scale
-        return F.linear(fake_quant(x, scale), self.weight.float(), self.bias)
-
-
 def hf_fp8_reference(fp32_src: Path, fp8_ckpt: Path | None = None):
     """HF ``fp32_src`` with each decoder linear made FP8: from ``fp8_ckpt``'s tensors (dequantized) when
     given, else quantized per channel here (what ``quantization="fp8"`` does at load)."""
@@ -151,14 +132,12 @@ def hf_fp8_reference(fp32_src: Path, fp8_ckpt: Path | None = None):
         if not (isinstance(module, nn.Linear) and LINEAR.match(name + ".weight")):
             continue
         if tensors is None:
-            w = module.weight.data
-            weight, input_scale = fake_quant(w, per_row_scale(w)), None
+            fake = FakeW8A8Linear(module)
         else:
             scale = tensors[f"{name}.weight_scale"].float()
             scale = scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(())
-            weight = tensors[f"{name}.weight"].float() * scale
-            input_scale = tensors.get(f"{name}.input_scale")
-            input_scale = None if input_scale is None else input_scale.float().reshape(())
+            fake = FakeW8A8Linear(module, tensors[f"{name}.weight"].float() * scale,
+                                  tensors.get(f"{name}.input_scale"))  # fmt: skip
         parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, FakeQuantLinear(module, weight, input_scale))
+        setattr(model.get_submodule(parent), attr, fake)
     return model
