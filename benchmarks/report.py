@@ -142,19 +142,29 @@ def _load(name: str) -> dict | None:
 
 
 def _check(what: str, value: float | None, target: float, unit: str, higher: bool, source: str,
-           bound: float | None = None) -> str:  # fmt: skip
+           bound: float | None = None, peer: str | None = None, short_run: str | None = None) -> str:  # fmt: skip
     """One row: measured value, target, met or missed by how much, and whether a missed goal is above
-    ``bound`` (the ideal at the device's held matmul rate: then no engine meets it at this precision)."""
+    ``bound`` (the ideal at the device's held matmul rate: then no engine meets it at this precision).
+    ``peer``: a column before the result's (a published figure); ``short_run``: how the run fell short of the
+    goal's method (fewer requests), said in the verdict."""
+    goal = f"{'≥' if higher else '≤'} {target:g}{unit}"
+    extra = "" if peer is None else f" {peer} |"
     if value is None:
-        return f"| {what} | not measured | {'≥' if higher else '≤'} {target:g}{unit} | - | {source} |"
+        return f"| {what} | not measured | {goal} | - |{extra} {source} |"
     met = value >= target if higher else value <= target
     gap = (value / target - 1) * 100
     verdict = "met" if met else f"missed by {abs(gap):.1f}%"
     if not met and bound is not None and bound < target:
         verdict += f"; above the ideal at the held matmul rate ({bound:,.0f})"
-    return (
-        f"| {what} | {value:,.1f}{unit} | {'≥' if higher else '≤'} {target:g}{unit} | {verdict} | {source} |"
-    )
+    if short_run is not None:
+        verdict = "met on fewer requests" if met else f"{short_run}: {verdict}"
+    return f"| {what} | {value:,.1f}{unit} | {goal} | {verdict} |{extra} {source} |"
+
+
+def _level(result: dict | None, mode: str, value: object = None) -> dict | None:
+    """A serving result's level of ``mode`` (and ``value``), or None."""
+    levels = (result or {}).get("levels", [])
+    return next((lv for lv in levels if lv["mode"] == mode and (value is None or lv["value"] == value)), None)
 
 
 # Issue 5's offline goals per device (out tok/s); its serving latency goals (TTFT 20 ms, ITL 7 ms) are an H100's.
@@ -193,46 +203,35 @@ def fp8_targets(tag: str) -> str:
     """Issue 20's rows on one device: each beside TensorRT-LLM's published FP8 figure and the FP8 ideal
     measured in the same run (the ideal at the held FP8 matmul rate)."""
     rows = ["| target | measured | goal | verdict | TensorRT-LLM FP8 | result |", "|---|---|---|---|---|---|"]
-
-    def row(check: str, peer: str) -> str:
-        cells = check.rstrip(" |").split(" | ")
-        return " | ".join([*cells[:4], peer, cells[4]]) + " |"
-
     for name, goal in FP8_GOALS[tag].items():
         file = f"fp8-throughput-{name.replace('/', 'x')}-{tag}.json"
         result = _load(file)
         value = result["inflight"]["output_tok_s"] if result else None
         bound = ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
-        check = _check(f"{name} offline FP8, out tok/s", value, goal, "", True, file, bound)
-        count = int(result["workload"].split()[0]) if result else TRTLLM_BENCH_REQUESTS[name]
-        if count != TRTLLM_BENCH_REQUESTS[name]:  # a shorter run than trtllm-bench's: not the goal's method
-            check = check.replace(" | met |", " | met on fewer requests |").replace(
-                " | missed", f" | on {count:,} requests, not {TRTLLM_BENCH_REQUESTS[name]:,}: missed"
-            )
-        rows.append(row(check, f"{TRTLLM_FP8[tag][name]:,}"))
+        count, wanted = int(result["workload"].split()[0]) if result else 0, TRTLLM_BENCH_REQUESTS[name]
+        # a shorter run than trtllm-bench's is not the goal's method: the verdict says so
+        short = f"on {count:,} requests, not {wanted:,}" if result and count != wanted else None
+        rows.append(_check(f"{name} offline FP8, out tok/s", value, goal, "", True, file, bound,
+                           f"{TRTLLM_FP8[tag][name]:,}", short))  # fmt: skip
     decode = _load(f"fp8-decode-{tag}.json")
     value = 100 * decode["inflight"]["fraction_of_roofline"] if decode else None
-    rows.append(row(_check("batch-1 decode 8B FP8, % of the FP8 weight-read roofline", value, 75, "%", True,
-                           f"fp8-decode-{tag}.json"), ""))  # fmt: skip
-    serving = _load(f"fp8-serving-{tag}.json")
-    rate2 = next(
-        (lv for lv in (serving or {}).get("levels", []) if lv["mode"] == "rate" and lv["value"] == 2), None
-    )
+    rows.append(_check("batch-1 decode 8B FP8, % of the FP8 weight-read roofline", value, 75, "%", True,
+                       f"fp8-decode-{tag}.json", peer=""))  # fmt: skip
+    rate2 = _level(_load(f"fp8-serving-{tag}.json"), "rate", 2)
     for key, goal in (("ttft_ms", 14), ("itl_ms", 4.5)):
         value = rate2["triton"][key]["p50"] if rate2 and rate2.get("triton") else None
-        rows.append(row(_check(f"2 req/s 467/256 via Triton FP8: {key[:-3].upper()} p50", value, goal, " ms", False,
-                               f"fp8-serving-{tag}.json"), ""))  # fmt: skip
+        rows.append(_check(f"2 req/s 467/256 via Triton FP8: {key[:-3].upper()} p50", value, goal, " ms", False,
+                           f"fp8-serving-{tag}.json", peer=""))  # fmt: skip
     gemm = _load(f"fp8-gemm-{tag}.json")
     for low, goal in ((1, 1.0), (1024, 1.4), (4096, 1.6)):
         ratios = [r["speedup_vs_bf16"] for r in (gemm or {}).get("linears", []) if r["m"] >= low]
-        rows.append(row(_check(f"FP8 GEMM / bf16, 8B projections, worst at M >= {low}",
-                               min(ratios) if ratios else None, goal, "x", True, f"fp8-gemm-{tag}.json"), ""))  # fmt: skip
+        rows.append(_check(f"FP8 GEMM / bf16, 8B projections, worst at M >= {low}", min(ratios) if ratios else None,
+                           goal, "x", True, f"fp8-gemm-{tag}.json", peer=""))  # fmt: skip
     for name, file in (("bf16", f"serving-{tag}.json"), ("FP8", f"fp8-serving-{tag}.json")):
-        level = next((lv for lv in (_load(file) or {}).get("levels", []) if lv["mode"] == "unlimited"), None)
+        level = _level(_load(file), "unlimited")
         value = level["triton"]["output_tok_s"] if level and level.get("triton") else None
-        peer = f"{TRTLLM_TRITON_BF16[tag]:,} (bf16, Triton)"
-        rows.append(row(_check(f"467/256 through Triton, unlimited rate, {name}, out tok/s", value,
-                               TRTLLM_TRITON_BF16[tag], "", True, file), peer))  # fmt: skip
+        rows.append(_check(f"467/256 through Triton, unlimited rate, {name}, out tok/s", value,
+                           TRTLLM_TRITON_BF16[tag], "", True, file, peer=f"{TRTLLM_TRITON_BF16[tag]:,} (bf16, Triton)"))  # fmt: skip
     return "\n".join(rows)
 
 
@@ -276,9 +275,7 @@ def device_targets(tag: str) -> str:
     rows.append(_check("128/128: x transformers generate_batch (same run)",
                        ratios.get("over_hf_continuous_batching"), 1, "x", True, f"throughput-128x128-{tag}.json"))  # fmt: skip
     if serving:
-        levels = serving["levels"]
-        c256 = next((lv for lv in levels if lv["mode"] == "concurrency" and lv["value"] == 256), None)
-        rate2 = next((lv for lv in levels if lv["mode"] == "rate" and lv["value"] == 2), None)
+        c256, rate2 = _level(serving, "concurrency", 256), _level(serving, "rate", 2)
         ratio = c256.get("triton_over_direct") if c256 else None
         rows.append(_check("Triton / engine-direct out tok/s at concurrency 256",
                            None if ratio is None else 100 * ratio, 95, "%", True, f"serving-{tag}.json"))  # fmt: skip
