@@ -57,3 +57,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if gpu_only:
         config.hook.pytest_deselected(items=gpu_only)
         items[:] = [item for item in items if item.get_closest_marker("cuda") is None]
+
+
+def e4m3_steps(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """How many E4M3 codes apart each of two float8_e4m3fn tensors' values are (0: equal), a zero's sign
+    aside: numpy 2's Triton interpreter turns some -0.0 into +0.0 (seen with triton 3.6 + numpy 2.5)."""
+    assert actual.dtype == expected.dtype == torch.float8_e4m3fn and actual.shape == expected.shape
+
+    def ordinal(q: torch.Tensor) -> torch.Tensor:  # codes in value order: sign and magnitude, +-0 both 0
+        b = q.cpu().view(torch.uint8).to(torch.int16)
+        return torch.where(b >= 128, -(b & 0x7F), b & 0x7F)
+
+    return (ordinal(actual) - ordinal(expected)).abs()

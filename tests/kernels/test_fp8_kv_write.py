@@ -14,7 +14,7 @@ from inflight.kernels.kv_cache import (
 )
 from inflight.kernels.rotary import rotary_embedding_write_kv_cache, rotary_embedding_write_kv_cache_reference
 
-from .conftest import ELEMENTWISE_TOL, assert_close
+from .conftest import ELEMENTWISE_TOL, assert_close, e4m3_steps
 from .test_rotary_kv_cache import HEADS, cos_sin_cache, fused_qkv
 
 # Random normal K/V over these scales span E4M3's range up to ~360 (K) and ~600 (V: past 448, saturated),
@@ -41,21 +41,15 @@ def scales(device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def assert_same_codes(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """The same E4M3 codes, a zero's sign aside (numpy 2's interpreter may turn -0.0 into +0.0)."""
-    assert actual.dtype == expected.dtype == FP8_DTYPE
-    a, e = (t.cpu().view(torch.uint8).clone() for t in (actual, expected))
-    a[a == 128], e[e == 128] = 0, 0
-    assert torch.equal(a, e)
+    assert e4m3_steps(actual, expected).max().item() == 0
 
 
 def assert_within_one_step(actual: torch.Tensor, expected: torch.Tensor, max_fraction: float) -> None:
     """Every E4M3 value equal to the expected one or one E4M3 step from it, and at most ``max_fraction`` of
     them not equal."""
-    a, e = actual.cpu().float(), expected.cpu().float()
-    magnitude = torch.maximum(a.abs(), e.abs()).clamp(min=2.0**-6)
-    step = torch.exp2(torch.floor(torch.log2(magnitude)) - 3)  # 3 mantissa bits; 2^-9 below 2^-6
-    assert bool(((a - e).abs() <= step).all()), "a value is more than one E4M3 step from the reference"
-    assert (a != e).float().mean().item() <= max_fraction
+    steps = e4m3_steps(actual, expected)
+    assert steps.max().item() <= 1, "a value is more than one E4M3 step from the reference"
+    assert (steps != 0).float().mean().item() <= max_fraction
 
 
 def test_quantize_reference_rounds_and_saturates() -> None:
