@@ -168,23 +168,14 @@ def hf_logprobs(model: nn.Module, wins: list[list[int]], device: str, batch: int
     return out
 
 
-def engine_logprobs(model: Path, wins: list[list[int]], device: str, options: dict, progress: Progress
-                    ) -> list[list[float]]:  # fmt: skip
-    """The same through the engine: one request per window, all in one ``generate`` call."""
+def engine_logprobs(model: Path, wins: list[list[int]], device: str, options: dict) -> list[list[float]]:
+    """The same through the engine: one request per window, all in one ``generate`` call (its progress bar
+    counts the windows)."""
     from inflight import LLM, SamplingParams
 
     llm = LLM(str(model), device=device, **options)
-    engine_step = llm.engine.step
-
-    def counting_step(*args, **kwargs):
-        deltas = engine_step(*args, **kwargs)
-        finished = sum(d.finished for d in deltas)
-        if finished:
-            progress.update(finished)
-        return deltas
-
-    llm.engine.step = counting_step
-    outputs = llm.generate(wins, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0))
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    outputs = llm.generate(wins, params, use_tqdm=True)
     result = []
     for out, win in zip(outputs, wins, strict=True):
         entries = out.prompt_logprobs
@@ -238,7 +229,7 @@ def score_all(model_path: Path, wins: list[list[int]], device: str, batch: int) 
     del hf
     _free(device)
     for name, options in ENGINE_OPTIONS.items():
-        run(name, lambda p, o=options: engine_logprobs(model_path, wins, device, o, p))
+        run(name, lambda _, o=options: engine_logprobs(model_path, wins, device, o))
     return {"perplexity": ppl, "window_nll": window_nll, "errors": errors, "seconds": seconds}
 
 
