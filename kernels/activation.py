@@ -18,7 +18,7 @@ from .fp8 import (
     check_static_scale,
     launch_row_quantization,
     quantize_per_token_reference,
-    store_row_quantized,
+    quantize_row,
 )
 from .launch import launcher
 
@@ -83,6 +83,19 @@ def silu_and_mul_quant_reference(
 
 
 @triton.jit
+def _silu_mul_chunk(x_ptr, cols, mask, d):
+    """``silu(gate) * up`` at ``cols`` of the row at ``x_ptr`` ([gate | up]), in fp32 (0 where masked), rounded
+    where the reference rounds (F.silu's output, then the product), so the two quantize one value."""
+    gate = tl.load(x_ptr + cols, mask=mask, other=0.0)
+    up = tl.load(x_ptr + d + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    # NOTE: `/` (approximate on the GPU, whose exp is approximate anyway; IEEE in the interpreter) rather
+    # than div_rn: an IEEE division an element made this kernel compute-bound.
+    silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_quant_kernel(
     x_ptr,  # [num_rows, 2 * d]
     q_ptr,  # [num_rows, d] fp8
@@ -93,20 +106,12 @@ def _silu_and_mul_quant_kernel(
     d,
     STATIC_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     # One program per row: the whole row's amax comes before its first quantized value.
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < d
-    gate = tl.load(x_ptr + row * stride_x_row + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x_row + d + cols, mask=mask, other=0.0)
-    g = gate.to(tl.float32)
-    # Rounded where the reference rounds (F.silu's output, then the product), so the two quantize one value.
-    silu = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(gate.dtype)
-    y = (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype).to(tl.float32)
-    store_row_quantized(
-        y, q_ptr + row * stride_q_row + cols, scale_ptr + row, static_scale_ptr, mask, STATIC_SCALE
-    )
+    quantize_row(_silu_mul_chunk, x_ptr + row * stride_x_row, q_ptr + row * stride_q_row, scale_ptr + row,
+                 static_scale_ptr, d, STATIC_SCALE, BLOCK, CHUNKED)  # fmt: skip
 
 
 def silu_and_mul_quant(

@@ -107,8 +107,24 @@ def round_e4m3(v):
 def quantize_e4m3(x, scale):
     """fp32 ``x / scale`` (IEEE division, as the references' torch division) as an E4M3 value, in fp32:
     ``clamp(x / scale, -448, 448)`` rounded to nearest, ties to even (the KV write and every quantization
-    kernel here)."""
-    return round_e4m3(tl.math.div_rn(x, scale))
+    kernel here).
+
+    NOTE: the division is the reciprocal's product corrected by one FMA step (Markstein): with ``r`` the
+    correctly rounded ``1 / scale`` and ``q0 = x * r``, ``q0 + r * (x - q0 * scale)`` is the correctly
+    rounded quotient wherever it is a normal fp32 number, for 3 operations an element where an IEEE division
+    (``div_rn``) takes about 20 and a branch: the quantization kernels were compute-bound on it. Quotients
+    of 1024 and more (the infinities of a zero scale too) need no correction: they clamp to 448 either way.
+    """
+    r = tl.math.div_rn(1.0, scale)
+    q0 = x * r
+    q = tl.fma(tl.fma(-q0, scale, x), r, q0)
+    return round_e4m3(tl.where(tl.abs(q0) < 1024.0, q, q0))
+
+
+@triton.jit
+def _load_row_chunk(a_ptr, cols, mask, K):
+    """``quantize_per_token``'s values at ``cols`` of the row at ``a_ptr`` (fp32, 0 where masked)."""
+    return tl.load(a_ptr + cols, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -122,14 +138,51 @@ def _quantize_per_token_kernel(
     K,
     STATIC_SCALE: tl.constexpr,
     BLOCK: tl.constexpr,
+    CHUNKED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    v = tl.load(a_ptr + row * stride_a_row + cols, mask=mask, other=0.0).to(tl.float32)
-    store_row_quantized(
-        v, q_ptr + row * stride_q_row + cols, scale_ptr + row, static_scale_ptr, mask, STATIC_SCALE
-    )
+    quantize_row(_load_row_chunk, a_ptr + row * stride_a_row, q_ptr + row * stride_q_row, scale_ptr + row,
+                 static_scale_ptr, K, STATIC_SCALE, BLOCK, CHUNKED)  # fmt: skip
+
+
+@triton.jit
+def quantize_row(load_chunk: tl.constexpr, x_ptr, q_ptr, scale_ptr, static_scale_ptr, n_cols, STATIC_SCALE: tl.constexpr,
+                 BLOCK: tl.constexpr, CHUNKED: tl.constexpr):  # fmt: skip
+    """Quantize one row of ``n_cols`` values, ``load_chunk(x_ptr, cols, mask, n_cols)`` (fp32, 0 where
+    masked), to E4M3 at ``q_ptr`` with its scale at ``scale_ptr``, as ``quantize_per_token_reference``.
+
+    Not ``CHUNKED``: the whole row in one ``BLOCK`` (>= n_cols), loaded once. ``CHUNKED``: ``BLOCK`` columns
+    at a time, twice over (the row's amax, then the quantized values). NOTE: wide rows (the 14,336 of an
+    8B MLP) in one block need a program of 16 warps holding tens of registers an element, one such program
+    an SM: too few loads in flight for the copy bandwidth. Small chunks let many programs share an SM; the
+    second read mostly comes from L2.
+    """
+    if not CHUNKED:
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        store_row_quantized(
+            load_chunk(x_ptr, cols, mask, n_cols),
+            q_ptr + cols,
+            scale_ptr,
+            static_scale_ptr,
+            mask,
+            STATIC_SCALE,
+        )
+    else:
+        if STATIC_SCALE:
+            scale = tl.load(static_scale_ptr)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                amax = tl.maximum(amax, tl.abs(load_chunk(x_ptr, cols, cols < n_cols, n_cols)))
+            scale = tl.maximum(tl.math.div_rn(tl.max(amax, axis=0), FP8_MAX_C), MIN_SCALE_C)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            q = quantize_e4m3(load_chunk(x_ptr, cols, mask, n_cols), scale)
+            tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(scale_ptr, scale)
 
 
 @triton.jit
@@ -157,6 +210,21 @@ def row_launch(block: int) -> int:
     return min(max(block // 256, 1), 16)
 
 
+# Rows wider than this are quantized in chunks of QUANT_CHUNK columns by QUANT_CHUNK_WARPS warps
+# (quantize_row's CHUNKED; measured on an H100 by benchmarks/kernels/bench_fp8_gemm.py's quantization part).
+QUANT_CHUNKED_ABOVE = 4096
+QUANT_CHUNK = 2048
+QUANT_CHUNK_WARPS = 8
+
+
+def quant_row_launch(n_cols: int) -> tuple[int, int, bool]:
+    """``(BLOCK, num_warps, CHUNKED)`` of ``quantize_row`` for rows of ``n_cols`` values."""
+    if n_cols > QUANT_CHUNKED_ABOVE:
+        return QUANT_CHUNK, QUANT_CHUNK_WARPS, True
+    block = triton.next_power_of_2(n_cols)
+    return block, row_launch(block), False
+
+
 def quantize_per_token(
     a: torch.Tensor,  # [..., K] fp32 / fp16 / bf16, unit stride along K
     static_scale: torch.Tensor | None = None,  # fp32, one element
@@ -174,7 +242,8 @@ def launch_row_quantization(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q [..., out_cols] float8_e4m3fn, scale [..., 1] fp32)`` from a one-row-per-program ``kernel`` over
     ``x``'s rows, called as ``kernel(x_rows, q, scale, static_scale, stride_x_row, stride_q_row, out_cols,
-    STATIC_SCALE=, BLOCK=)`` (quantize_per_token's and silu_and_mul_quant's kernels)."""
+    STATIC_SCALE=, BLOCK=, CHUNKED=)`` (quantize_per_token's and silu_and_mul_quant's kernels, which quantize
+    with ``quantize_row``)."""
     q = torch.empty((*x.shape[:-1], out_cols), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((*x.shape[:-1], 1), dtype=torch.float32, device=x.device)
     if q.numel() == 0:
@@ -182,7 +251,7 @@ def launch_row_quantization(
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    block = triton.next_power_of_2(out_cols)
+    block, num_warps, chunked = quant_row_launch(out_cols)
     launcher(kernel, x.device)[(rows.shape[0],)](
         rows,
         q.view(-1, out_cols),
@@ -193,7 +262,8 @@ def launch_row_quantization(
         out_cols,
         STATIC_SCALE=static_scale is not None,
         BLOCK=block,
-        num_warps=row_launch(block),
+        CHUNKED=chunked,
+        num_warps=num_warps,
     )
     return q, scale
 

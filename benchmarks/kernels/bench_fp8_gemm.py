@@ -15,6 +15,9 @@ every run, so W comes from HBM as in a model's forward pass; no launch overhead,
 
 Then GB/s of quantize_per_token, rms_norm_quant (with the residual) and silu_and_mul_quant against the copy
 ceiling measured in the same run, beside their unfused chains (rms_norm / silu_and_mul + quantize_per_token).
+``--quant-sweep``: also quantize_per_token and silu_and_mul_quant in each of kernels.fp8.quantize_row's
+layouts (one block a row; chunks of BLOCK columns by num_warps warps), the bf16 silu_and_mul beside them:
+how kernels.fp8's QUANT_* constants are chosen.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from benchmarks.common import copy_bandwidth_gbs, environment, matmul_tflops, write_result
+from inflight.kernels import fp8
 from inflight.kernels.activation import silu_and_mul, silu_and_mul_quant
 from inflight.kernels.fp8 import fp8_gemm, quantize_per_token, quantize_weight_per_channel_reference
 from inflight.kernels.fp8_gemv import MAX_M, fp8_gemv
@@ -112,6 +116,46 @@ def quant_case(m: int, k: int, copy_gbs: float) -> dict:
     return r
 
 
+# quantize_row's layouts: None = one block a row; (BLOCK, num_warps) = chunked
+SWEEP_LAYOUTS = [None, (1024, 4), (2048, 4), (2048, 8), (4096, 8), (4096, 16)]
+SWEEP_CASES = [(m, k) for k in (4096, 14336) for m in (256, 1024, 4096, 16384)]
+
+
+def quant_sweep(copy_gbs: float) -> list[dict]:
+    """Each (M, K) of SWEEP_CASES in each layout: us and % of copy of quantize_per_token / silu_and_mul_quant."""
+    saved = fp8.QUANT_CHUNKED_ABOVE, fp8.QUANT_CHUNK, fp8.QUANT_CHUNK_WARPS
+    rows = []
+    try:
+        for m, k in SWEEP_CASES:
+            x = torch.randn(m, k, dtype=BF16, device="cuda")
+            act = torch.randn(m, 2 * k, dtype=BF16, device="cuda")
+            row = {"m": m, "k": k, "silu_and_mul_bf16_us": bench_us(lambda act=act: silu_and_mul(act))}
+            for layout in SWEEP_LAYOUTS:
+                if layout is None:
+                    fp8.QUANT_CHUNKED_ABOVE = 1 << 30
+                else:
+                    fp8.QUANT_CHUNKED_ABOVE, (fp8.QUANT_CHUNK, fp8.QUANT_CHUNK_WARPS) = 0, layout
+                name = "one_block" if layout is None else f"chunk{layout[0]}_w{layout[1]}"
+                for key, nbytes, fn in [("quantize_per_token", 3 * m * k, lambda x=x: quantize_per_token(x)),
+                                        ("silu_and_mul_quant", 5 * m * k, lambda act=act: silu_and_mul_quant(act))]:  # fmt: skip
+                    us = bench_us(fn)
+                    row[f"{key}/{name}"] = {
+                        "us": round(us, 2),
+                        "pct_copy": round(100 * nbytes / us / 1e3 / copy_gbs, 1),
+                    }
+            rows.append(row)
+            best = {key: min((v["us"], name.split("/")[1]) for name, v in row.items()
+                             if isinstance(v, dict) and name.startswith(key))
+                    for key in ("quantize_per_token", "silu_and_mul_quant")}  # fmt: skip
+            print(f"sweep {m}x{k}: silu_and_mul bf16 {row['silu_and_mul_bf16_us']:.1f} us; "
+                  + "; ".join(f"{key} " + ", ".join(f"{n.split('/')[1]} {v['us']:.1f} ({v['pct_copy']:.0f}%)"
+                              for n, v in row.items() if isinstance(v, dict) and n.startswith(key))
+                              + f" -> best {best[key][1]}" for key in best), flush=True)  # fmt: skip
+    finally:
+        fp8.QUANT_CHUNKED_ABOVE, fp8.QUANT_CHUNK, fp8.QUANT_CHUNK_WARPS = saved
+    return rows
+
+
 def print_tables(linear: list[dict], quant: list[dict], ceilings: dict) -> None:
     print(f"\nceilings: copy {ceilings['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_tflops']:.0f}"
           f" TFLOP/s, fp8 row-wise matmul {ceilings['fp8_rowwise_matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
@@ -147,6 +191,8 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="one shape, three M: a quick check of the script"
     )
+    parser.add_argument("--quant-sweep", action="store_true", help="time quantize_row's layouts too")
+    parser.add_argument("--quant-only", action="store_true", help="the quantization parts only (no linears)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -159,11 +205,14 @@ def main() -> None:
         quant_case(m, k, ceilings["copy_bandwidth_gbs"])
         for m, k in (QUANT_CASES[:2] if args.smoke else QUANT_CASES)
     ]
-    linear = linear_rows(shapes, ms)
+    sweep = quant_sweep(ceilings["copy_bandwidth_gbs"]) if args.quant_sweep else None
+    linear = [] if args.quant_only else linear_rows(shapes, ms)
     if args.out:
         write_result(args.out, {"benchmark": "fp8_gemm", **environment(), "ceilings": ceilings,
                                 "fused_max_m": FUSED_MAX_M, "gemv_max_m": MAX_M, "quantization": quant,
-                                "linears": linear})  # fmt: skip
+                                "quant_layout": {"chunked_above": fp8.QUANT_CHUNKED_ABOVE, "chunk": fp8.QUANT_CHUNK,
+                                                 "chunk_warps": fp8.QUANT_CHUNK_WARPS},
+                                "quant_sweep": sweep, "linears": linear})  # fmt: skip
     print_tables(linear, quant, ceilings)
 
 

@@ -52,9 +52,10 @@ STEPS = [
     Step("1000/1000 decode (384 seqs, context 1500)", 384, 1, 1500),
     Step("128/128 prefill (128 x 128 tokens)", 128, 128, 128),
     Step("128/128 decode (512 seqs, context 192)", 512, 1, 192),
+    Step("128/128 decode (1024 seqs, context 192)", 1024, 1, 192),
     Step("serving TTFT prefill (1 x 467 tokens)", 1, 467, 467),
 ]
-GROUPS = ("matmul", "attention", "rope+kv write", "rmsnorm", "silu_and_mul", "other")
+GROUPS = ("matmul", "attention", "rope+kv write", "rmsnorm", "silu_and_mul", "quantize", "other")
 
 
 def kernel_group(name: str) -> str:
@@ -70,23 +71,31 @@ def kernel_group(name: str) -> str:
         return "rmsnorm"
     if "silu" in n or "act_and_mul" in n:
         return "silu_and_mul"
+    if "quantize" in n:
+        return "quantize"
     return "other"
 
 
-def ideal_ms(shape: dict[str, int], step: Step, copy_gbs: float, matmul_tflops: float) -> dict[str, float]:
-    """Each group's time at the ceilings (bf16 everywhere; K/V of every layer; logits for one row a sequence)."""
+def ideal_ms(
+    shape: dict[str, int], step: Step, copy_gbs: float, matmul_tflops: float, fp8_tflops: float | None = None
+) -> dict[str, float]:
+    """Each group's time at the ceilings (bf16 everywhere; K/V of every layer; logits for one row a sequence).
+    ``fp8_tflops``: the FP8 run's (W8A8 layer linears at that rate and one byte a weight, K/V one byte; the
+    element-wise kernels' bytes counted as bf16, their FP8 outputs being smaller)."""
     hidden, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
     heads, kv_heads, vocab = shape["num_attention_heads"], shape["num_key_value_heads"], shape["vocab_size"]
     head_dim = hidden // heads
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     tokens = step.num_seqs * step.query_len
     layer_weights = hidden * (q_size + 2 * kv_size) + q_size * hidden + hidden * 2 * inter + inter * hidden
-    flops = 2 * tokens * layers * layer_weights + 2 * step.num_seqs * hidden * vocab
-    weight_bytes = 2 * (layers * layer_weights + vocab * hidden)
     byte_s, flop_s = copy_gbs * 1e9, matmul_tflops * 1e12
-    matmul = max(flops / flop_s, weight_bytes / byte_s)
+    layer_flops, head_flops = 2 * tokens * layers * layer_weights, 2 * step.num_seqs * hidden * vocab
+    weight_bytes = (1 if fp8_tflops else 2) * layers * layer_weights + 2 * vocab * hidden
+    layer_flop_s = fp8_tflops * 1e12 if fp8_tflops else flop_s
+    matmul = max(layer_flops / layer_flop_s + head_flops / flop_s, weight_bytes / byte_s)
+    kv_bytes = 1 if fp8_tflops else 2
     past = step.context - step.query_len
-    kv_read = 2 * 2 * kv_size * layers * step.num_seqs * step.context  # K and V, bf16, every key once
+    kv_read = kv_bytes * 2 * kv_size * layers * step.num_seqs * step.context  # K and V, every key once
     # Causal attention: query i of a sequence sees past + i + 1 keys; QK^T and PV are 2 FLOPs each per pair.
     pairs = step.num_seqs * (step.query_len * past + step.query_len * (step.query_len + 1) / 2)
     attn_flops = 4 * heads * head_dim * pairs * layers
@@ -123,12 +132,15 @@ def step_inputs(step: Step, block_size: int, max_blocks: int, vocab_size: int):
 
 
 def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, device: torch.device,
-                 dtype: torch.dtype = torch.bfloat16, block_size: int = 16):  # fmt: skip
-    """The model with random bf16 weights (in memory) and a KV cache of ``kv_tokens`` tokens."""
+                 dtype: torch.dtype = torch.bfloat16, block_size: int = 16, fp8: bool = False):  # fmt: skip
+    """The model with random bf16 weights (in memory) and a KV cache of ``kv_tokens`` tokens. ``fp8``: the
+    engine's ``quantization="fp8"`` + ``kv_cache_dtype="fp8"`` (weights quantized after the random fill, K/V
+    scales set to 0.05: the kernels' times do not depend on the values)."""
     from transformers import LlamaConfig
 
     from inflight.backend.executor.model_config import ModelConfig
     from inflight.backend.executor.model_runner import ModelRunner
+    from inflight.backend.executor.quantization import resolve_quantization
     from inflight.backend.executor.weight_loader import empty_model
 
     folder = Path(tempfile.mkdtemp(prefix="profile-steps-"))
@@ -136,16 +148,25 @@ def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, devi
         **shape, architectures=["LlamaForCausalLM"], dtype=str(dtype).removeprefix("torch.")
     ).save_pretrained(folder)
     cfg = ModelConfig.from_pretrained(folder)
-    model = empty_model(cfg, dtype, device, max_model_len)
+    quant = resolve_quantization("fp8", folder) if fp8 else None
+    model = empty_model(
+        cfg, dtype, device, max_model_len, quant=quant, kv_cache_dtype="fp8" if fp8 else "auto"
+    )
     generator = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:
                 param.fill_(1.0)
+            elif name.endswith(("k_scale", "v_scale")):
+                param.fill_(0.05)
             else:
                 param.normal_(0.0, 0.02, generator=generator)
+        for module in model.modules():
+            method = getattr(module, "linear_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
     model.eval()
-    runner = ModelRunner(model, device, block_size, dtype, max_model_len)
+    runner = ModelRunner(model, device, block_size, torch.float8_e4m3fn if fp8 else dtype, max_model_len)
     runner.allocate_kv_cache(math.ceil(kv_tokens / block_size) + 1)
     return runner
 
@@ -217,16 +238,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the result JSON here")
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="profile only the steps whose name contains TEXT (repeatable)")  # fmt: skip
+    parser.add_argument("--fp8", action="store_true", help='quantization="fp8", kv_cache_dtype="fp8"')
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("profile_steps needs a CUDA GPU")
     result: dict[str, Any] = {"benchmark": "profile_steps", **environment()}
-    ceil = result["ceilings"] = ceilings()
+    ceil = result["ceilings"] = ceilings(fp8=args.fp8)
     print(json.dumps(ceil), flush=True)
     max_model_len = 2048
     steps = [s for s in STEPS if not args.only or any(text in s.name for text in args.only)]
     kv_tokens = max(s.num_seqs * math.ceil(s.context / 16) * 16 for s in steps)
-    runner = build_runner(SHAPES[args.shape], max_model_len, kv_tokens, torch.device("cuda"))
+    runner = build_runner(SHAPES[args.shape], max_model_len, kv_tokens, torch.device("cuda"), fp8=args.fp8)
     from inflight.backend.executor.cuda_graphs import MixedGraphs
     from inflight.backend.executor.layers.attention import decode_partition_size
 
@@ -234,11 +256,12 @@ def main() -> None:
                         max_model_len)  # fmt: skip
     mixed.capture()
     shape = SHAPES[args.shape]
-    result["shape"], result["steps"] = args.shape, []
+    result["shape"], result["fp8"], result["steps"] = args.shape, args.fp8, []
     for step in steps:
         inputs = step_inputs(step, runner.block_size, runner.num_blocks, shape["vocab_size"])
         groups, top = profile_step(runner, inputs)
-        ideal = ideal_ms(shape, step, ceil["copy_bandwidth_gbs"], ceil["bf16_matmul_tflops"])
+        ideal = ideal_ms(shape, step, ceil["copy_bandwidth_gbs"], ceil["bf16_matmul_tflops"],
+                         ceil["fp8_matmul_tflops"] if args.fp8 else None)  # fmt: skip
         wall = time_ms(lambda inputs=inputs: run_step(runner, inputs))
         row: dict[str, Any] = {
             "step": step.name, "num_seqs": step.num_seqs, "query_len": step.query_len, "context": step.context,

@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 
+from inflight.kernels import fp8
 from inflight.kernels.activation import (
     _silu_and_mul_quant_kernel,
     silu_and_mul_quant,
@@ -20,6 +21,7 @@ from inflight.kernels.fp8 import (
     _quantize_per_token_kernel,
     fp8_gemm,
     fp8_linear_reference,
+    quant_row_launch,
     quantize_per_token,
     quantize_per_token_reference,
     quantize_weight_per_channel_reference,
@@ -126,9 +128,19 @@ def test_linear_reference_is_exact_to_fp32_rounding() -> None:
 # --- the quantization kernels -----------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["one block", "chunked"])
+def row_layout(request, monkeypatch) -> str:
+    """quantize_row's two layouts: a row in one block, or (rows wider than 64 here) chunks of 128 columns,
+    the last one partial, read twice."""
+    if request.param == "chunked":
+        monkeypatch.setattr(fp8, "QUANT_CHUNKED_ABOVE", 64)
+        monkeypatch.setattr(fp8, "QUANT_CHUNK", 128)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(1, 64), (3, 1000), (33, 123)])
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
-def test_quantize_per_token_is_the_reference(device, dtype, shape, static) -> None:
+def test_quantize_per_token_is_the_reference(device, dtype, shape, static, row_layout) -> None:
     a = _rows(*shape, dtype, device)
     static_scale = torch.tensor([0.01], device=device) if static else None
     q, scale = quantize_per_token(a, static_scale)
@@ -169,7 +181,7 @@ def test_rms_norm_quant_static_scale_clamps(device) -> None:
 
 
 @pytest.mark.parametrize("shape", [(5, 2 * 123), (2, 3, 2 * 64), (3, 2 * 1500)])
-def test_silu_and_mul_quant_matches_reference(device, dtype, shape) -> None:
+def test_silu_and_mul_quant_matches_reference(device, dtype, shape, row_layout) -> None:
     x = (2 * torch.randn(shape)).to(dtype).to(device)
     q, scale = silu_and_mul_quant(x)
     assert q.shape == (*shape[:-1], shape[-1] // 2) and scale.shape == (*shape[:-1], 1)
@@ -329,14 +341,13 @@ def test_kernels_compile_for_hopper() -> None:
     from .test_compile_hopper import HOPPER_SHARED_MEMORY, compile_for_hopper
 
     fp32_ptrs = (("scale_ptr", "fp32"), ("static_scale_ptr", "fp32"), ("q_ptr", "fp8e4nv"))
-    compile_for_hopper(
-        _quantize_per_token_kernel, "bf16", dict(STATIC_SCALE=False, BLOCK=4096), 16, 1, fp32_ptrs
-    )
+    for n_cols, static in [(4096, False), (14336, False), (14336, True)]:  # one block, then chunked
+        block, warps, chunked = quant_row_launch(n_cols)
+        constexprs = dict(STATIC_SCALE=static, BLOCK=block, CHUNKED=chunked)
+        compile_for_hopper(_quantize_per_token_kernel, "bf16", constexprs, warps, 1, fp32_ptrs)
+        compile_for_hopper(_silu_and_mul_quant_kernel, "bf16", constexprs, warps, 1, fp32_ptrs)
     compile_for_hopper(_rms_norm_quant_kernel, "bf16", dict(HAS_RESIDUAL=True, STATIC_SCALE=False, BLOCK=8192),
                        16, 1, fp32_ptrs)  # fmt: skip
-    compile_for_hopper(
-        _silu_and_mul_quant_kernel, "bf16", dict(STATIC_SCALE=True, BLOCK=16384), 16, 1, fp32_ptrs
-    )
     for prologue, m, n, k in [
         (0, 16, 4096, 14336),
         (1, 4, 4096, 14336),
