@@ -13,6 +13,7 @@ from inflight.backend.executor.executor import ExecutorConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("fp8",)  # methods a full-precision checkpoint can be quantized to at load
 KV_CACHE_DTYPES = ("auto", "fp8")
+LOAD_FORMATS = ("auto", "dummy")  # "dummy": random weights of the checkpoint's shapes, nothing read from disk
 
 
 @dataclass
@@ -31,6 +32,9 @@ class EngineArgs:
     # dynamic per-token activations). None: as the checkpoint is (an FP8 checkpoint loads as FP8 either way).
     quantization: str | None = None
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": E4M3 K/V with per-layer scales
+    # "auto": the folder's safetensors; "dummy" (vLLM's name): random weights of the right shapes and dtypes from
+    # config.json alone (the tokenizer still comes from the folder), for sizing and benchmarks
+    load_format: str = "auto"
     block_size: int = 16
     kv_cache_memory_fraction: float = 0.9
     kv_cache_memory_bytes: int | None = None
@@ -69,6 +73,10 @@ class EngineArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
             )
         _int(self, "block_size", 1, 1024)
         if self.block_size & (self.block_size - 1):
@@ -112,6 +120,7 @@ class EngineArgs:
             dtype=self.dtype,
             quantization=self.quantization,
             kv_cache_dtype=self.kv_cache_dtype,
+            load_format=self.load_format,
             max_model_len=max_model_len,
             block_size=self.block_size,
             max_num_seqs=self.max_num_seqs,

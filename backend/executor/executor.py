@@ -53,6 +53,7 @@ class ExecutorConfig:
     dtype: str  # "auto" | a torch dtype name
     quantization: str | None  # None | "fp8" (quantize at load); FP8 checkpoints are detected either way
     kv_cache_dtype: str  # "auto" | "fp8"
+    load_format: str  # "auto" (the checkpoint's safetensors) | "dummy" (random weights, nothing read)
     max_model_len: int
     block_size: int
     max_num_seqs: int
@@ -181,7 +182,7 @@ class ModelExecutor:
             self.num_blocks = self._num_blocks(c.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
         self.quant = resolve_quantization(c.quantization, model_config.path)
         model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant,
-                           kv_cache_dtype=c.kv_cache_dtype)  # fmt: skip
+                           kv_cache_dtype=c.kv_cache_dtype, dummy=c.load_format == "dummy")  # fmt: skip
         self.runner = ModelRunner(model, self.device, c.block_size, self.kv_dtype, c.max_model_len)
         self.kv_scales_source = None  # FP8: "checkpoint" | "calibrated" | "checkpoint + calibrated"
         if c.kv_cache_dtype == "fp8":

@@ -67,6 +67,38 @@ def empty_model(
     return model
 
 
+@torch.no_grad()
+def fill_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """``load_format="dummy"``: every parameter random as a checkpoint of that dtype would hold it, seeded.
+
+    Norm weights 1; FP8 weights (an FP8 checkpoint's layout) E4M3 values of a standard normal with weight scales
+    0.02 / 448 * 4 (unit-size scales elsewhere); K/V scales 0, so an FP8 KV cache calibrates them as for a
+    checkpoint without any; every other tensor normal(0, 0.02). Full-precision linears that quantize at load
+    do so afterwards, as loaded ones do.
+    """
+    generators: dict[torch.device, torch.Generator] = {}
+    for name, param in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("k_scale", "v_scale"):
+            param.zero_()
+        elif "norm" in name:
+            param.fill_(1.0)
+        elif leaf == "weight_scale":
+            param.fill_(0.02 * 4 / 448)
+        elif leaf == "input_scale":
+            param.fill_(1.0)
+        else:
+            generator = generators.get(param.device)
+            if generator is None:
+                generator = generators[param.device] = torch.Generator(param.device).manual_seed(seed)
+            # NOTE: drawn in fp32 on the parameter's device (an 8B model in seconds), then cast: float8 has
+            # no normal_
+            values = torch.randn(param.shape, generator=generator, device=param.device)
+            if param.dtype != torch.float8_e4m3fn:
+                values.mul_(0.02)
+            param.copy_(values.clamp(-448, 448).to(param.dtype))
+
+
 def load_model(
     cfg: ModelConfig,
     dtype: torch.dtype,
@@ -75,16 +107,23 @@ def load_model(
     parallel: ParallelConfig = SINGLE_RANK,
     quant: QuantConfig | None = None,
     kv_cache_dtype: str = "auto",
+    dummy: bool = False,
 ) -> nn.Module:
     """Build ``cfg``'s model without initialising it, then copy each checkpoint tensor into its place (and
     turn it into the weight format's, e.g. quantize it, layer by layer). ``kv_cache_dtype`` "fp8": the
-    attention layers take the checkpoint's K/V scales where it has them (else 0: calibrated later)."""
+    attention layers take the checkpoint's K/V scales where it has them (else 0: calibrated later).
+    ``dummy``: random weights instead (``fill_dummy_weights``), nothing read from disk."""
     start = time.monotonic()
     model = empty_model(cfg, dtype, device, max_position, parallel, quant, kv_cache_dtype)
-    loaded = model.load_weights(iterate_weights(cfg.path))
-    missing = model.expected_weights() - loaded
-    if missing:
-        raise ValueError(f"checkpoint {cfg.path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}")
+    if dummy:
+        fill_dummy_weights(model)
+    else:
+        loaded = model.load_weights(iterate_weights(cfg.path))
+        missing = model.expected_weights() - loaded
+        if missing:
+            raise ValueError(
+                f"checkpoint {cfg.path} lacks {len(missing)} weights, e.g. {sorted(missing)[:5]}"
+            )
     for module in model.modules():
         method = getattr(module, "linear_method", None)
         if method is not None:
@@ -95,8 +134,9 @@ def load_model(
     num_params = sum(p.numel() for p in model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     logger.info(
-        "model %s loaded: %.1f M parameters (%.2f GiB, %s%s) on %s in %.1f s",
+        "model %s loaded%s: %.1f M parameters (%.2f GiB, %s%s) on %s in %.1f s",
         cfg.architecture,
+        " with dummy (random) weights" if dummy else "",
         num_params / 1e6,
         weight_bytes / 2**30,
         dtype,

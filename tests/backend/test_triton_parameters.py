@@ -62,6 +62,7 @@ def test_values_are_converted_by_type() -> None:
         ("max_num_seq", "8", "unknown config parameter 'max_num_seq'"),
         ("quantization", "awq", "quantization 'awq' is not supported; supported: fp8"),
         ("kv_cache_dtype", "int8", "kv_cache_dtype must be one of auto, fp8, got 'int8'"),
+        ("load_format", "safetensors", "load_format must be one of auto, dummy, got 'safetensors'"),
         ("model_path", "", "model_path is required"),
     ],
 )
