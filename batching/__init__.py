@@ -5,6 +5,7 @@ May import: nothing of inflight (the engine, the executor and serving import it)
 from .block_hash import BlockHash, compute_block_hashes, hash_block_tokens
 from .block_pool import BlockPool, FreeBlockQueue, KVCacheBlock
 from .kv_cache_manager import KVCacheManager, PrefixCacheStats
+from .prompt_group import PromptGroup
 from .request import Request, RequestStatus
 from .scheduler import (
     PENDING_TOKEN_ID,
@@ -24,6 +25,7 @@ __all__ = [
     "KVCacheManager",
     "PrefixCacheStats",
     "PENDING_TOKEN_ID",
+    "PromptGroup",
     "QueueFullError",
     "Request",
     "RequestStatus",

@@ -175,6 +175,51 @@ class KVCacheManager:
                 self._num_cached_blocks[request.request_id] = num_full_blocks
         return new_blocks
 
+    def shared_prompt_blocks(self, request: Request) -> list[KVCacheBlock]:
+        """The shared full prompt blocks of the request's ``prompt_group`` (``prompt_group.py``), to be
+        passed to ``allocate_slots`` like a prefix hit; empty when there are none yet or the request takes
+        no shared KV (``skip_prefix_cache``: it computes its whole prompt)."""
+        group = request.prompt_group
+        if group is None or group.blocks is None or request.skip_prefix_cache:
+            return []
+        return group.blocks
+
+    def join_prompt_group(self, request: Request) -> None:
+        """After a group member was admitted: it holds the group's blocks if its table starts with them
+        (shared, or the same blocks found in the prefix cache)."""
+        group = request.prompt_group
+        assert group is not None
+        if group.blocks is None:
+            return
+        table = self.req_to_blocks.get(request.request_id, [])
+        if len(table) >= len(group.blocks) and all(a is b for a, b in zip(table, group.blocks, strict=False)):
+            group.holder_ids.add(request.request_id)
+
+    def plan_prompt_group(self, request: Request) -> None:
+        """After a member without shared blocks was planned up to its ``num_computed_tokens``: once they
+        cover the shared blocks, its first blocks become the group's (the others may take them in this
+        same step: each layer writes the step's K/V before it attends); before that it is the group's
+        leader, which the others wait for."""
+        group = request.prompt_group
+        assert group is not None and group.blocks is None
+        request_id = request.request_id
+        if request.num_computed_tokens >= group.num_shared_tokens:
+            group.blocks = self.req_to_blocks[request_id][: group.num_shared_blocks]
+            group.holder_ids = {request_id}
+            group.leader_id = None
+        elif group.leader_id is None:
+            group.leader_id = request_id
+
+    def _leave_prompt_group(self, request: Request) -> None:
+        group = request.prompt_group
+        assert group is not None
+        request_id = request.request_id
+        if group.leader_id == request_id:
+            group.leader_id = None
+        group.holder_ids.discard(request_id)
+        if not group.holder_ids:
+            group.blocks = None  # NOTE: no member holds them: they may be reused; compute them again
+
     @property
     def num_free_host_blocks(self) -> int:
         """Host blocks not holding a swapped-out request's KV."""
@@ -228,6 +273,8 @@ class KVCacheManager:
         """Release all blocks of `request` (tail first; host blocks of a swapped-out one too) and forget it.
         Unknown requests are ignored."""
         self._release_host_blocks(request.request_id)
+        if request.prompt_group is not None:
+            self._leave_prompt_group(request)
         blocks = self.req_to_blocks.pop(request.request_id, None)
         self._num_cached_blocks.pop(request.request_id, None)
         self._req_to_block_ids.pop(request.request_id, None)

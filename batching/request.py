@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from .block_hash import BlockHash, compute_block_hashes, hash_block_tokens
+from .prompt_group import PromptGroup
 
 
 class RequestStatus(enum.Enum):
@@ -52,6 +53,9 @@ class Request:
     `skip_prefix_cache` makes the request take no prefix-cache hits (it computes every token; its own full
     blocks are still cached for others): the engine sets it for a request that wants the log-probabilities
     of its prompt, which come only from computed positions.
+
+    `prompt_group` makes it one of the n sequences of a prompt that share the prompt's full blocks
+    (``prompt_group.py``); None for a request of its own.
     """
 
     def __init__(
@@ -62,6 +66,7 @@ class Request:
         arrival_index: int = 0,
         max_output_tokens: int | None = None,
         skip_prefix_cache: bool = False,
+        prompt_group: PromptGroup | None = None,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
@@ -79,6 +84,7 @@ class Request:
         self.num_pending_tokens = 0
         self.max_output_tokens = max_output_tokens
         self.skip_prefix_cache = skip_prefix_cache
+        self.prompt_group = prompt_group
         self.status = RequestStatus.WAITING
         self.num_preemptions = 0
         # Prefix-cache hit (in tokens) found when the request was first scheduled.

@@ -186,8 +186,16 @@ class Scheduler:
                 swap_in += copies
             else:
                 assert request.num_computed_tokens == 0
+                group = request.prompt_group
+                if group is not None and group.leader_id not in (None, request.request_id):
+                    if not request.skip_prefix_cache:
+                        break  # NOTE: another sequence of its prompt computes the shared blocks: wait, share
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
-                start = num_hit_tokens  # the prefix-cache hits are computed already
+                if group is not None and len(shared := kv.shared_prompt_blocks(request)) > len(
+                    computed_blocks
+                ):
+                    computed_blocks = shared  # the prompt's blocks, held by another of its sequences
+                start = len(computed_blocks) * config.block_size  # the hits are computed already
                 # NOTE: all its known tokens: fewer than max_output_tokens are outputs (the engine finishes
                 # a request when it reads the token that reaches the limit), so its last token is not one.
                 num_new_tokens = request.num_tokens - start
@@ -201,6 +209,8 @@ class Scheduler:
                 kv.stats.record(request.num_tokens, num_hit_tokens)
                 if request.num_cached_tokens is None:
                     request.num_cached_tokens = num_hit_tokens
+            if request.prompt_group is not None:
+                kv.join_prompt_group(request)
             self.waiting.popleft()
             running.append(request)
             request.status = RequestStatus.RUNNING
@@ -220,6 +230,8 @@ class Scheduler:
         count."""
         end = start + num_new_tokens
         request.num_computed_tokens = end
+        if request.prompt_group is not None and request.prompt_group.blocks is None:
+            self.kv_cache_manager.plan_prompt_group(request)
         all_token_ids = request.all_token_ids
         num_known = len(all_token_ids)
         token_ids = all_token_ids[start:end]

@@ -18,13 +18,16 @@ from dataclasses import dataclass, field
 from inflight.backend.engine.args import EngineArgs
 from inflight.backend.engine.detokenizer import IncrementalDetokenizer
 from inflight.backend.engine.finish import check_stop
+from inflight.backend.engine.guided import GuidedDecoding, GuidedMatcher
 from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
 from inflight.backend.engine.overlap import StepOverlap
 from inflight.backend.engine.prompt_logprobs import PromptLogprobsState
 from inflight.backend.engine.prompts import Prompt, PromptProcessor
 from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.engine.sequences import RequestSequences, sequence_id, sequence_params
 from inflight.backend.executor.executor import (
     EngineDeadError,
+    MemoryFigures,
     ModelExecutor,
     SamplingRows,
     StepHandle,
@@ -32,6 +35,8 @@ from inflight.backend.executor.executor import (
 )
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.batching import (
+    PromptGroup,
+    QueueFullError,
     Request,
     RequestStatus,
     Scheduler,
@@ -54,16 +59,20 @@ _FINISH_STATUS = {
 
 @dataclass
 class _RequestState:
-    """The engine's side of a request (the scheduler keeps the token bookkeeping, ``max_output_tokens``
-    included, in ``request``)."""
+    """The engine's side of one sequence of a request (the scheduler keeps the token bookkeeping,
+    ``max_output_tokens`` included, in ``request``). With n == 1 the sequence is the request: same id."""
 
     request: Request
     params: SamplingParams
     detokenizer: IncrementalDetokenizer
     stop_token_ids: frozenset[int]
+    parent_id: str  # the caller's request id
+    index: int = 0  # the sequence's index in its request
+    sequences: RequestSequences | None = None  # its request's sequences when n > 1
     bad_words_token_ids: list[list[int]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
     prompt_logprobs: PromptLogprobsState | None = None  # when asked (see prompt_logprobs.py)
+    guided: GuidedMatcher | None = None  # structured output: this sequence's grammar state (guided.py)
 
 
 class LLMEngine:
@@ -97,7 +106,10 @@ class LLMEngine:
             )
         )
         self.eos_token_ids = self.executor.eos_token_ids
-        self._requests: dict[str, _RequestState] = {}
+        self.guided = GuidedDecoding(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
+        self._guided_ids: set[str] = set()  # sequences with a grammar
+        self._requests: dict[str, _RequestState] = {}  # by sequence id (the request id when n == 1)
+        self._sequences: dict[str, RequestSequences] = {}  # requests with n > 1, by request id
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._overlap = StepOverlap(args.async_scheduling, args.async_scheduling_min_batch)
         self._history_ids: set[str] = set()  # requests whose sampling reads their output tokens
@@ -114,16 +126,50 @@ class LLMEngine:
         self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None
     ) -> int:
         """``add_request`` for prompt ids that ``self.prompts.token_ids`` returned: not checked again (callers
-        that need the ids themselves, or check every prompt before queuing any, have done it)."""
-        if request_id in self._requests:
+        that need the ids themselves, or check every prompt before queuing any, have done it).
+
+        With ``params.n`` > 1 the request is n sequences (ids ``sequence_id(request_id, i)``) that share the
+        prompt's full KV blocks (``batching.PromptGroup``); all n are queued or none."""
+        if request_id in self._requests or request_id in self._sequences:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = params or SamplingParams()
         self.check_params(params)
+        if params.n == 1:
+            self._add_sequence(request_id, request_id, 0, prompt_ids, params, None, None)
+            return len(prompt_ids)
+        ids = [sequence_id(request_id, i) for i in range(params.n)]
+        if any(i in self._requests for i in ids):
+            raise ValueError(f"request_id {request_id!r}: its sequence ids {ids[0]!r}... are already in use")
+        max_queue_size = self.scheduler.config.max_queue_size
+        if max_queue_size is not None and self.scheduler.num_waiting + params.n > max_queue_size:
+            raise QueueFullError(
+                f"waiting queue is full: no room for n={params.n} sequences (max_queue_size={max_queue_size})"
+            )
+        sequences = RequestSequences(ids, params.n)
+        group = PromptGroup.for_prompt(request_id, len(prompt_ids), self.args.block_size)
+        for i, seq_id in enumerate(ids):
+            self._add_sequence(
+                seq_id, request_id, i, prompt_ids, sequence_params(params, i), sequences, group
+            )
+        self._sequences[request_id] = sequences
+        return len(prompt_ids)
+
+    def _add_sequence(
+        self,
+        request_id: str,
+        parent_id: str,
+        index: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        sequences: RequestSequences | None,
+        group: PromptGroup | None,
+    ) -> None:
         # NOTE: the scheduler clamps max_output_tokens to the room the prompt leaves (max_model_len). Prompt
         # logprobs come from computed positions only: such a request takes no prefix-cache hit.
         want_prompt = params.prompt_logprobs is not None
         request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals,
-                          max_output_tokens=params.max_tokens, skip_prefix_cache=want_prompt)  # fmt: skip
+                          max_output_tokens=params.max_tokens, skip_prefix_cache=want_prompt,
+                          prompt_group=group)  # fmt: skip
         state = _RequestState(
             request=request,
             params=params,
@@ -136,10 +182,14 @@ class LLMEngine:
             ),
             stop_token_ids=frozenset(params.stop_token_ids)
             | (frozenset() if params.ignore_eos else self.eos_token_ids),
+            parent_id=parent_id,
+            index=index,
+            sequences=sequences,
             bad_words_token_ids=[
                 self.tokenizer.encode(w, add_special_tokens=False) for w in params.bad_words
             ],
             prompt_logprobs=PromptLogprobsState(prompt_ids, params.prompt_logprobs) if want_prompt else None,
+            guided=self.guided.matcher(params.guided_decoding),  # one per sequence
         )
         self.scheduler.add_request(request)  # may raise QueueFullError; nothing is registered then
         self._arrivals += 1
@@ -148,7 +198,8 @@ class LLMEngine:
             self._history_ids.add(request_id)
         if state.prompt_logprobs is not None and not state.prompt_logprobs.complete:
             self._prompt_logprob_ids.add(request_id)
-        return len(prompt_ids)
+        if state.guided is not None:
+            self._guided_ids.add(request_id)
 
     def check_params(self, params: SamplingParams) -> None:
         """Refuse sampling parameters past this engine's limits (``SamplingParams`` checks the rest)."""
@@ -157,19 +208,56 @@ class LLMEngine:
                 f"max_tokens is {params.max_tokens}, more than max_model_len ({self.max_model_len}) can "
                 f"ever hold"
             )
+        max_n = min(self.args.max_num_seqs, self.scheduler.config.max_queue_size or self.args.max_num_seqs)
+        if params.n > max_n:
+            raise ValueError(f"n must be in [1, {max_n}] (max_num_seqs and max_queue_size), got {params.n}")
+        if params.logit_bias:
+            vocab_size = self.model_config.vocab_size
+            for token_id in params.logit_bias:
+                if token_id >= vocab_size:
+                    raise ValueError(
+                        f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})"
+                    )
+        self.guided.check(params.guided_decoding)  # a grammar that does not compile, named
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request and free its blocks; its final output comes with the next ``step``."""
-        state = self._forget(request_id)
-        if state is None:
+        """Stop a request (all of its sequences) and free its blocks; the final outputs come with the next
+        ``step``."""
+        outputs = self._end_request(request_id, "abort")
+        self._pending += outputs
+        return bool(outputs)
+
+    def _end_request(
+        self, request_id: str, finish_reason: str, error: str | None = None
+    ) -> list[RequestOutput]:
+        """End every unfinished sequence of a request (abort, a failed step): their last outputs."""
+        sequences = self._sequences.get(request_id)
+        outputs = []
+        for seq_id in sequences.sequence_ids if sequences is not None else (request_id,):
+            state = self._requests.get(seq_id)
+            if state is not None:
+                finished = self._end(state, finish_reason)
+                outputs.append(self._output(state, [], [], finish_reason, None, finished, error))
+        return outputs
+
+    def _end(self, state: _RequestState, finish_reason: str) -> bool:
+        """Finish one sequence and free its blocks; True when it was its request's last."""
+        request_id = state.request.request_id
+        self._forget(request_id)
+        self.scheduler.finish_requests(request_id, _FINISH_STATUS[finish_reason])
+        sequences = state.sequences
+        if sequences is None:
+            return True
+        sequences.num_unfinished -= 1
+        if sequences.num_unfinished:
             return False
-        self.scheduler.finish_requests(request_id, RequestStatus.FINISHED_ABORTED)
-        self._pending.append(self._output(state, [], [], "abort", None, finished=True))
+        del self._sequences[state.parent_id]
         return True
 
     def _forget(self, request_id: str) -> _RequestState | None:
         self._history_ids.discard(request_id)
         self._prompt_logprob_ids.discard(request_id)
+        self._guided_ids.discard(request_id)
         return self._requests.pop(request_id, None)
 
     def has_unfinished_requests(self) -> bool:
@@ -197,6 +285,11 @@ class LLMEngine:
     def stats(self) -> SchedulerStats:
         """Queue sizes, KV-cache usage, prefix-cache hit rate, preemptions and swaps now."""
         return self.scheduler.get_stats()
+
+    @property
+    def memory(self) -> MemoryFigures:
+        """What the model's memory holds (weights, activation peak, KV cache, longest sequence), from load."""
+        return self.executor.memory
 
     def add_step_observer(self, observer: StepObserver) -> None:
         """Call ``observer`` around each step's device work (GPU timing in the benchmarks; the reliability
@@ -251,18 +344,21 @@ class LLMEngine:
                 for r in scheduled.scheduled
                 if r.request_id in wanted and (state := self._requests[r.request_id].prompt_logprobs)
             } if wanted else None  # fmt: skip
-            return self.executor.execute(scheduled, self._sampling_rows(states) if states else None, previous,
-                                         prompt or None)  # fmt: skip
+            rows = self._sampling_rows(states) if states else None
+            if rows is not None and self._guided_ids:
+                # NOTE: the masks are built inside the launch, after the forward; tokens of ``previous`` that
+                # guided rows were planned without are accepted first (guided.py, docs/structured-output.md).
+                rows.guided_masks = self.guided.mask_source(states, previous, self._requests)
+            return self.executor.execute(scheduled, rows, previous, prompt or None)
         except EngineDeadError:
             raise
         except Exception as exc:  # noqa: BLE001 - a failed step ends its own requests, not the engine
             logger.exception("engine step failed")
             error = f"{type(exc).__name__}: {exc}"
             for entry in scheduled.scheduled:
-                state = self._forget(entry.request_id)
-                if state is not None:
-                    self.scheduler.finish_requests(entry.request_id, RequestStatus.FINISHED_ERROR)
-                    outputs.append(self._output(state, [], [], "error", None, finished=True, error=error))
+                state = self._requests.get(entry.request_id)
+                if state is not None:  # NOTE: the whole request ends, its other sequences too
+                    outputs += self._end_request(state.parent_id, "error", error)
             return None
 
     @staticmethod
@@ -323,16 +419,21 @@ class LLMEngine:
             request.max_output_tokens,
         )
         finish_reason, stop_reason = finish or (None, None)
-        if finish_reason is not None:
-            self._forget(request.request_id)
-            self.scheduler.finish_requests(request.request_id, _FINISH_STATUS[finish_reason])
+        guided = state.guided
+        if guided is not None and finish_reason is None:
+            # NOTE: a grammar that is complete ends the sequence ("stop"); the token was accepted early when
+            # the next step's mask needed it (then this skips it).
+            index = len(request.output_token_ids) - 1
+            finish_reason, stop_reason = guided.finish(index, token_id) or (None, None)
+        finished = finish_reason is not None and self._end(state, finish_reason)
         return self._output(
             state,
             [token_id],
             [logprob] if logprob else [],
             finish_reason,
             stop_reason,
-            finish_reason is not None,
+            finished,
+            guided.error if guided is not None else None,  # a token the grammar refused: a bug, said
         )
 
     def _output(
@@ -345,14 +446,15 @@ class LLMEngine:
         finished: bool,
         error: str | None = None,
     ) -> RequestOutput:
+        """One sequence's delta; ``finished``: the request's last (its other sequences finished)."""
         request = state.request
         with_logprobs = state.params.logprobs is not None
         prompt = state.prompt_logprobs
         # NOTE: positional: keyword arguments made this 3x slower (1 us an output, 1,024 of them a step).
         return RequestOutput(
-            request.request_id,
+            state.parent_id,
             token_ids,
-            state.detokenizer.get_delta(finished),
+            state.detokenizer.get_delta(finish_reason is not None),
             finished,
             finish_reason,
             len(request.prompt_token_ids),
@@ -362,4 +464,5 @@ class LLMEngine:
             stop_reason,
             error,
             prompt.take() if prompt is not None and token_ids else None,  # once, on the first token's delta
+            state.index,
         )

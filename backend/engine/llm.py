@@ -42,6 +42,8 @@ class LLM:
     ) -> list[CompletionOutput]:
         """Generate for each prompt (text, chat messages, or token ids); outputs come back in prompt order.
 
+        With ``SamplingParams.n`` > 1 a prompt's output is its sequence 0, and ``.outputs`` lists all n
+        (``index`` 0 .. n-1, vLLM's shape); with n == 1 ``.outputs`` is ``[output]``.
         All prompts are validated before any is queued, so a bad one raises ``ValueError`` and runs nothing.
         """
         prompt_list = _as_prompt_list(prompts)
@@ -63,19 +65,27 @@ class LLM:
             order = [f"llm-{self._next_id + i}" for i in range(len(token_lists))]
             self._next_id += len(order)
             completions = {
-                rid: CompletionOutput(rid, ids) for rid, ids in zip(order, token_lists, strict=True)
+                rid: [CompletionOutput(rid, ids, index=i) for i in range(params.n)]
+                for rid, ids, params in zip(order, token_lists, params_list, strict=True)
             }
             admission = _Admission(self.engine, zip(order, token_lists, params_list, strict=True))
             admission.admit(first_step_only=True)
             progress = _progress(len(order)) if use_tqdm else None
             while self.engine.has_unfinished_requests() or admission.left:
                 for delta in self.engine.step(admission.admit if admission.left else None):
-                    completions[delta.request_id].add(delta)
+                    completions[delta.request_id][delta.index].add(delta)
                     if delta.finished and progress is not None:
                         progress.update(1)
         if progress is not None:
             progress.close()
-        return [completions[rid] for rid in order]
+        return [_first_with_all(completions[rid]) for rid in order]
+
+
+def _first_with_all(sequences: list[CompletionOutput]) -> CompletionOutput:
+    first = sequences[0]
+    if len(sequences) > 1:
+        first.sequences = sequences
+    return first
 
 
 class _Admission:

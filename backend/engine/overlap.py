@@ -8,6 +8,11 @@ placeholder that the executor fills from N's sampled tensor on the device. A req
 token) may then be computed once more for nothing; requests whose sampling reads their output history
 (penalties, bad words) make the engine read N's tokens before it plans N+1.
 
+A guided request (structured output) of N+1 needs its token of N accepted by its grammar matcher before
+its mask is built; only its sampler needs the mask, not its forward. So it is planned and launched like
+any other, and inside N+1's launch, once the forward is queued, the engine reads N's tokens, feeds the
+matchers, builds the masks and then queues the sampler (``guided.py``, docs/structured-output.md).
+
 Planned that early, N+1 cannot take in a request that arrives while N runs: it waits for N+2, a whole
 step more to its first token. So the serving loop calls ``LLMEngine.wait_for_small_step`` before it takes in
 new requests: a step of fewer than ``async_scheduling_min_batch`` requests (where the host's planning is

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 Prompt = str | Sequence[int] | Sequence[Mapping[str, Any]]
 
 # NOTE: text is tokenized only after this cheap bound, so a huge prompt is refused without tokenizing it.
@@ -22,12 +24,17 @@ class PromptProcessor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
 
-    def token_ids(self, prompt: Prompt) -> list[int]:
-        """The prompt's token ids; ValueError naming the problem for an empty, malformed or too long one."""
+    def token_ids(self, prompt: Prompt, tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """The prompt's token ids; ValueError naming the problem for an empty, malformed or too long one.
+
+        ``tools`` (OpenAI tool objects) go to the chat template with chat messages (``apply_chat_template(...,
+        tools=...)``; a template that does not use them ignores them); with text or ids they are refused."""
+        if tools is not None and not _is_chat(prompt):
+            raise ValueError("tools are given to the chat template: send the prompt as chat messages")
         if isinstance(prompt, str):
             ids = self._encode_text(prompt, add_special_tokens=True)
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
-            ids = self._encode_chat(prompt)
+        elif _is_chat(prompt):
+            ids = self._encode_chat(prompt, tools)
         elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes | bytearray):
             ids = self._check_ids(prompt)
         else:
@@ -57,13 +64,21 @@ class PromptProcessor:
             )
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def _encode_chat(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    def _encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         for i, message in enumerate(messages):
             if not isinstance(message.get("role"), str) or not isinstance(message.get("content"), str):
                 raise ValueError(f"messages[{i}] must have a string 'role' and a string 'content'")
         if not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this checkpoint has no chat template: send the prompt as text or token ids")
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                list(messages), tools=tools, add_generation_prompt=True, tokenize=False
+            )
+        except (TemplateError, TypeError, KeyError, ValueError) as exc:  # the template refused this input
+            subject = "these messages and tools" if tools is not None else "these messages"
+            raise ValueError(f"the chat template failed on {subject}: {type(exc).__name__}: {exc}") from None
         # NOTE: the template already writes any BOS token; do not add another.
         return self._encode_text(text, add_special_tokens=False)
 
@@ -84,3 +99,7 @@ class PromptProcessor:
                 )
             out.append(int(token))
         return out
+
+
+def _is_chat(prompt: object) -> bool:
+    return isinstance(prompt, Sequence) and bool(prompt) and all(isinstance(m, Mapping) for m in prompt)

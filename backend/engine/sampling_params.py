@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json as _json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +14,9 @@ MAX_SEED = 2**63 - 1
 # NOTE: temperatures below this are treated as greedy (argmax); dividing logits by ~0 would overflow.
 GREEDY_TEMPERATURE = 1e-5
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+_INT_FIELDS = ("n", "max_tokens", "min_tokens", "top_k", "seed", "logprobs", "prompt_logprobs")
+# logit_bias: a bias is added to a token's logit; OpenAI's and vLLM's range.
+MAX_LOGIT_BIAS = 100.0
 # The allowed range of each float field, as named in error messages.
 _FLOAT_LIMITS = {
     "temperature": ">= 0",
@@ -37,8 +40,8 @@ _ALIASES = {
     "runtime_top_k": "top_k",
     "runtime_top_p": "top_p",
 }
-# Accepted only with the value 1: this engine samples one sequence per request.
-_SINGLE_SEQUENCE_KEYS = {"n": "n > 1 (several sequences per request)", "beam_width": "beam search"}
+# Accepted only with the value 1: this engine has no beam search.
+_SINGLE_SEQUENCE_KEYS = {"beam_width": "beam search"}
 
 
 @dataclass
@@ -51,8 +54,15 @@ class SamplingParams:
     first under the model's raw distribution, with that many top alternatives per position (0: only the
     prompt token's own): `CompletionOutput.prompt_logprobs`, as vLLM. `bad_words` are kept as strings;
     the engine tokenizes them.
+
+    `n` sequences are generated for the prompt (they share its KV blocks; sequence i samples with seed
+    `seed + i` when a seed is given, so each is reproducible and they differ; at temperature 0 they are
+    equal). `logit_bias` maps token ids to a bias in [-100, 100] added to their logits before the
+    penalties and sampling (OpenAI's and vLLM's); returned logprobs stay those of the raw logits. The
+    engine checks `n` against `max_num_seqs` and the token ids against the vocabulary.
     """
 
+    n: int = 1
     max_tokens: int | None = 16
     min_tokens: int = 0
     temperature: float = 1.0
@@ -71,6 +81,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     bad_words: list[str] = field(default_factory=list)
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    guided_decoding: GuidedDecodingParams | None = None  # structured output (a dict is turned into one)
 
     def __post_init__(self) -> None:
         for name in _INT_FIELDS:
@@ -87,9 +99,13 @@ class SamplingParams:
         for name in _STR_LIST_FIELDS:
             setattr(self, name, _as_str_list(name, getattr(self, name)))
         self.stop_token_ids = _as_int_list("stop_token_ids", self.stop_token_ids)
+        self.logit_bias = _as_logit_bias(self.logit_bias)
+        self.guided_decoding = GuidedDecodingParams.coerce(self.guided_decoding)
         self._check_ranges()
 
     def _check_ranges(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
@@ -142,12 +158,14 @@ class SamplingParams:
 
         Numbers and booleans may arrive as strings ("12", "0.5", "true"); TensorRT-LLM backend names
         (`min_length`, `random_seed`, `stop_words`, `runtime_top_k`, `runtime_top_p`) are accepted, and
-        `n` / `beam_width` only with the value 1. A null value means "use the default" except for the
+        `beam_width` only with the value 1. A null value means "use the default" except for the
         fields where None has a meaning (`max_tokens`, `seed`, `logprobs`, `prompt_logprobs`).
+        `logit_bias` is a JSON object: its keys are token ids as strings.
         """
         if not isinstance(values, Mapping):
             raise ValueError(f"sampling parameters must be a mapping, got {_describe(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
+        values = _with_guided_decoding(values)
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
             if key in _SINGLE_SEQUENCE_KEYS:
@@ -166,7 +184,30 @@ class SamplingParams:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict that `from_dict` turns back into equal params."""
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if self.logit_bias is not None:
+            values["logit_bias"] = {str(t): b for t, b in self.logit_bias.items()}  # JSON keys are strings
+        return values
+
+
+def _as_logit_bias(value: object) -> dict[int, float] | None:
+    """``{token id: bias}`` (ids may be strings of digits, as in JSON); None or empty: no bias."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias must be an object of token id -> bias, got {_describe(value)}")
+    bias: dict[int, float] = {}
+    for key, raw in value.items():
+        token = _parse("logit_bias", key, int) if isinstance(key, str) else key
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+            raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {key!r}")
+        number = _parse("logit_bias", raw, float)
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number):
+            raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {raw!r} for token {key}")
+        if not -MAX_LOGIT_BIAS <= number <= MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {number} for token {key}")
+        bias[token] = float(number)
+    return bias or None
 
 
 def _describe(value: object) -> str:
@@ -248,3 +289,88 @@ def _convert(name: str, value: object) -> object:
     if name in _INT_LIST_FIELDS:
         return _parse(name, value, int)
     return value
+
+
+_GUIDED_KEYS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
+
+
+@dataclass
+class GuidedDecodingParams:
+    """Structured output (vLLM's names): exactly one of a JSON schema (``json``: an object or its JSON text),
+    a regular expression (``regex``: the whole output matches it) or strings (``choice``: the output is one of
+    them). The engine compiles it at admission (``guided.py``) and refuses one that does not compile."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        given = [f"guided_{name}" for name in ("json", "regex", "choice") if getattr(self, name) is not None]
+        if len(given) != 1:
+            got = " and ".join(given) if given else "none"
+            raise ValueError(f"guided decoding takes exactly one of guided_json, guided_regex or guided_choice, "
+                             f"got {got}")  # fmt: skip
+        if self.json is not None:
+            self.json = _as_schema(self.json)
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError(f"guided_regex must be a non-empty string, got {_describe(self.regex)}")
+        if self.choice is not None:
+            choice = self.choice
+            valid = isinstance(choice, (list, tuple)) and all(isinstance(c, str) and c for c in choice)
+            if not valid or not choice:
+                raise ValueError(f"guided_choice must be a non-empty list of non-empty strings, got "
+                                 f"{_describe(choice)}")  # fmt: skip
+            self.choice = list(choice)
+
+    @property
+    def field_name(self) -> str:
+        """The input that set it: ``guided_json``, ``guided_regex`` or ``guided_choice`` (error messages)."""
+        if self.json is not None:
+            return "guided_json"
+        return "guided_regex" if self.regex is not None else "guided_choice"
+
+    @property
+    def text(self) -> str:
+        """The schema, regex or choice list as one string (the grammar cache's key)."""
+        if self.json is not None:
+            return self.json if isinstance(self.json, str) else _json.dumps(self.json)  # key order kept
+        return self.regex if self.regex is not None else _json.dumps(self.choice)
+
+    @classmethod
+    def coerce(cls, value: object) -> GuidedDecodingParams | None:
+        """None, an instance, or a mapping with the keys json / regex / choice."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise ValueError(f"guided_decoding must be an object (json, regex or choice): {_describe(value)}")
+        unknown = set(value) - {"json", "regex", "choice"}
+        if unknown:
+            raise ValueError(f"guided_decoding takes json, regex or choice, got {sorted(unknown)}")
+        return cls(**value)
+
+
+def _as_schema(value: object) -> str | dict[str, Any]:
+    """A JSON schema object, or its text (kept as given once it parses to an object)."""
+    schema = value
+    if isinstance(value, str):
+        try:
+            schema = _json.loads(value)
+        except _json.JSONDecodeError as exc:
+            raise ValueError(f"guided_json is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(schema, Mapping):
+        raise ValueError(f"guided_json must be a JSON schema object, got {type(schema).__name__}")
+    return value if isinstance(value, str) else dict(schema)
+
+
+def _with_guided_decoding(values: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``guided_json`` / ``guided_regex`` / ``guided_choice`` keys (vLLM's flat spelling) as one
+    ``guided_decoding`` entry."""
+    if not any(key in values for key in _GUIDED_KEYS):
+        return values
+    guided = {_GUIDED_KEYS[k]: v for k, v in values.items() if k in _GUIDED_KEYS and v is not None}
+    rest = {k: v for k, v in values.items() if k not in _GUIDED_KEYS}
+    if guided:
+        if rest.get("guided_decoding") is not None:
+            raise ValueError("guided_decoding given together with guided_json, guided_regex or guided_choice")
+        rest["guided_decoding"] = guided
+    return rest

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
+from inflight.backend.executor.guided_mask import GuidedLogitsMask
 from inflight.backend.executor.kv_scales import init_kv_scales
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import ModelRunner, kv_cache_bytes_per_block
@@ -67,6 +69,45 @@ class ExecutorConfig:
     seed: int
 
 
+@dataclass(frozen=True)
+class MemoryFigures:
+    """What this rank's memory holds, as measured at load: what a deployment plans with (the load log and
+    the ``inflight_memory_*`` metrics say it)."""
+
+    device: str
+    weights_bytes: int
+    # the largest step's activation peak (a profiling forward at load); None where it did not run: on CPU,
+    # or with kv_cache_memory_bytes given
+    activation_peak_bytes: int | None
+    kv_cache_bytes: int
+    kv_blocks: int  # usable ones (the null block left out)
+    block_size: int
+    max_model_len: int
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the KV cache holds, all sequences together."""
+        return self.kv_blocks * self.block_size
+
+    @property
+    def longest_sequence(self) -> int:
+        """The longest sequence (prompt + output) one request can have: the context length, or less where the
+        cache holds fewer tokens."""
+        return min(self.max_model_len, self.kv_tokens)
+
+    def describe(self) -> str:
+        gib = 2**30
+        peak = (
+            "not measured"
+            if self.activation_peak_bytes is None
+            else f"{self.activation_peak_bytes / gib:.2f} GiB"
+        )
+        return (f"memory on {self.device}: weights {self.weights_bytes / gib:.2f} GiB, activation peak {peak}, "
+                f"KV cache {self.kv_cache_bytes / gib:.2f} GiB = {self.kv_blocks} blocks x {self.block_size} "
+                f"tokens = {self.kv_tokens} tokens; longest sequence that fits {self.longest_sequence} tokens "
+                f"(max_model_len {self.max_model_len})")  # fmt: skip
+
+
 @dataclass
 class SamplingRows:
     """The requests that sample a token this step, in scheduling order, as the sampler needs them."""
@@ -76,6 +117,9 @@ class SamplingRows:
     output_token_ids: list[list[int]]  # the known ones (the penalties and bad words read them)
     num_output_tokens: list[int]  # outputs before this step's token, those still being sampled included
     bad_words_token_ids: list[list[list[int]]]
+    # Structured output: called once the forward is queued, before the sampler; returns the guided rows and
+    # their host bitmasks ([num_guided, ceil(vocab / 32)] int32 numpy), see guided_mask.py. None: no row is.
+    guided_masks: Callable[[], tuple[list[int], Any]] | None = None
 
 
 @dataclass
@@ -189,6 +233,7 @@ class ModelExecutor:
             # NOTE: before profiling and the real cache, whose steps quantize with them (and graphs read them).
             self.kv_scales_source = init_kv_scales(self.runner, model_config.vocab_size, self.dtype,
                                                    c.max_model_len)  # fmt: skip
+        self.activation_peak_bytes: int | None = None
         if self.device.type == "cuda":
             self.num_blocks = self._num_blocks(self._gpu_kv_budget())
         self.runner.allocate_kv_cache(self.num_blocks)
@@ -209,6 +254,16 @@ class ModelExecutor:
             self.num_blocks, c.block_size, str(self.kv_dtype).removeprefix("torch."),
             self.num_blocks * self.bytes_per_block / 2**20, c.max_model_len, self.num_host_blocks,
         )  # fmt: skip
+        self.memory = MemoryFigures(
+            device=str(self.device),
+            weights_bytes=sum(t.numel() * t.element_size() for t in model.parameters()),
+            activation_peak_bytes=self.activation_peak_bytes,
+            kv_cache_bytes=self.num_blocks * self.bytes_per_block,
+            kv_blocks=self.num_blocks - 1,
+            block_size=c.block_size,
+            max_model_len=c.max_model_len,
+        )
+        logger.info(self.memory.describe())
 
     # --------------------------------------------------------------------------------------------- sizing
     def _gpu_kv_budget(self) -> int:
@@ -216,7 +271,8 @@ class ModelExecutor:
         c = self.config
         if c.kv_cache_memory_bytes is not None:
             return c.kv_cache_memory_bytes
-        peak = self.runner.profile_peak_bytes(c.max_num_batched_tokens, c.max_num_seqs)
+        peak = self.activation_peak_bytes = self.runner.profile_peak_bytes(c.max_num_batched_tokens,
+                                                                           c.max_num_seqs)  # fmt: skip
         free, _ = torch.cuda.mem_get_info(self.device)
         # NOTE: the activation peak of the largest step (and the decode graphs' pool, which is smaller)
         # must still fit beside the cache.
@@ -276,6 +332,9 @@ class ModelExecutor:
             observer.before_forward(scheduled)
         pending = previous.pending_tokens() if previous is not None else None
         model_output = self.runner.execute(scheduled, pending, prompt_logprobs)
+        if batch is not None and rows is not None and rows.guided_masks is not None:
+            # NOTE: here, with the forward queued: the host builds the masks while the device runs it.
+            batch.guided = GuidedLogitsMask.from_host(*rows.guided_masks(), self.device)
         out = self.sampler(model_output.logits, batch) if batch is not None else None
         plan, prompt = model_output.prompt_plan, None
         if plan is not None:

@@ -5,9 +5,13 @@ Per step, on `[num_seqs, vocab_size]` logits:
     raw logits ──► log-softmax stats (returned logprobs are under the RAW distribution)
         │
         ▼
+    logit_bias (+ bias on the rows that have one; vLLM's order: before the penalties)
+        ▼
     penalties (repetition: prompt+output, HF; presence/frequency: output only, OpenAI)
         ▼
     bans (-inf): EOS + stop_token_ids while len(output) < min_tokens; bad-word tokens
+        ▼
+    grammar masks (-inf outside each guided row's allowed tokens; guided_mask.py)
         ├──► greedy rows: argmax
         ▼
     temperature ─► top-k ─► top-p ─► min-p ─► softmax ─► argmax(probs / E), E ~ Exp(1)
@@ -19,11 +23,14 @@ seeded request draws the same tokens alone, inside any batch, and after a preemp
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from inflight.backend.executor.guided_mask import GuidedLogitsMask
 
 _MASK64 = 2**64 - 1
 
@@ -46,6 +53,7 @@ class RowParams(Protocol):
     ignore_eos: bool
     seed: int | None
     logprobs: int | None
+    logit_bias: Mapping[int, float] | None
 
 
 @dataclass
@@ -70,6 +78,9 @@ class SamplingBatch:
     seeds: list[int | None]  # per row: the seed of this step's generator, None = global RNG
     max_num_logprobs: int | None  # top alternatives to return (the largest asked); None = no one asked
     need_logprobs: bool  # some row asked for log-probabilities (else none are computed)
+    logit_bias_flat_ids: torch.Tensor | None = None  # [num_biases] int64: row * vocab_size + token id
+    logit_bias_values: torch.Tensor | None = None  # [num_biases] float32: the bias added there
+    guided: GuidedLogitsMask | None = None  # grammar masks (the executor sets them after the forward)
 
     @classmethod
     def build(
@@ -144,6 +155,7 @@ class SamplingBatch:
             for p, count in zip(params, counts, strict=True)
         ]
         asked = [p.logprobs for p in params if p.logprobs is not None]
+        bias_ids, bias_values = _logit_biases(params, vocab_size, device)
         return cls(
             vocab_size=vocab_size,
             all_greedy=all(greedy),
@@ -168,6 +180,8 @@ class SamplingBatch:
             seeds=seeds,
             max_num_logprobs=max(asked) if asked else None,
             need_logprobs=bool(asked),
+            logit_bias_flat_ids=bias_ids,
+            logit_bias_values=bias_values,
         )
 
 
@@ -187,18 +201,26 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample from `logits` ([num_seqs, vocab_size], any float dtype); the input is not modified."""
         raw = logits
-        changes = batch.repetition_penalty is not None or batch.output_counts is not None
-        if batch.all_greedy and not changes and batch.banned_flat_ids is None:
+        changes = (
+            batch.repetition_penalty is not None
+            or batch.output_counts is not None
+            or batch.logit_bias_flat_ids is not None
+        )
+        if batch.all_greedy and not changes and batch.banned_flat_ids is None and batch.guided is None:
             # NOTE: a plain greedy batch reads the logits as they are: widening to float32 keeps their order.
             logits = raw
         else:
             # NOTE: always a new contiguous float32 copy (`.to(float32)` returns the caller's tensor when it
             # is float32 already; the in-place steps below must not touch it).
             logits = torch.empty(raw.shape, dtype=torch.float32, device=raw.device).copy_(raw)
+            if batch.logit_bias_flat_ids is not None:
+                logits.view(-1).index_add_(0, batch.logit_bias_flat_ids, batch.logit_bias_values)
             logits = apply_penalties(logits, batch)
             if batch.banned_flat_ids is not None:
                 # NOTE: index_fill_ on the flat view; `logits[rows, cols] = -inf` syncs with the host on CUDA.
                 logits.view(-1).index_fill_(0, batch.banned_flat_ids, float("-inf"))
+            if batch.guided is not None:
+                batch.guided.apply_(logits)  # grammar masks: disallowed tokens -inf (guided_mask.py)
 
         greedy_ids = logits.argmax(dim=-1) if not batch.all_random else None
         if batch.all_greedy:
@@ -322,6 +344,26 @@ def _flatten(
     rows = torch.repeat_interleave(torch.arange(len(token_ids)), lengths)
     cols = torch.tensor(list(itertools.chain.from_iterable(token_ids)), dtype=torch.int64)
     return rows.to(device), cols.to(device)
+
+
+def _logit_biases(
+    params: Sequence[RowParams], vocab_size: int, device: torch.device | str
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(row * vocab_size + token id, bias) of every row's ``logit_bias``, as two tensors; (None, None) when
+    no row has one (the common batch: no tensor, no copy)."""
+    flat_ids: list[int] = []
+    values: list[float] = []
+    for row, p in enumerate(params):
+        if p.logit_bias:
+            for token_id, bias in p.logit_bias.items():
+                flat_ids.append(row * vocab_size + token_id)
+                values.append(bias)
+    if not flat_ids:
+        return None, None
+    return (
+        torch.tensor(flat_ids, dtype=torch.int64, device=device),
+        torch.tensor(values, dtype=torch.float32, device=device),
+    )
 
 
 def _bad_word_bans(bad_words: Sequence[Sequence[int]], output: Sequence[int]) -> list[int]:

@@ -13,9 +13,12 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from inflight.batching import SchedulerStats
+
+if TYPE_CHECKING:
+    from inflight.backend.engine.engine import MemoryFigures
 
 LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                    10.0, 20.0, 40.0, 80.0]  # fmt: skip
@@ -153,6 +156,21 @@ class EngineMetrics:
             "inflight_kv_blocks_free", "KV-cache blocks free (cached prefix blocks included)"
         )
         self.kv_total = gauge("inflight_kv_blocks_total", "Usable KV-cache blocks")
+
+        def rank_gauge(name: str, desc: str) -> Metric:  # one per tensor-parallel rank (rank 0 alone today)
+            return held(name, desc, "gauge", {**labels, "rank": "0"}, None)
+
+        self.memory_weights = rank_gauge("inflight_memory_weights_bytes", "Bytes of the model's weights")
+        self.memory_activation_peak = rank_gauge(
+            "inflight_memory_activation_peak_bytes",
+            "Activation peak of the largest step, measured at load (0: not measured: CPU, or "
+            "kv_cache_memory_bytes given)",
+        )
+        self.memory_kv_cache = rank_gauge("inflight_memory_kv_cache_bytes", "Bytes of the KV cache")
+        self.kv_capacity_tokens = rank_gauge("inflight_kv_cache_capacity_tokens", "Tokens the KV cache holds")
+        self.max_sequence_tokens = rank_gauge(
+            "inflight_max_sequence_tokens", "The longest sequence (prompt + output) that fits"
+        )
         self.kv_usage = gauge("inflight_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
         self.prefix_hit_rate = gauge(
             "inflight_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache"
@@ -255,6 +273,14 @@ class EngineMetrics:
             if name != "_factory":
                 delattr(self, name)
         self._factory = None
+
+    def set_memory(self, memory: MemoryFigures) -> None:
+        """The memory figures of the load (``MemoryFigures``)."""
+        self.memory_weights.set(memory.weights_bytes)
+        self.memory_activation_peak.set(memory.activation_peak_bytes or 0)
+        self.memory_kv_cache.set(memory.kv_cache_bytes)
+        self.kv_capacity_tokens.set(memory.kv_tokens)
+        self.max_sequence_tokens.set(memory.longest_sequence)
 
     def update_scheduler(self, stats: SchedulerStats) -> None:
         """Refresh the gauges from a scheduler snapshot."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -57,6 +57,22 @@ CLOSED_SINK: ResponseSink = _ClosedSink()
 
 
 @dataclass
+class SequenceState:
+    """One sequence of a request on its way out (a request with n > 1 has n; responses are per sequence)."""
+
+    index: int
+    text: list[str] = field(default_factory=list)  # non-streamed: all text so far
+    token_ids: list[int] = field(default_factory=list)  # non-streamed: all ids; streamed: ids not yet sent
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    # The prompt's logprobs (SamplingParams.prompt_logprobs, sequence 0) until a response carries them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Streamed: text not yet sent, the newest delta, and whether the response thread has it queued.
+    unsent_text: list[str] = field(default_factory=list)
+    last_delta: RequestOutput | None = None
+    send_queued: bool = False
+
+
+@dataclass
 class GenerateRequest:
     """One generation request: what the client asked, then its state between submit and its final response."""
 
@@ -69,6 +85,7 @@ class GenerateRequest:
     return_logprobs: bool = False
     return_num_input_tokens: bool = False
     return_num_output_tokens: bool = False
+    tools: list[dict[str, Any]] | None = None  # for the chat template, with messages
     # Set by EngineService.submit.
     request_id: str = ""
     sink: ResponseSink = field(default=CLOSED_SINK, repr=False)
@@ -76,17 +93,11 @@ class GenerateRequest:
     # The engine thread's, from the request's admission on.
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)
     prompt_text: str = field(default="", repr=False)
-    text: list[str] = field(default_factory=list, repr=False)  # non-streamed: all text so far
-    # non-streamed: all ids; streamed: ids not yet sent
-    token_ids: list[int] = field(default_factory=list, repr=False)
-    logprobs: list[TokenLogprob] = field(default_factory=list, repr=False)
-    # The prompt's logprobs (SamplingParams.prompt_logprobs) until the response that carries them is built.
-    prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, repr=False)
-    # Streamed: text not yet sent, the newest delta, and whether the response thread has it queued.
-    unsent_text: list[str] = field(default_factory=list, repr=False)
-    last_delta: RequestOutput | None = field(default=None, repr=False)
-    send_queued: bool = False
-    num_output_tokens: int = 0
+    # One per sequence (SamplingParams.n), by index.
+    sequences: list[SequenceState] = field(default_factory=list, repr=False)
+    # Streamed: the request's last delta (every sequence finished) is in; the FINAL goes with the last send.
+    all_finished: bool = False
+    num_output_tokens: int = 0  # all sequences
     first_token_time: float | None = None
     last_token_time: float | None = None
     cancelled: bool = False

@@ -37,10 +37,15 @@ def build_outputs(
     num_output_tokens: int,
     prompt_logprobs: list[TokenLogprob | None] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The output tensors of one response: always ``text_output`` and ``output_ids``, the rest when asked
-    (``prompt_logprobs``: on the one response that carries them, see ``EngineService``)."""
-    tensors = {"text_output": _strings(text), "output_ids": np.asarray(token_ids, dtype=np.int32)}
-    if request.return_finish_reason and out.finished:
+    """The output tensors of one response of sequence ``out.index``: always ``text_output``, ``output_ids``
+    and ``sequence_index``, the rest when asked (``prompt_logprobs``: on the one response that carries them,
+    see ``EngineService``; ``finish_reason``: on the sequence's last)."""
+    tensors = {
+        "text_output": _strings(text),
+        "output_ids": np.asarray(token_ids, dtype=np.int32),
+        "sequence_index": np.array([out.index], dtype=np.uint32),
+    }
+    if request.return_finish_reason and out.finish_reason is not None:
         tensors["finish_reason"] = _strings(out.finish_reason or "")
     if request.return_cumulative_logprob:
         tensors["cumulative_logprob"] = np.array([out.cumulative_logprob or 0.0], dtype=np.float32)

@@ -8,10 +8,11 @@
                                                   ▼
                                     outbox ──► response thread: sink.send(..., final)
 
-Every request gets exactly one final response: on success, bad input (INVALID_ARG), a full queue
-(UNAVAILABLE), cancellation, an engine fault (INTERNAL) and shutdown. Triton's objects reach the service
-only as each request's ``ResponseSink`` (``triton_model`` wraps a response sender as one, tests and the
-benchmarks pass their own); it takes a parsed ``GenerateRequest`` (``triton_inputs`` reads one from Triton's
+Responses are per sequence (``SamplingParams.n``; each carries its ``sequence_index``), streamed or not.
+Every request gets exactly one final response, after all of its sequences: on success, bad input
+(INVALID_ARG), a full queue (UNAVAILABLE), cancellation, an engine fault (INTERNAL) and shutdown.
+Triton's objects reach the service only as each request's ``ResponseSink`` (``triton_model`` wraps a
+response sender as one, tests and the benchmarks pass their own); it takes a parsed ``GenerateRequest`` (``triton_inputs`` reads one from Triton's
 input tensors) and has ``responses`` build the numpy output tensors that the sink sends.
 """
 
@@ -37,6 +38,7 @@ from inflight.backend.serving.request import (
     ErrorKind,
     GenerateRequest,
     ResponseSink,
+    SequenceState,
     ServiceError,
 )
 from inflight.backend.serving.responses import build_outputs
@@ -56,7 +58,6 @@ def tune_interpreter_for_serving() -> None:
     sys.setswitchinterval(SERVING_SWITCH_INTERVAL_S)
 
 
-_STREAM = object()  # an outbox entry's outputs: build the stream's response from its unsent tokens
 _SCHEDULER_STATS_INTERVAL_S = 0.1  # the scheduler gauges are published at most this often (and when idle)
 
 
@@ -224,7 +225,7 @@ class EngineService:
     def _add(self, live: GenerateRequest) -> None:
         error = None
         try:
-            ids = self.engine.prompts.token_ids(live.prompt)
+            ids = self.engine.prompts.token_ids(live.prompt, live.tools)
         except ValueError as exc:
             error = ServiceError(ErrorKind.INVALID_ARG, f"{_prompt_field(live.prompt)}: {exc}")
         else:
@@ -238,6 +239,7 @@ class EngineService:
             self._outbox.put((live, None, error, True))
             return
         live.prompt_token_ids = ids
+        live.sequences = [SequenceState(i) for i in range(live.params.n)]
         if not live.stream and not live.exclude_input_in_output:
             prompt = live.prompt
             live.prompt_text = prompt if isinstance(prompt, str) else self.engine.tokenizer.decode(ids)
@@ -293,7 +295,8 @@ class EngineService:
             if live is None:
                 continue
             self._record_tokens(live, out, now)
-            if out.finished:
+            # NOTE: an error ends the whole request at its first sequence's (its others' are not sent)
+            if out.finished or out.finish_reason == "error":
                 del self._live[out.request_id]
                 if self._metrics_writer is not None:
                     self._metrics_writer.put(
@@ -308,7 +311,8 @@ class EngineService:
                     (live, None, ServiceError(ErrorKind.INTERNAL, out.error or "engine step failed"), True)
                 )
             elif out.finish_reason == "abort" and live.cancelled:
-                self._outbox.put((live, None, None, True))  # the client has gone: a bare FINAL flag
+                if out.finished:  # the request's last sequence
+                    self._outbox.put((live, None, None, True))  # the client has gone: a bare FINAL flag
             else:
                 self._queue_response(live, out)
 
@@ -328,6 +332,7 @@ class EngineService:
         live.last_token_time = now
 
     def _queue_response(self, live: GenerateRequest, out: RequestOutput) -> None:
+        seq = live.sequences[out.index]
         if live.stream:
             # NOTE: the response thread builds and sends a stream's response from everything unsent when it
             # gets to it, so a busy sender coalesces tokens (fewer, larger responses) instead of falling
@@ -337,37 +342,40 @@ class EngineService:
             # the next text instead, a run of such tokens (a model repeating a special token under
             # ignore_eos, a long stop string) kept a stream silent to its end: its client saw the first
             # token only with the last, and a liveness guard could give up on it.
+            # The FINAL flag goes with the request's last send (see _take_stream_response).
             with self._stream_lock:
-                live.token_ids.extend(out.new_token_ids)
+                seq.token_ids.extend(out.new_token_ids)
                 if out.new_logprobs:
-                    live.logprobs.extend(out.new_logprobs)
+                    seq.logprobs.extend(out.new_logprobs)
                 if out.prompt_logprobs is not None:
-                    live.prompt_logprobs = out.prompt_logprobs  # sent with the next response, once
-                live.unsent_text.append(out.new_text)
-                live.last_delta = out
-                if (not out.new_token_ids and not out.finished) or live.send_queued:
+                    seq.prompt_logprobs = out.prompt_logprobs  # sent with the next response, once
+                seq.unsent_text.append(out.new_text)
+                seq.last_delta = out
+                live.all_finished = out.finished
+                if (not out.new_token_ids and out.finish_reason is None) or seq.send_queued:
                     return
-                live.send_queued = True
-            self._outbox.put((live, _STREAM, None, False))
+                seq.send_queued = True
+            self._outbox.put((live, seq, None, False))
             return
-        live.token_ids.extend(out.new_token_ids)
+        seq.token_ids.extend(out.new_token_ids)
         if out.new_logprobs:
-            live.logprobs.extend(out.new_logprobs)
+            seq.logprobs.extend(out.new_logprobs)
         if out.prompt_logprobs is not None:
-            live.prompt_logprobs = out.prompt_logprobs
-        live.text.append(out.new_text)
-        if not out.finished:
+            seq.prompt_logprobs = out.prompt_logprobs
+        seq.text.append(out.new_text)
+        if out.finish_reason is None:
             return
-        ids = live.token_ids if live.exclude_input_in_output else live.prompt_token_ids + live.token_ids
+        # Not streamed: one response per sequence once it finished; the request's last one is FINAL.
+        ids = seq.token_ids if live.exclude_input_in_output else live.prompt_token_ids + seq.token_ids
         outputs = build_outputs(
             live,
-            live.prompt_text + "".join(live.text),
+            live.prompt_text + "".join(seq.text),
             ids,
-            live.logprobs,
+            seq.logprobs,
             out,
             len(live.prompt_token_ids),
-            live.num_output_tokens,
-            live.prompt_logprobs,
+            len(seq.token_ids),
+            seq.prompt_logprobs,
         )
         self._outbox.put((live, outputs, None, out.finished))
 
@@ -399,8 +407,8 @@ class EngineService:
 
     def _send(self, live: GenerateRequest, outputs: object, error: ServiceError | None, final: bool) -> None:
         start = time.monotonic()
-        if outputs is _STREAM:
-            outputs, final = self._take_stream_response(live)
+        if isinstance(outputs, SequenceState):  # a stream's: built now from the sequence's unsent tokens
+            outputs, final = self._take_stream_response(live, outputs)
         try:
             live.sink.send(outputs, error, final)
         except Exception:  # noqa: BLE001 - a client that went away must not stop the others
@@ -417,23 +425,28 @@ class EngineService:
                 self._num_open -= 1
                 self._set_open_gauge()
 
-    def _take_stream_response(self, live: GenerateRequest) -> tuple[dict[str, np.ndarray], bool]:
-        """One response with every token of a stream not sent yet; final if the newest delta finished it."""
+    def _take_stream_response(
+        self, live: GenerateRequest, seq: SequenceState
+    ) -> tuple[dict[str, np.ndarray], bool]:
+        """One response with every token of a sequence not sent yet; final if the request's last delta is in
+        and no other sequence has a send queued (with n > 1 a sequence's queued send may lie ahead of
+        another's that holds older tokens: the FINAL waits for the last of them)."""
         with self._stream_lock:
             text, ids, logprobs, out, prompt_logprobs = (
-                "".join(live.unsent_text),
-                live.token_ids,
-                live.logprobs,
-                live.last_delta,
-                live.prompt_logprobs,
+                "".join(seq.unsent_text),
+                seq.token_ids,
+                seq.logprobs,
+                seq.last_delta,
+                seq.prompt_logprobs,
             )
-            live.unsent_text, live.token_ids, live.logprobs, live.prompt_logprobs = [], [], [], None
-            live.send_queued = False
+            seq.unsent_text, seq.token_ids, seq.logprobs, seq.prompt_logprobs = [], [], [], None
+            seq.send_queued = False
+            final = live.all_finished and not any(s.send_queued for s in live.sequences)
         assert out is not None
         outputs = build_outputs(
             live, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids), prompt_logprobs
         )
-        return outputs, out.finished
+        return outputs, final
 
     def _set_open_gauge(self) -> None:
         metrics = self.metrics

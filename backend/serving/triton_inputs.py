@@ -1,8 +1,9 @@
 """Reads a Triton request's input tensors into a validated ``GenerateRequest``.
 
 Accepts what clients of the vLLM and TensorRT-LLM Triton backends send: the prompt as ``text_input``,
-``input_ids`` or ``messages`` (chat JSON), sampling options as scalar inputs and/or a
-``sampling_parameters`` JSON object (numbers may be strings), and the ``return_*`` flags.
+``input_ids`` or ``messages`` (chat JSON, with ``tools`` for the chat template), sampling options as scalar
+inputs (``n`` included) and/or a ``sampling_parameters`` JSON object (numbers may be strings), ``logit_bias``
+(a JSON object), and the ``return_*`` flags.
 Anything malformed raises ``ValueError`` naming the input; the caller answers INVALID_ARG.
 """
 
@@ -22,13 +23,18 @@ from inflight.backend.serving.request import GenerateRequest
 SAMPLING_INPUTS = (
     "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "random_seed", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "min_tokens", "min_length", "ignore_eos", "prompt_logprobs",
+    "n",
 )  # fmt: skip
 LIST_INPUTS = ("stop", "stop_words", "bad_words")
+# Structured output (one of them): a JSON schema's text, a regex, the choices (SamplingParams.guided_decoding).
+GUIDED_INPUTS = ("guided_json", "guided_regex", "guided_choice")
 FLAG_INPUTS = (
     "stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob",
     "return_logprobs", "return_num_input_tokens", "return_num_output_tokens",
 )  # fmt: skip
 PROMPT_INPUTS = ("text_input", "input_ids", "messages")
+# JSON texts: a sampling option ({"<token id>": bias}) and the chat template's tools ([{"type": "function", ...}]).
+JSON_INPUTS = ("logit_bias", "tools")
 
 GetInput = Callable[[str], "np.ndarray | None"]
 
@@ -59,10 +65,43 @@ def parse_request(get: GetInput) -> GenerateRequest:
         value = get(name)
         if value is not None:
             options[name] = [_decode(name, v) for v in np.asarray(value).reshape(-1)]
+    if (raw := get("logit_bias")) is not None:
+        options["logit_bias"] = _json("logit_bias", raw, dict, "object of token id -> bias")
+    for name in GUIDED_INPUTS:
+        if (value := get(name)) is not None:
+            items = [_decode(name, v) for v in np.asarray(value).reshape(-1)]
+            options[name] = items if name == "guided_choice" else _string(name, value)
     if (flags["return_logprobs"] or flags["return_cumulative_logprob"]) and options.get("logprobs") is None:
         options["logprobs"] = 0  # the sampled token's own log-probability
     params = SamplingParams.from_dict(options)
-    return GenerateRequest(prompt=prompt, params=params, **{k: bool(v) for k, v in flags.items()})
+    tools = _tools(get("tools"), prompt)
+    return GenerateRequest(
+        prompt=prompt, params=params, tools=tools, **{k: bool(v) for k, v in flags.items()}
+    )
+
+
+def _json(name: str, value: np.ndarray, kind: type, what: str) -> Any:
+    text = _string(name, value)
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not valid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(parsed, kind):
+        raise ValueError(f"{name} must be a JSON {what}, got {type(parsed).__name__}")
+    return parsed
+
+
+def _tools(value: np.ndarray | None, prompt: Prompt) -> list[dict[str, Any]] | None:
+    """The ``tools`` input: a JSON list of OpenAI tool objects, for a ``messages`` prompt only."""
+    if value is None:
+        return None
+    tools = _json("tools", value, list, "list of tool objects")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise ValueError(f"tools[{i}] must be a JSON object (an OpenAI tool), got {type(tool).__name__}")
+    if isinstance(prompt, str) or not prompt or not isinstance(prompt[0], dict):
+        raise ValueError("tools is given to the chat template: send the prompt as messages")
+    return tools
 
 
 def _prompt(get: GetInput) -> Prompt:

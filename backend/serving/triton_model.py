@@ -23,6 +23,7 @@ from inflight.backend.serving.request import ErrorKind, ServiceError
 from inflight.backend.serving.service import EngineService, tune_interpreter_for_serving
 from inflight.backend.serving.triton_inputs import (
     FLAG_INPUTS,
+    JSON_INPUTS,
     LIST_INPUTS,
     PROMPT_INPUTS,
     SAMPLING_INPUTS,
@@ -31,7 +32,9 @@ from inflight.backend.serving.triton_inputs import (
 
 logger = logging.getLogger("inflight")
 
-INPUT_NAMES = (*PROMPT_INPUTS, "sampling_parameters", *SAMPLING_INPUTS, *LIST_INPUTS, *FLAG_INPUTS)
+INPUT_NAMES = (
+    *PROMPT_INPUTS, "sampling_parameters", *SAMPLING_INPUTS, *LIST_INPUTS, *FLAG_INPUTS, *JSON_INPUTS,
+)  # fmt: skip
 # Parameters that are not engine options.
 MODEL_PARAMETERS = ("model_path", "tokenizer_path", "drain_timeout_s", "fault_injection")
 
@@ -152,6 +155,7 @@ class TritonPythonModel:
             logger.warning("inflight: fault injection is ON: %s", fault_spec)
             engine.add_step_observer(FaultInjector(parse_fault_spec(fault_spec)))
         self.metrics.kv_total.set(engine.num_kv_blocks)
+        self.metrics.set_memory(engine.memory)
         self.service = EngineService(engine, self.metrics, on_fatal=self._unload_self)
 
     def execute(self, requests: list[Any]) -> None:

@@ -177,10 +177,45 @@ def test_from_dict_tensorrt_llm_aliases() -> None:
     )
 
 
-@pytest.mark.parametrize(("key", "words"), [("n", "several sequences"), ("beam_width", "beam search")])
-def test_from_dict_rejects_several_sequences(key: str, words: str) -> None:
-    with pytest.raises(ValueError, match=f"^{key} must be 1: .*{words}.* not supported"):
-        SamplingParams.from_dict({key: 2})
+def test_from_dict_rejects_beam_search() -> None:
+    with pytest.raises(ValueError, match="^beam_width must be 1: beam search is not supported"):
+        SamplingParams.from_dict({"beam_width": 2})
+
+
+def test_n_is_a_field_of_at_least_one() -> None:
+    assert SamplingParams().n == 1
+    assert SamplingParams.from_dict({"n": "3"}).n == 3
+    for bad in (0, -2):
+        with pytest.raises(ValueError) as info:
+            SamplingParams(n=bad)
+        assert str(info.value) == f"n must be at least 1, got {bad}"
+    with pytest.raises(ValueError, match="^n must be an integer, got float 1.5"):
+        SamplingParams.from_dict({"n": 1.5})
+
+
+def test_logit_bias_keys_from_json_strings_and_limits() -> None:
+    params = SamplingParams.from_dict({"logit_bias": {"7": 100, "12": "-100", "3": 0.5}})
+    assert params.logit_bias == {7: 100.0, 12: -100.0, 3: 0.5}
+    assert SamplingParams(logit_bias={}).logit_bias is None  # empty: no bias
+    assert SamplingParams.from_dict(params.to_dict()) == params
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({"7": 100.5}, "logit_bias values must be in [-100, 100], got 100.5 for token 7"),
+        ({5: -101}, "logit_bias values must be in [-100, 100], got -101 for token 5"),
+        ({"-1": 1}, "logit_bias keys must be token ids (integers >= 0), got '-1'"),
+        ({"x": 1}, "logit_bias must be an integer, got str 'x'"),
+        ({"7": "big"}, "logit_bias must be a number, got str 'big'"),
+        ({"7": math.nan}, "logit_bias values must be numbers in [-100, 100], got nan for token 7"),
+        ([1, 2], "logit_bias must be an object of token id -> bias, got list [1, 2]"),
+    ],
+)
+def test_bad_logit_bias_names_the_field_and_limit(bias: object, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        SamplingParams(logit_bias=bias)  # type: ignore[arg-type]
+    assert str(info.value) == message
 
 
 def test_from_dict_alias_and_name_together_rejected() -> None:

@@ -148,6 +148,7 @@ SAMPLING_CASES = {
     "min_length": ("min_tokens", np.int32, "3", 3),  # TensorRT-LLM's name
     "ignore_eos": ("ignore_eos", np.bool_, "true", True),
     "prompt_logprobs": ("prompt_logprobs", np.int32, "3", 3),
+    "n": ("n", np.int32, "3", 3),
 }
 
 

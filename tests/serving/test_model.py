@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -171,3 +172,27 @@ def test_metric_counters_match_what_the_client_counted(triton_server) -> None:
     assert delta("inflight_request_generation_tokens_sum") == output_tokens
     assert after["inflight_kv_blocks_used"] == 0.0
     assert after["inflight_kv_blocks_total"] > 0
+
+
+def test_memory_figures_are_published(triton_server, smollm2_path) -> None:
+    """The load's memory figures (issue 22): weights as the checkpoint's tensors in the engine's fp32, the KV
+    cache as the server's 256 MiB budget in whole blocks, and the longest sequence the cache and the context
+    length allow."""
+    from safetensors import safe_open
+
+    config = json.loads((smollm2_path / "config.json").read_text())
+    numel = 0
+    for file in smollm2_path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            numel += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    now = settled_metrics(triton_server.url_metrics)
+    rank = '{rank="0"}'
+    assert now[f"inflight_memory_weights_bytes{rank}"] == 4 * numel  # fp32 on CPU, embeddings tied
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    block_bytes = 2 * config["num_hidden_layers"] * 16 * config["num_key_value_heads"] * head_dim * 4
+    blocks = now["inflight_kv_blocks_total"]
+    assert blocks == (256 << 20) // block_bytes - 1  # the null block left out
+    assert now[f"inflight_memory_kv_cache_bytes{rank}"] == (blocks + 1) * block_bytes
+    assert now[f"inflight_kv_cache_capacity_tokens{rank}"] == blocks * 16
+    assert now[f"inflight_max_sequence_tokens{rank}"] == min(1024, blocks * 16)  # max_model_len 1024
+    assert now[f"inflight_memory_activation_peak_bytes{rank}"] == 0  # not measured on CPU
