@@ -24,6 +24,8 @@ from inflight.tools.server import (
 )
 
 GENAI_PERF_SPEC = "genai-perf==0.0.16"
+# The TensorRT-LLM-compatible model (model_repository/ensemble), driven in genai-perf's tensorrtllm mode.
+ENSEMBLE_MODEL = "ensemble"
 GENAI_PERF_VENV = Path(os.environ.get("GENAI_PERF_VENV", CACHE_DIR / "genai-perf-venv"))
 # What installing genai-perf must not move in our own environment (numpy 2 breaks the Triton stub).
 PROTECTED = {"numpy": "1.", "tritonclient": "2.51.0", "nvidia-pytriton": "0.7.0"}
@@ -184,6 +186,10 @@ def run_genai_perf(
     # empty profile export yet exits 0, so genai-perf fails to parse it (6 runs in 140 here). Asked for, the
     # output is present (0 empty exports in 80 runs).
     extras = {"ignore_eos": "true", "temperature": "0.0", "return_cumulative_logprob": "true"}
+    if model == ENSEMBLE_MODEL:
+        # NOTE: the ensemble declares TensorRT-LLM's tensors only: min_length (= max_tokens) fixes the length
+        # instead of ignore_eos, and return_log_probs makes its FP32 outputs present (the NOTE above).
+        extras = {"temperature": "0.0", "return_log_probs": "true"}
     for key, value in {**extras, **(extra_inputs or {})}.items():
         command += ["--extra-inputs", f"{key}:{value}"]
     # NOTE: COLUMNS widens genai-perf's (rich) table, which otherwise wraps at 80 columns off a terminal.
