@@ -13,6 +13,8 @@ STAMP := $(VENV)/.installed
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# The OpenAI-compatible gateway (docs/gateway.md) that `make serve` starts beside Triton; API keys: INFLIGHT_API_KEY.
+GATEWAY_PORT ?= 9000
 # MODEL=<HF checkpoint folder> serves another checkpoint instead of the default one; SERVE_ARGS adds config
 # parameters, e.g. SERVE_ARGS="--param quantization=fp8 --param kv_cache_dtype=fp8" (docs/fp8.md).
 MODEL ?=
@@ -40,11 +42,13 @@ $(MODEL_DIR)/config.json: | $(STAMP)
 
 serve: setup model
 	$(PY) -m inflight.tools.server --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-		--metrics-port $(METRICS_PORT) $(if $(MODEL),--model "$(MODEL)") $(SERVE_ARGS)
+		--metrics-port $(METRICS_PORT) --gateway-port $(GATEWAY_PORT) $(if $(MODEL),--model "$(MODEL)") $(SERVE_ARGS)
 
-# Throughput and latency through the real server: perf_analyzer, then genai-perf (vllm and tensorrtllm modes).
+# Throughput and latency through the real server: perf_analyzer, then genai-perf (vllm and tensorrtllm modes
+# against `llm`, tensorrtllm mode against TensorRT-LLM's `ensemble`), then genai-perf's OpenAI mode against the gateway.
 perf: setup model
-	$(PY) -m benchmarks.perf --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) $(if $(MODEL),--model "$(MODEL)") $(PERF_ARGS)
+	$(PY) -m benchmarks.perf --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --gateway-port $(GATEWAY_PORT) \
+		$(if $(MODEL),--model "$(MODEL)") $(PERF_ARGS)
 
 # The benchmark set (benchmarks/bench.py), sized for the device: offline throughput with its HF peers and
 # serving through Triton vs engine-direct; JSON + PNG in benchmarks/results/, then the README table.

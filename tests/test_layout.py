@@ -23,7 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # The folders that must stay namespace portions: their names are (or may be) installed packages' too.
 NAMESPACE_PORTIONS = ("backend", "kernels")
-SUBPACKAGES = ("backend", "batching", "kernels", "client")
+SUBPACKAGES = ("backend", "batching", "kernels", "client", "gateway")
 
 PROBE = """
 import json, sys

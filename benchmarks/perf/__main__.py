@@ -2,7 +2,9 @@
 
 Uses the server on localhost:$HTTP_PORT/$GRPC_PORT when one is ready there; otherwise starts one (free
 ports) for the run and stops it after. Prints perf_analyzer's table, then genai-perf's in its vllm and
-tensorrtllm modes, and fails if genai-perf saw an output length other than the one it asked for.
+tensorrtllm modes against `llm` and in its tensorrtllm mode against `ensemble` (TensorRT-LLM's model), and
+fails if genai-perf saw an output length other than the one it asked for. Last, genai-perf's OpenAI mode
+against the gateway (`openai_mode.py`: the one on $GATEWAY_PORT, else one started for the run).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from pathlib import Path
 
 from inflight.tools.server import REPO_ROOT, is_ready
 
+from .openai_mode import profile_gateway
 from .tools import (
+    ENSEMBLE_MODEL,
     output_length_matches,
     run_genai_perf,
     run_perf_analyzer,
@@ -50,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=8, help="genai-perf requests per mode")
     parser.add_argument("--genai-concurrency", type=int, default=4)
     parser.add_argument("--skip-genai-perf", action="store_true")
+    parser.add_argument("--gateway-port", type=int, default=int(env.get("GATEWAY_PORT", 9000)),
+                        help="the OpenAI gateway to profile, if one answers there (else one is started)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "artifacts" / "perf")
     return parser
 
@@ -78,26 +84,29 @@ def main(argv: list[str] | None = None) -> int:
         print(done.stdout, done.stderr, sep="\n", flush=True)
         if done.returncode != 0:
             failures.append(f"perf_analyzer exited with {done.returncode}")
-        for backend in [] if args.skip_genai_perf else ["vllm", "tensorrtllm"]:
-            _banner(f"genai-perf --backend {backend} --streaming, {args.requests} requests")
+        runs = [("vllm", "llm"), ("tensorrtllm", "llm"), ("tensorrtllm", ENSEMBLE_MODEL)]
+        for backend, model in [] if args.skip_genai_perf else runs:
+            name = backend if model == "llm" else f"{backend}-{model}"
+            _banner(f"genai-perf -m {model} --backend {backend} --streaming, {args.requests} requests")
             done, stats = run_genai_perf(
-                backend, grpc_url, args.model, out / f"genai-perf-{backend}", output_tokens=args.max_tokens,
-                request_count=args.requests, concurrency=args.genai_concurrency,
+                backend, grpc_url, args.model, out / f"genai-perf-{name}", output_tokens=args.max_tokens,
+                request_count=args.requests, concurrency=args.genai_concurrency, model=model,
             )  # fmt: skip
             table_at = done.stdout.rfind("\n", 0, max(0, done.stdout.find("NVIDIA GenAI-Perf")))
             print(done.stdout[table_at + 1 :] if done.stdout else done.stderr, flush=True)
             if done.returncode != 0:
-                failures.append(
-                    f"genai-perf ({backend}) exited with {done.returncode}: {done.stderr[-2000:]}"
-                )
+                failures.append(f"genai-perf ({name}) exited with {done.returncode}: {done.stderr[-2000:]}")
             elif not output_length_matches(stats, args.max_tokens):
-                sent = tokens_sent(out / f"genai-perf-{backend}")
+                sent = tokens_sent(out / f"genai-perf-{name}")
                 failures.append(
-                    f"genai-perf ({backend}) output length {stats.get('output_sequence_length')}; "
+                    f"genai-perf ({name}) output length {stats.get('output_sequence_length')}; "
                     f"tokens the server sent per request: {sent}"
                 )
             else:
                 print(f"output sequence length == {args.max_tokens} for every request: OK")
+        if not args.skip_genai_perf:  # genai-perf's OpenAI mode against the gateway (openai_mode.py)
+            failures += profile_gateway(grpc_url, args.gateway_port, args.model, out, work, args.max_tokens,
+                                        args.requests, args.genai_concurrency)  # fmt: skip
     finally:
         if server is not None:
             server.stop()

@@ -377,7 +377,30 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        end_orphaned_stubs(self.process.pid)
         return self.process.returncode
+
+
+def end_orphaned_stubs(pgid: int) -> list[int]:
+    """Kill what is left of an exited tritonserver's process group (its session) and unlink their shared memory.
+
+    NOTE: tritonserver 2.51 exiting at its --exit-timeout-secs while requests still run leaves the model's
+    Python-backend stub behind, orphaned, for good (seen under the gateway's restart scenario).
+    """
+    ended = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            args = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            os.kill(int(stat.parent.name), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+        ended.append(int(stat.parent.name))
+        for arg in args:
+            if arg.startswith(b"triton_python_backend_shm_region"):
+                Path("/dev/shm", arg.decode(errors="replace")).unlink(missing_ok=True)
+    return ended
 
     def __enter__(self) -> TritonServer:
         return self
@@ -397,8 +420,24 @@ def _usage(server: TritonServer, model: str) -> str:
         f"  curl -s -X POST {http}/generate -d '{json.dumps(generate)}'\n"
         f"  curl -N -X POST {http}/generate_stream -d '{json.dumps(stream)}'\n"
         f'  python -m inflight.client "Name three colors." --chat --stream --url {server.url_grpc}\n'
+        f"  TensorRT-LLM's Triton clients: model `ensemble` at {server.url_grpc} (docs/trtllm_clients.md)\n"
         "Ctrl-C stops the server.\n"
     )
+
+
+def start_gateway(server: TritonServer, port: int) -> subprocess.Popen:
+    """`python -m inflight.gateway` in front of `server` on `port` (API keys from $INFLIGHT_API_KEY)."""
+    command = [sys.executable, "-m", "inflight.gateway", "--triton-url", server.url_grpc, "--port", str(port)]
+    # NOTE: its own session, as Triton's: Ctrl-C reaches only this launcher, which stops both in order.
+    gateway = subprocess.Popen(command, start_new_session=True)
+    base = f"http://localhost:{port}"
+    print(
+        f"OpenAI API: {base}/v1 (docs/gateway.md)\n"
+        f"  curl {base}/v1/chat/completions -H 'Content-Type: application/json' "
+        '-d \'{"model": "llm", "messages": [{"role": "user", "content": "Hi!"}], "max_tokens": 32}\'',
+        flush=True,
+    )
+    return gateway
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
@@ -422,6 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, default=int(env.get("METRICS_PORT", 8002)))
     parser.add_argument("--log-verbose", type=int, default=0)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--gateway-port", type=int, default=None,
+        help="also start the OpenAI-compatible gateway (python -m inflight.gateway) on this port; stopped with Triton",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     parameters = dict(p.split("=", 1) for p in args.param if "=" in p)
     if len(parameters) != len(args.param):
@@ -439,12 +482,17 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         # A model whose stub process dies is unloaded (not ready) until a load request restores it.
         server.watch_stubs(args.model_name)
+        if (repo / "ensemble").is_dir() and args.model_name != "ensemble":
+            server.watch_stubs("ensemble")
         # NOTE: SIGINT too: a shell starts background jobs with SIGINT ignored, which Python then keeps.
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _raise_interrupt)
+        gateway: subprocess.Popen | None = None
         try:
             server.wait_ready(args.ready_timeout)
             print(_usage(server, args.model_name), flush=True)
+            if args.gateway_port is not None:
+                gateway = start_gateway(server, args.gateway_port)
             return server.process.wait()
         except KeyboardInterrupt:
             return server.stop()
@@ -452,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             server.stop()
             return 1
+        finally:
+            if gateway is not None and gateway.poll() is None:
+                gateway.terminate()
+                gateway.wait(15)
 
 
 if __name__ == "__main__":
