@@ -112,6 +112,7 @@ quality-carry: model $(GENSIM_WHEEL)
 gpu-carry: model
 	mkdir -p .gpu/tok
 	cp $(MODEL_DIR)/tokenizer.json $(MODEL_DIR)/tokenizer_config.json $(MODEL_DIR)/chat_template.jinja .gpu/tok/
+	$(PIP) download -q "llguidance==1.9.1" --no-deps -d .gpu/tok
 
 lint: setup
 	$(VENV)/bin/ruff check .

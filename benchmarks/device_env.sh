@@ -8,4 +8,6 @@ if ! echo "$(pwd)" 2>/dev/null > "$_site/inflight_checkout.pth"; then
   export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
+# The engine's structured-output library (a base dependency) from the wheel `make gpu-carry` puts in .gpu/tok.
+python3 -c 'import llguidance' 2>/dev/null || python3 -m pip install -q --no-deps --no-index .gpu/tok/llguidance-*.whl
 python3 -c 'import inflight.backend.engine.engine, torch, triton; print("device_env:", torch.__version__, triton.__version__, torch.cuda.get_device_name())'
