@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from inflight.backend.engine.args import EngineArgs
 from inflight.backend.engine.detokenizer import IncrementalDetokenizer
-from inflight.backend.engine.finish import check_stop
-from inflight.backend.engine.guided import GuidedDecoding, GuidedMatcher
+from inflight.backend.engine.guided import GuidedDecoding
 from inflight.backend.engine.outputs import RequestOutput, TokenLogprob
 from inflight.backend.engine.overlap import StepOverlap
 from inflight.backend.engine.prompt_logprobs import PromptLogprobsState
 from inflight.backend.engine.prompts import Prompt, PromptProcessor
 from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.engine.sequence_state import SequenceState
 from inflight.backend.engine.sequences import RequestSequences, sequence_id, sequence_params
 from inflight.backend.executor.executor import (
     EngineDeadError,
@@ -55,24 +54,6 @@ _FINISH_STATUS = {
     "abort": RequestStatus.FINISHED_ABORTED,
     "error": RequestStatus.FINISHED_ERROR,
 }
-
-
-@dataclass
-class _RequestState:
-    """The engine's side of one sequence of a request (the scheduler keeps the token bookkeeping,
-    ``max_output_tokens`` included, in ``request``). With n == 1 the sequence is the request: same id."""
-
-    request: Request
-    params: SamplingParams
-    detokenizer: IncrementalDetokenizer
-    stop_token_ids: frozenset[int]
-    parent_id: str  # the caller's request id
-    index: int = 0  # the sequence's index in its request
-    sequences: RequestSequences | None = None  # its request's sequences when n > 1
-    bad_words_token_ids: list[list[int]] = field(default_factory=list)
-    cumulative_logprob: float = 0.0
-    prompt_logprobs: PromptLogprobsState | None = None  # when asked (see prompt_logprobs.py)
-    guided: GuidedMatcher | None = None  # structured output: this sequence's grammar state (guided.py)
 
 
 class LLMEngine:
@@ -108,7 +89,7 @@ class LLMEngine:
         self.eos_token_ids = self.executor.eos_token_ids
         self.guided = GuidedDecoding(self.tokenizer, cfg.vocab_size, self.eos_token_ids)
         self._guided_ids: set[str] = set()  # sequences with a grammar
-        self._requests: dict[str, _RequestState] = {}  # by sequence id (the request id when n == 1)
+        self._requests: dict[str, SequenceState] = {}  # by sequence id (the request id when n == 1)
         self._sequences: dict[str, RequestSequences] = {}  # requests with n > 1, by request id
         self._pending: list[RequestOutput] = []  # finals of aborted requests, returned by the next step
         self._overlap = StepOverlap(args.async_scheduling, args.async_scheduling_min_batch)
@@ -170,7 +151,7 @@ class LLMEngine:
         request = Request(request_id, prompt_ids, self.args.block_size, arrival_index=self._arrivals,
                           max_output_tokens=params.max_tokens, skip_prefix_cache=want_prompt,
                           prompt_group=group)  # fmt: skip
-        state = _RequestState(
+        state = SequenceState(
             request=request,
             params=params,
             detokenizer=IncrementalDetokenizer(
@@ -237,10 +218,10 @@ class LLMEngine:
             state = self._requests.get(seq_id)
             if state is not None:
                 finished = self._end(state, finish_reason)
-                outputs.append(self._output(state, [], [], finish_reason, None, finished, error))
+                outputs.append(state.output([], [], finish_reason, None, finished, error))
         return outputs
 
-    def _end(self, state: _RequestState, finish_reason: str) -> bool:
+    def _end(self, state: SequenceState, finish_reason: str) -> bool:
         """Finish one sequence and free its blocks; True when it was its request's last."""
         request_id = state.request.request_id
         self._forget(request_id)
@@ -254,7 +235,7 @@ class LLMEngine:
         del self._sequences[state.parent_id]
         return True
 
-    def _forget(self, request_id: str) -> _RequestState | None:
+    def _forget(self, request_id: str) -> SequenceState | None:
         self._history_ids.discard(request_id)
         self._prompt_logprob_ids.discard(request_id)
         self._guided_ids.discard(request_id)
@@ -362,7 +343,7 @@ class LLMEngine:
             return None
 
     @staticmethod
-    def _sampling_rows(states: list[_RequestState]) -> SamplingRows:
+    def _sampling_rows(states: list[SequenceState]) -> SamplingRows:
         return SamplingRows(
             params=[s.params for s in states],
             prompt_token_ids=[s.request.prompt_token_ids for s in states],
@@ -405,64 +386,10 @@ class LLMEngine:
         return outputs
 
     def _process_token(
-        self, state: _RequestState, token_id: int, logprob: TokenLogprob | None
+        self, state: SequenceState, token_id: int, logprob: TokenLogprob | None
     ) -> RequestOutput:
-        request = state.request
-        if logprob is not None:
-            state.cumulative_logprob += logprob.logprob
-        stop_string = state.detokenizer.add_token(token_id)
-        finish = check_stop(
-            token_id,
-            stop_string,
-            len(request.output_token_ids),
-            state.stop_token_ids,
-            request.max_output_tokens,
-        )
-        finish_reason, stop_reason = finish or (None, None)
-        guided = state.guided
-        if guided is not None and finish_reason is None:
-            # NOTE: a grammar that is complete ends the sequence ("stop"); the token was accepted early when
-            # the next step's mask needed it (then this skips it).
-            index = len(request.output_token_ids) - 1
-            finish_reason, stop_reason = guided.finish(index, token_id) or (None, None)
+        finish_reason, stop_reason = state.take_token(token_id, logprob)
         finished = finish_reason is not None and self._end(state, finish_reason)
-        return self._output(
-            state,
-            [token_id],
-            [logprob] if logprob else [],
-            finish_reason,
-            stop_reason,
-            finished,
-            guided.error if guided is not None else None,  # a token the grammar refused: a bug, said
-        )
-
-    def _output(
-        self,
-        state: _RequestState,
-        token_ids: list[int],
-        logprobs: list[TokenLogprob],
-        finish_reason: str | None,
-        stop_reason: str | int | None,
-        finished: bool,
-        error: str | None = None,
-    ) -> RequestOutput:
-        """One sequence's delta; ``finished``: the request's last (its other sequences finished)."""
-        request = state.request
-        with_logprobs = state.params.logprobs is not None
-        prompt = state.prompt_logprobs
-        # NOTE: positional: keyword arguments made this 3x slower (1 us an output, 1,024 of them a step).
-        return RequestOutput(
-            state.parent_id,
-            token_ids,
-            state.detokenizer.get_delta(finish_reason is not None),
-            finished,
-            finish_reason,
-            len(request.prompt_token_ids),
-            len(request.output_token_ids),
-            state.cumulative_logprob if with_logprobs else None,
-            logprobs if with_logprobs else None,
-            stop_reason,
-            error,
-            prompt.take() if prompt is not None and token_ids else None,  # once, on the first token's delta
-            state.index,
-        )
+        guided = state.guided  # a token the grammar refused: a bug, said
+        return state.output([token_id], [logprob] if logprob else [], finish_reason, stop_reason, finished,
+                            guided.error if guided is not None else None)  # fmt: skip
