@@ -211,10 +211,13 @@ def row_launch(block: int) -> int:
 
 
 # Rows wider than this are quantized in chunks of QUANT_CHUNK columns by QUANT_CHUNK_WARPS warps
-# (quantize_row's CHUNKED; measured on an H100 by benchmarks/kernels/bench_fp8_gemm.py's quantization part).
+# (quantize_row's CHUNKED). Measured on an H100 (bench_fp8_gemm.py --quant-sweep, 2026-12-07; results in
+# benchmarks/results/fp8-quant-sweep-h100.json): at 14,336 columns chunks of 4096 by 16 warps were the fastest
+# layout for both kernels from 1,024 rows (quantize_per_token 16,384 rows: 309 us against 461 in one block;
+# silu_and_mul_quant 580 against 610); at 4096 columns one block was as fast or faster.
 QUANT_CHUNKED_ABOVE = 4096
-QUANT_CHUNK = 2048
-QUANT_CHUNK_WARPS = 8
+QUANT_CHUNK = 4096
+QUANT_CHUNK_WARPS = 16
 
 
 def quant_row_launch(n_cols: int) -> tuple[int, int, bool]:

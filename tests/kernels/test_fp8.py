@@ -220,6 +220,11 @@ def test_fp8_gemm_matches_reference(device, dtype, m, n, k, extra) -> None:
     # with the addend 1 bf16 ulp of the addend where the two cancel; so the bound is relative to the
     # largest output, not to each element (a wrong scale or operand is off by the whole product).
     tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 1.6e-2}[dtype]
+    if dtype == torch.float32 and y.is_cuda:
+        # NOTE: Hopper's FP8 tensor cores accumulate with fewer bits than fp32 (about 14, DeepSeek-V3's
+        # report): on an H100 (2026-12-07) fp32 outputs missed 1e-5 of the largest output in 11 of 15
+        # _scaled_mm cases. 5e-4 is an estimate from that precision, not yet re-run on a GPU.
+        tol = 5e-4
     torch.testing.assert_close(
         y.cpu().float(), ref.float(), rtol=0, atol=tol * ref.float().abs().max().item()
     )
