@@ -63,9 +63,13 @@ class LinearMethod(ABC):
         normed, new_residual = ops.rms_norm(x, norm_weight, eps, residual)
         return self.apply(layer, normed, bias), (x if residual is None else new_residual)
 
-    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """``silu(x[:, :d]) * x[:, d:] @ W.T + bias``. This default runs the two steps; a format may fuse them."""
-        return self.apply(layer, ops.silu_and_mul(x), bias)
+    def apply_silu_mul(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, addend: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``silu(x[:, :d]) * x[:, d:] @ W.T + bias``, or ``+ addend`` written over it (as ``apply_add``; then
+        no bias). This default runs the two steps; a format may fuse them."""
+        act = ops.silu_and_mul(x)
+        return self.apply(layer, act, bias) if addend is None else self.apply_add(layer, act, addend)
 
 
 class UnquantizedLinearMethod(LinearMethod):
@@ -292,9 +296,11 @@ class RowParallelLinear(LinearBase):
         # NOTE: the bias is added once, after the reduction, not once per rank.
         return y + self.bias if self.bias is not None else y
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """``self(silu(x[:, :d]) * x[:, d:])`` over this rank's gate | up columns (may run fused)."""
-        y = self.parallel.all_reduce(self.linear_method.apply_silu_mul(self, x, None))
+    def forward_silu_mul(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``self(silu(x[:, :d]) * x[:, d:], residual)`` over this rank's gate | up columns (a weight format may
+        fuse the activation into its input quantization: FP8's ``silu_and_mul_quant``)."""
+        on_rank0 = residual if self.parallel.tp_rank == 0 else None  # joins the sum once, as in forward
+        y = self.parallel.all_reduce(self.linear_method.apply_silu_mul(self, x, None, on_rank0))
         return y + self.bias if self.bias is not None else y
 
 

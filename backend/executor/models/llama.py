@@ -152,7 +152,7 @@ class LlamaDecoderLayer(nn.Module):
         hidden = attn.attend(positions, qkv, meta, hidden, rows)
         mlp = self.mlp
         gate_up, _ = mlp.gate_up_proj.forward_rmsnorm(hidden, None, self.post_attention_layernorm)
-        return mlp.down_proj(mlp.act(gate_up), hidden)
+        return mlp.down_proj.forward_silu_mul(gate_up, hidden)  # FP8: silu_and_mul_quant feeds the GEMM
 
 
 class LlamaModel(nn.Module):

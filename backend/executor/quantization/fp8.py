@@ -121,6 +121,6 @@ class Fp8LinearMethod(LinearMethod):
             y = self._matmul(layer, q, scale, bias)
         return y, (x if residual is None else new_residual)
 
-    def apply_silu_mul(self, layer, x, bias):  # noqa: D102 (see LinearMethod)
+    def apply_silu_mul(self, layer, x, bias, addend=None):  # noqa: D102 (see LinearMethod)
         quantize = activation.silu_and_mul_quant if x.is_cuda else activation.silu_and_mul_quant_reference
-        return self._matmul(layer, *quantize(x, self._static(layer)), bias)
+        return self._matmul(layer, *quantize(x, self._static(layer)), bias, addend)
