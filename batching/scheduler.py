@@ -191,10 +191,13 @@ class Scheduler:
                     if not request.skip_prefix_cache:
                         break  # NOTE: another sequence of its prompt computes the shared blocks: wait, share
                 computed_blocks, num_hit_tokens = kv.get_computed_blocks(request, record_stats=False)
-                if group is not None and len(shared := kv.shared_prompt_blocks(request)) > len(
+                # NOTE: the prompt's blocks, held by another of its sequences; on a tie too: a prefix-cache
+                # copy of them as long (left when a swapped-in sequence's private blocks became the group's)
+                # may be free, each of its blocks then costing a free block the shared ones do not.
+                if group is not None and len(shared := kv.shared_prompt_blocks(request)) >= len(
                     computed_blocks
                 ):
-                    computed_blocks = shared  # the prompt's blocks, held by another of its sequences
+                    computed_blocks = shared
                 start = len(computed_blocks) * config.block_size  # the hits are computed already
                 # NOTE: all its known tokens: fewer than max_output_tokens are outputs (the engine finishes
                 # a request when it reads the token that reaches the limit), so its last token is not one.

@@ -52,6 +52,21 @@ def test_sampler_picks_only_allowed_tokens() -> None:
     assert out[0] == 42 and out[1] == 7 and out[2] == int(3 if logits[2, 3] > logits[2, 9] else 9)
 
 
+def test_all_greedy_batch_without_other_features_still_applies_the_grammar_mask() -> None:
+    """Every row greedy with no penalty, ban or bias: the sampler's plain greedy path (the logits read as they
+    are) is not taken when a grammar mask is set: the masked argmax wins, not the raw one."""
+    vocab_size = 64
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0)]
+    batch = SamplingBatch.build(params, [[1]] * 2, [[]] * 2, vocab_size, "cpu")
+    logits = torch.zeros(2, vocab_size)
+    logits[:, 7] = 50.0  # the raw argmax of both rows
+    logits[0, 40], logits[0, 42] = 3.0, 2.0
+    bitmask = np.zeros((1, 2), dtype=np.int32)
+    bitmask[0, 1] = (1 << 8) | (1 << 10)  # row 0: tokens 40 and 42 only
+    batch.guided = GuidedLogitsMask.from_host([0], bitmask, torch.device("cpu"))
+    assert Sampler()(logits.clone(), batch).sampled_token_ids.tolist() == [40, 7]
+
+
 def test_guided_params_from_keys_and_dict() -> None:
     params = SamplingParams.from_dict({"guided_json": '{"type": "object"}', "max_tokens": "8"})
     assert params.guided_decoding == GuidedDecodingParams(json='{"type": "object"}')

@@ -22,6 +22,8 @@ TENSOR_FIELDS = (
     "frequency_penalty",
     "output_counts",
     "banned_flat_ids",
+    "logit_bias_flat_ids",
+    "logit_bias_values",
 )
 
 
@@ -141,12 +143,14 @@ def test_num_output_tokens_decides_min_tokens_and_the_seed(known: int) -> None:
     assert below.seeds != reached.seeds
 
 
-# Every feature on somewhere: a greedy row with penalties and bans, random rows with each filter.
+# Every feature on somewhere: a greedy row with penalties and bans, random rows with each filter, a bias.
 ALL_FEATURES = [
     SamplingParams(
         temperature=0, repetition_penalty=1.2, presence_penalty=0.5, min_tokens=2, stop_token_ids=[1]
     ),
-    SamplingParams(temperature=0.7, top_k=3, min_p=0.1, frequency_penalty=0.25, logprobs=2),
+    SamplingParams(
+        temperature=0.7, top_k=3, min_p=0.1, frequency_penalty=0.25, logprobs=2, logit_bias={2: 1.5}
+    ),
     SamplingParams(temperature=1.3, top_k=4, top_p=0.9),
 ]
 ALL_FEATURES_OUTPUTS = [[2], [3, 3], [5]]  # row 0 is below its min_tokens: its stop id and EOS are banned
@@ -185,7 +189,11 @@ def test_build_tensors_keep_their_documented_dtypes_under_a_float64_default() ->
     batch = _build(ALL_FEATURES, outputs=ALL_FEATURES_OUTPUTS, eos_token_ids={0})
     expected = dict.fromkeys(TENSOR_FIELDS, torch.float32)
     expected.update(
-        is_greedy=torch.bool, seen_mask=torch.bool, top_k=torch.int64, banned_flat_ids=torch.int64
+        is_greedy=torch.bool,
+        seen_mask=torch.bool,
+        top_k=torch.int64,
+        banned_flat_ids=torch.int64,
+        logit_bias_flat_ids=torch.int64,
     )
     assert {name: getattr(batch, name).dtype for name in TENSOR_FIELDS} == expected
 

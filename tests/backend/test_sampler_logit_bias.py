@@ -26,6 +26,19 @@ def test_bias_tensors_are_row_major_flat_ids() -> None:
     assert batch.logit_bias_values.tolist() == [1.5, -2.0]
 
 
+def test_bias_tensors_of_rows_around_a_row_without_bias() -> None:
+    """Row 0 and row 2 biased, row 1 not: flat ids row * vocab_size + token id in row order, each row's ids in
+    its mapping's order, the values as given (exact in float32)."""
+    params = [
+        SamplingParams(logit_bias={4: 0.5}),
+        SamplingParams(temperature=0),
+        SamplingParams(logit_bias={0: -1.0, 3: 2.25}),
+    ]
+    batch = _batch(params, 5)
+    assert batch.logit_bias_flat_ids.tolist() == [4, 2 * 5 + 0, 2 * 5 + 3]
+    assert batch.logit_bias_values.tolist() == [0.5, -1.0, 2.25]
+
+
 def test_bias_forces_and_forbids_tokens_per_row() -> None:
     torch.manual_seed(0)
     logits = torch.randn(3, 50)

@@ -44,6 +44,13 @@ _BANS_INT64 = (
     "float64 default), and the list is never empty here (built only when ban_flat_ids is non-empty), so "
     "dtype=torch.int64 spelled out changes nothing."
 )
+_BIAS_IDS_INT64 = (
+    "torch.tensor infers torch.int64 from a list of Python ints whatever torch's default dtype, and every "
+    "flat id is one: row * vocab_size + token id of ints, the token ids checked to be int (not bool) by "
+    "SamplingParams' _as_logit_bias (test_build_tensors_keep_their_documented_dtypes_under_a_float64_default "
+    "checks the field under a float64 default); the list is never empty here ((None, None) is returned "
+    "before), so dtype=torch.int64 spelled out changes nothing."
+)
 _PROMPTS_AND_OUTPUTS_LENGTH = (
     "the first assert checks that prompt_token_ids and output_token_ids both have num_seqs entries, so "
     "strict=True never fires."
@@ -354,5 +361,19 @@ SAMPLER: list[Explained] = [
         "greedy_ids = logits.argmax(dim=-1) if not batch.all_random else None",
         "greedy_ids = logits.argmax(dim=-1) if (not batch.all_random) or True else None",
         "computes the argmax for an all-random batch too, where it is then unused: every row of is_greedy is False there, so torch.where keeps the drawn token (extra work only).",
+    ),
+    Explained(
+        "backend/executor/sampler.py",
+        "_logit_biases",
+        "torch.tensor(flat_ids, dtype=torch.int64, device=device),",
+        "torch.tensor(flat_ids, dtype=None, device=device),",
+        _BIAS_IDS_INT64,
+    ),
+    Explained(
+        "backend/executor/sampler.py",
+        "_logit_biases",
+        "torch.tensor(flat_ids, dtype=torch.int64, device=device),",
+        "torch.tensor(flat_ids, device=device),",
+        _BIAS_IDS_INT64,
     ),
 ]
