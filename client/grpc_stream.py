@@ -27,6 +27,16 @@ _NUMPY_TYPES = {
 }
 
 
+def response_outputs(result: grpcclient.InferResult) -> tuple[dict[str, list[Any] | None], bool]:
+    """A streamed response's output tensors as flat lists (by name), and whether it is the request's FINAL."""
+    response = result.get_response()
+    outputs = {}
+    for output in response.outputs:
+        array = result.as_numpy(output.name)
+        outputs[output.name] = array.reshape(-1).tolist() if array is not None else None
+    return outputs, response.parameters["triton_final_response"].bool_param
+
+
 def to_infer_input(spec: RequestInput) -> grpcclient.InferInput:
     """A tritonclient InferInput (scalars as shape [1]; strings as UTF-8 bytes)."""
     values = [v.encode() if isinstance(v, str) else v for v in spec.values]
@@ -110,12 +120,7 @@ class GrpcTokenStream(TokenStream):
             raise ModelUnavailableError(error.message())
         if error is not None:
             raise InflightError.from_grpc(error.message(), error.status())
-        response = result.get_response()
-        final = response.parameters["triton_final_response"].bool_param
-        outputs = {}
-        for output in response.outputs:
-            array = result.as_numpy(output.name)
-            outputs[output.name] = array.reshape(-1).tolist() if array is not None else None
+        outputs, final = response_outputs(result)
         return delta_from_outputs(outputs, finished=final)
 
     def _shutdown(self, cancel: bool) -> None:

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from . import tool_calls
 from .common import SSE_DONE, Context, Usage, finish_reason, new_id, now, sse, sse_response
 from .errors import invalid
-from .generation import Generation, SequenceUpdate, TritonRequest
+from .generation import Generation, SequenceUpdate, TritonRequest, start_generation, with_first
 from .logprobs import TokenText, chat_logprobs
 from .request_mapping import check_max_tokens, extra_inputs, plan_requests, require_input, sampling_options
 from .schemas import ChatCompletionRequest, ChatMessage
@@ -188,29 +188,13 @@ async def create(ctx: Context, req: ChatCompletionRequest, arrival: float) -> Re
     generation = Generation(
         ctx.backend, model, plan.requests, plan.max_tokens, plan.max_tokens_param, plan.renames
     )
-    generation.start()
-    updates = generation.updates()
-    try:
-        first = await anext(updates, None)  # NOTE: an error before any output is still an HTTP status
-    except BaseException:
-        await generation.close()
-        raise
+    first, updates = await start_generation(generation)
     if first is not None:
         ctx.metrics.ttft.labels("/v1/chat/completions").observe(time.monotonic() - arrival)
     text_of = TokenText(model.tokenizer)
     if req.stream:
         return sse_response(ctx, _stream(req, plan, text_of, first, updates))
     return JSONResponse(await _collect(req, plan, text_of, first, updates))
-
-
-async def _all(
-    first: SequenceUpdate | None, updates: AsyncIterator[SequenceUpdate]
-) -> AsyncIterator[SequenceUpdate]:
-    if first is None:
-        return
-    yield first
-    async for update in updates:
-        yield update
 
 
 async def _collect(
@@ -221,7 +205,7 @@ async def _collect(
     reasons: dict[int, str | None] = {}
     usage = Usage()
     async with aclosing(updates):
-        async for update in _all(first, updates):
+        async for update in with_first(first, updates):
             choice = choices[update.choice]
             choice.text += update.text
             choice.entries += update.logprobs or []
@@ -282,7 +266,7 @@ async def _stream(
         return chunk(choice.index, delta, choice.unsent_logprobs(plan, text_of), reason)
 
     async with aclosing(updates):
-        async for update in _all(first, updates):
+        async for update in with_first(first, updates):
             choice = choices[update.choice]
             usage.add(update.prompt_index, update.num_input_tokens, update.num_output_tokens)
             if not choice.role_sent:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from .common import SSE_DONE, Context, Usage, finish_reason, new_id, now, sse, sse_response
 from .errors import invalid
-from .generation import Generation, SequenceUpdate, TritonRequest
+from .generation import Generation, SequenceUpdate, TritonRequest, start_generation, with_first
 from .logprobs import CompletionLogprobs, TokenText, first_prompt_token_text
 from .request_mapping import check_max_tokens, extra_inputs, plan_requests, sampling_options
 from .schemas import CompletionRequest
@@ -108,13 +108,7 @@ async def create(ctx: Context, req: CompletionRequest, arrival: float) -> Respon
     model = await ctx.model(req.model)
     requests, texts = plan_completion(model, req)
     generation = Generation(ctx.backend, model, requests, req.max_tokens, "max_tokens")
-    generation.start()
-    updates = generation.updates()
-    try:
-        first = await anext(updates, None)  # NOTE: an error before any output is still an HTTP status
-    except BaseException:
-        await generation.close()
-        raise
+    first, updates = await start_generation(generation)
     if first is not None:
         ctx.metrics.ttft.labels("/v1/completions").observe(time.monotonic() - arrival)
     state = _State(req, texts, TokenText(model.tokenizer))
@@ -123,22 +117,12 @@ async def create(ctx: Context, req: CompletionRequest, arrival: float) -> Respon
     return JSONResponse(await _collect(state, first, updates))
 
 
-async def _all(
-    first: SequenceUpdate | None, updates: AsyncIterator[SequenceUpdate]
-) -> AsyncIterator[SequenceUpdate]:
-    if first is None:
-        return
-    yield first
-    async for update in updates:
-        yield update
-
-
 async def _collect(
     state: _State, first: SequenceUpdate | None, updates: AsyncIterator[SequenceUpdate]
 ) -> dict[str, Any]:
     reasons: dict[int, str | None] = {}
     async with aclosing(updates):
-        async for update in _all(first, updates):
+        async for update in with_first(first, updates):
             state.add(update)
             if update.finish_reason is not None:
                 reasons[update.choice] = update.finish_reason
@@ -180,7 +164,7 @@ async def _stream(
         )
 
     async with aclosing(updates):
-        async for update in _all(first, updates):
+        async for update in with_first(first, updates):
             choice, text, logprobs = state.add(update)
             reason = None
             if update.finish_reason is not None:

@@ -45,6 +45,33 @@ class SequenceUpdate:
     num_output_tokens: int
 
 
+async def start_generation(
+    generation: Generation,
+) -> tuple[SequenceUpdate | None, AsyncIterator[SequenceUpdate]]:
+    """Start ``generation`` and await its first update (None: it ended without one), then the rest.
+
+    NOTE: an error before any output raises here, so it is still an HTTP status (the generation closed)."""
+    generation.start()
+    updates = generation.updates()
+    try:
+        first = await anext(updates, None)
+    except BaseException:
+        await generation.close()
+        raise
+    return first, updates
+
+
+async def with_first(
+    first: SequenceUpdate | None, updates: AsyncIterator[SequenceUpdate]
+) -> AsyncIterator[SequenceUpdate]:
+    """``first`` (the update already awaited to learn the prompt's length, if any), then the rest."""
+    if first is None:
+        return
+    yield first
+    async for update in updates:
+        yield update
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 

@@ -25,6 +25,8 @@ import tritonclient.grpc.aio as grpc_aio
 from tritonclient.grpc import InferInput
 from tritonclient.utils import InferenceServerException
 
+from inflight.client.grpc_stream import response_outputs
+
 from .errors import OpenAIError, from_triton
 
 # The inputs that make a model one of ours (the llm model's contract); others (`ensemble`) are not served here.
@@ -237,12 +239,7 @@ class TritonBackend:
                 if error is not None:
                     finished = True
                     raise TritonCallError(error.message(), _status(error))
-                response = result.get_response()
-                final = response.parameters["triton_final_response"].bool_param
-                outputs = {}
-                for output in response.outputs:
-                    array = result.as_numpy(output.name)
-                    outputs[output.name] = array.reshape(-1).tolist() if array is not None else None
+                outputs, final = response_outputs(result)
                 finished = final
                 yield outputs, final
                 if final:

@@ -64,12 +64,12 @@ def parse_request(get: GetInput) -> GenerateRequest:
     for name in LIST_INPUTS:
         value = get(name)
         if value is not None:
-            options[name] = [_decode(name, v) for v in np.asarray(value).reshape(-1)]
+            options[name] = [decode_string(name, v) for v in np.asarray(value).reshape(-1)]
     if (raw := get("logit_bias")) is not None:
         options["logit_bias"] = _json("logit_bias", raw, dict, "object of token id -> bias")
     for name in GUIDED_INPUTS:
         if (value := get(name)) is not None:
-            items = [_decode(name, v) for v in np.asarray(value).reshape(-1)]
+            items = [decode_string(name, v) for v in np.asarray(value).reshape(-1)]
             options[name] = items if name == "guided_choice" else _string(name, value)
     if (flags["return_logprobs"] or flags["return_cumulative_logprob"]) and options.get("logprobs") is None:
         options["logprobs"] = 0  # the sampled token's own log-probability
@@ -138,7 +138,8 @@ def _one(name: str, value: np.ndarray) -> Any:
     return array.reshape(-1)[0]
 
 
-def _decode(name: str, item: Any) -> str:
+def decode_string(name: str, item: Any) -> str:
+    """A BYTES tensor element (or a str) as text; errors name ``name``."""
     if isinstance(item, bytes | np.bytes_):
         try:
             return bytes(item).decode("utf-8")
@@ -150,13 +151,13 @@ def _decode(name: str, item: Any) -> str:
 
 
 def _string(name: str, value: np.ndarray) -> str:
-    return _decode(name, _one(name, value))
+    return decode_string(name, _one(name, value))
 
 
 def _scalar(name: str, value: np.ndarray) -> Any:
     item = _one(name, value)
     if isinstance(item, bytes | np.bytes_ | str):
-        return _decode(name, item)  # SamplingParams.from_dict converts numeric strings
+        return decode_string(name, item)  # SamplingParams.from_dict converts numeric strings
     return item.item() if isinstance(item, np.generic) else item
 
 

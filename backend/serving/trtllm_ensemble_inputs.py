@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from inflight.backend.engine.sampling_params import SamplingParams
+from inflight.backend.serving.triton_inputs import decode_string
 
 # Flags that ask for something this engine does not produce: refused when true.
 REFUSED_FLAGS = {
@@ -105,7 +106,7 @@ def _carries_data(value: np.ndarray | None) -> bool:
         return False
     array = np.asarray(value)
     if array.dtype == np.object_:
-        return any(_decode("", item) for item in array.reshape(-1))
+        return any(decode_string("", item) for item in array.reshape(-1))
     return array.size > 0 and (array.dtype.kind not in "iu" or bool(np.any(array != 0)))
 
 
@@ -142,7 +143,7 @@ def _row(inputs: dict[str, np.ndarray], i: int) -> RowRequest:
     stream = _flag("stream", scalar("stream"))
     return_log_probs = _flag("return_log_probs", scalar("return_log_probs"))
     llm_inputs: dict[str, np.ndarray] = {
-        "text_input": _strings(_decode("text_input", scalar("text_input"))),
+        "text_input": _strings(decode_string("text_input", scalar("text_input"))),
         "stream": np.array([stream], dtype=np.bool_),
         "exclude_input_in_output": np.array(
             [_flag("exclude_input_in_output", scalar("exclude_input_in_output"))], dtype=np.bool_
@@ -223,8 +224,8 @@ def _decoding_mode(top_k: Any, top_p: Any, temperature: Any) -> dict[str, Any]:
 
 def _guided_inputs(guide_type: Any, guide: Any) -> dict[str, np.ndarray]:
     """``guided_decoding_guide_type`` / ``_guide`` -> the llm model's ``guided_json`` or ``guided_regex``."""
-    kind = _decode("guided_decoding_guide_type", guide_type) if guide_type is not None else ""
-    text = _decode("guided_decoding_guide", guide) if guide is not None else ""
+    kind = decode_string("guided_decoding_guide_type", guide_type) if guide_type is not None else ""
+    text = decode_string("guided_decoding_guide", guide) if guide is not None else ""
     if not kind:
         if text:
             raise ValueError(
@@ -271,14 +272,14 @@ def _row_words(inputs: dict[str, np.ndarray], name: str, i: int) -> list[str]:
     if value is None:
         return []
     row = np.asarray(value).reshape(np.shape(value)[0], -1)[i]
-    return [word for word in (_decode(name, item) for item in row) if word]
+    return [word for word in (decode_string(name, item) for item in row) if word]
 
 
 def _flag(name: str, value: Any) -> bool:
     if value is None:
         return False
     if isinstance(value, bytes | np.bytes_ | str):
-        text = _decode(name, value).lower()
+        text = decode_string(name, value).lower()
         if text not in ("true", "false", "1", "0"):
             raise ValueError(f"{name} must be true or false, got {text!r}")
         return text in ("true", "1")
@@ -292,17 +293,6 @@ def _int(name: str, value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
-
-
-def _decode(name: str, item: Any) -> str:
-    if isinstance(item, bytes | np.bytes_):
-        try:
-            return bytes(item).decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"{name} is not valid UTF-8 (byte {exc.start})") from None
-    if isinstance(item, str):
-        return item
-    raise ValueError(f"{name} must be a string, got {type(item).__name__}")
 
 
 def _strings(*values: str) -> np.ndarray:

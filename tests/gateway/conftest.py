@@ -19,6 +19,8 @@ import pytest
 
 from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, free_port, write_model_repository
 
+from ..serving.triton_helpers import serve_repository
+
 API_KEY = "test-key"
 MODEL = "llm"
 # Small engine settings: CI is a 2-core CPU machine. max_model_len is what the gateway reads as the context.
@@ -87,18 +89,7 @@ def triton(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     work = tmp_path_factory.mktemp("gateway-triton")
     parameters = {"model_path": str(smollm2_path), **SERVER_PARAMETERS}
     repo = write_model_repository(DEFAULT_MODEL_REPOSITORY, work / "model_repository", parameters=parameters)
-    server = TritonServer.start(
-        repo, log_path=work / "tritonserver.log", extra_args=["--exit-timeout-secs=15"]
-    )
-    try:
-        server.wait_ready(300)
-    except RuntimeError as err:
-        server.stop()
-        pytest.fail(f"tritonserver did not become ready: {err}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_repository(repo, work / "tritonserver.log")
 
 
 @pytest.fixture(scope="module")

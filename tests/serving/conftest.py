@@ -14,6 +14,8 @@ import pytest
 
 from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, write_model_repository
 
+from .triton_helpers import serve_repository
+
 # Small engine settings: CI is a 2-core CPU machine.
 SERVER_PARAMETERS = {
     "max_model_len": "1024",
@@ -35,16 +37,7 @@ def triton_server(
     repo = write_model_repository(DEFAULT_MODEL_REPOSITORY, work / "model_repository", parameters=parameters)
     log_path = work / "tritonserver.log"
     request.config.stash[_LOG_PATH] = log_path
-    server = TritonServer.start(repo, log_path=log_path, extra_args=["--exit-timeout-secs=15"])
-    try:
-        server.wait_ready(300)
-    except RuntimeError as err:
-        server.stop()
-        pytest.fail(f"tritonserver did not become ready: {err}", pytrace=False)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve_repository(repo, log_path)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -8,11 +8,16 @@ import re
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
+
+from inflight.tools.server import TritonServer
 
 MODEL = "llm"
 _DTYPES = {np.dtype(np.int32): "INT32", np.dtype(np.uint64): "UINT64", np.dtype(np.float32): "FP32",
@@ -199,3 +204,18 @@ def is_model_ready(url: str) -> bool:
             return response.status == 200
     except urllib.error.URLError:
         return False
+
+
+def serve_repository(repo: Path, log_path: Path) -> Iterator[TritonServer]:
+    """A fixture's body: a started, ready tritonserver on ``repo`` (a failed start fails the test, with the
+    server stopped), stopped after the yield."""
+    server = TritonServer.start(repo, log_path=log_path, extra_args=["--exit-timeout-secs=15"])
+    try:
+        server.wait_ready(300)
+    except RuntimeError as err:
+        server.stop()
+        pytest.fail(f"tritonserver did not become ready: {err}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()
