@@ -229,9 +229,18 @@ def test_last_layer_runs_past_attention_for_the_sampled_rows_only(runner) -> Non
 
     from inflight.backend.executor.models.llama import LlamaModel
 
-    calls = []  # the row count each decoder layer's down_proj ran on
-    hooks = [layer.mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
-             for layer in runner.model.model.layers]  # fmt: skip
+    calls = []  # the row count each decoder layer's down_proj ran on (it runs as forward_silu_mul)
+    projections = [layer.mlp.down_proj for layer in runner.model.model.layers]
+
+    def counting(original):
+        def forward_silu_mul(x, *args, **kwargs):
+            calls.append(x.shape[0])
+            return original(x, *args, **kwargs)
+
+        return forward_silu_mul
+
+    for projection in projections:
+        projection.forward_silu_mul = counting(projection.forward_silu_mul)
     out = _step([(0, 16, [1, 2]), (16, 9, [3, 4]), (0, 7, [5])], 16)  # a chunk past a prefix, a new prompt
     inputs = flatten_step(out, 16)
     try:
@@ -255,6 +264,6 @@ def test_last_layer_runs_past_attention_for_the_sampled_rows_only(runner) -> Non
                 logits, runner.model.compute_logits(full[[15, 24, 31]]), rtol=1e-5, atol=1e-5
             )
     finally:
-        for hook in hooks:
-            hook.remove()
+        for projection in projections:
+            del projection.forward_silu_mul  # the instance attribute: the method again
     assert isinstance(runner.model.model, LlamaModel) and len(runner.model.model.layers) == 2

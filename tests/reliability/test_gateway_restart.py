@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -162,8 +163,19 @@ def _restart_under_load(scenario, server: TritonServer, host: str, work: Path, c
         time.sleep(1.0)
         down = time.monotonic()
         server.process.send_signal(signal.SIGINT)
-        server.process.wait(EXIT_TIMEOUT_S + HANG_S)
-        scenario.timed("Triton exited after SIGINT", time.monotonic() - down)
+        try:
+            server.process.wait(EXIT_TIMEOUT_S + HANG_S)
+            scenario.timed("Triton exited after SIGINT", time.monotonic() - down)
+        except subprocess.TimeoutExpired:
+            # NOTE: Triton 2.51's own shutdown, not the gateway's behaviour under test (the 503s while it is
+            # down, the service once it is back): once, in a full `make test` on a loaded 2-core machine, it
+            # had not exited 65 s after SIGINT with the load's clients reconnecting. Then it is killed, as an
+            # operator would, and the scenario goes on; the note says so.
+            server.process.kill()
+            server.process.wait(HANG_S)
+            scenario.notes.append(
+                f"Triton had not exited {EXIT_TIMEOUT_S + HANG_S:.0f} s after SIGINT: killed"
+            )
         orphans = end_orphaned_stubs(server.process.pid)  # NOTE: its stub outlives it (see that function)
         scenario.notes.append(f"stub processes left behind by the exited Triton: {len(orphans)}")
         for long in longs:
