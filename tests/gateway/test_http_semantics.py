@@ -25,12 +25,17 @@ AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"
 def post(
     gateway: Gateway, path: str, body: Any, headers: dict[str, str] | None = None
 ) -> tuple[int, dict, Any]:
+    return post_to(gateway.url, path, body, headers)
+
+
+def post_to(
+    url: str, path: str, body: Any, headers: dict[str, str] | None = None, timeout_s: float = 120
+) -> tuple[int, dict, Any]:
+    """POST ``body`` (JSON, or raw bytes): ``(status, headers lower-cased, the JSON answer)``."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"{gateway.url}{path}", data=data, headers=headers or AUTH, method="POST"
-    )
+    request = urllib.request.Request(f"{url}{path}", data=data, headers=headers or AUTH, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=120) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return (
                 response.status,
                 {k.lower(): v for k, v in response.headers.items()},
@@ -226,27 +231,12 @@ def test_triton_down_is_503_with_retry_after(gateway: Gateway, tmp_path) -> None
     command_url, proc = _gateway_without_triton(tmp_path, free_port())
     try:
         status, headers, answer = post_to(
-            command_url, "/v1/chat/completions", {"model": MODEL, "messages": CHAT}
+            command_url, "/v1/chat/completions", {"model": MODEL, "messages": CHAT}, timeout_s=60
         )
         assert status == 503 and headers.get("retry-after") == "1", answer
         assert _error(status, answer)["type"] == "server_error"
     finally:
         stop_process(proc)
-
-
-def post_to(url: str, path: str, body: Any) -> tuple[int, dict, Any]:
-    request = urllib.request.Request(
-        f"{url}{path}", data=json.dumps(body).encode(), headers=AUTH, method="POST"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return (
-                response.status,
-                {k.lower(): v for k, v in response.headers.items()},
-                json.loads(response.read()),
-            )
-    except urllib.error.HTTPError as err:
-        return err.code, {k.lower(): v for k, v in err.headers.items()}, json.loads(err.read())
 
 
 def _gateway_without_triton(tmp_path, triton_port: int):
