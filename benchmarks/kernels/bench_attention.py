@@ -199,6 +199,50 @@ def bench_fp8_kv(args, copy_gbs: float, matmul_rate: float) -> dict:
     return {"decode": decode, "prefill": prefill}
 
 
+def sweep_fp8_decode(copy_gbs: float) -> list[dict]:
+    """The FP8-KV decode kernel's tuning knobs on the benchmark shape and on a decode-heavy serving shape
+    (512 sequences of 1,536 tokens): ms, FP8 GB/s and % of copy for each (partition, block_n, warps, stages)."""
+    rows = []
+    for batch, context in ((64, 4096), (512, 1536)):
+        rows += _fp8_decode_rows(batch, context, copy_gbs)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _fp8_decode_rows(b: int, ctx: int, copy_gbs: float) -> list[dict]:
+    from inflight.kernels.fp8 import FP8_MAX
+    from inflight.kernels.kv_cache import quantize_fp8_reference
+
+    k_cache, v_cache, block_tables, _, _ = paged_cache(b, ctx, 8, 128, 16, shuffle=True)
+    ks = (k_cache.float().abs().amax() / FP8_MAX).reshape(())
+    vs = (v_cache.float().abs().amax() / FP8_MAX).reshape(())
+    k8, v8 = quantize_fp8_reference(k_cache, ks), quantize_fp8_reference(v_cache, vs)
+    del k_cache, v_cache
+    q = torch.randn(b, 32, 128, dtype=torch.bfloat16, device="cuda")
+    seq_lens = torch.full((b,), ctx, dtype=torch.int32, device="cuda")
+
+    def run(**knobs):
+        return paged_decode_attention(
+            q, k8, v8, block_tables, seq_lens, 128**-0.5, max_seq_len=ctx, k_scale=ks, v_scale=vs, **knobs
+        )
+
+    rows = []
+    for part in (512, 1024):
+        for block_n in (64, 128, 256):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    knobs = dict(partition_size=part, block_n=block_n, num_warps=warps, num_stages=stages)
+                    try:
+                        ms = bench_ms(lambda kw=knobs: run(**kw))
+                    except Exception as e:  # e.g. out of shared memory: record it, keep going
+                        rows.append(dict(batch=b, context=ctx, **knobs, error=str(e).splitlines()[0][:160]))
+                        continue
+                    gbs = 2 * b * 8 * ctx * 128 / (ms / 1e3) / 1e9
+                    rows.append(dict(batch=b, context=ctx, **knobs, ms=round(ms, 4), kv_gbs=round(gbs, 1),
+                                     pct_copy=round(100 * gbs / copy_gbs, 1)))  # fmt: skip
+    return rows
+
+
 PREFILL_CONFIGS = (  # (block_m, block_n, num_warps, num_stages)
     (128, 64, 8, 2),
     (128, 64, 8, 3),
@@ -289,12 +333,25 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--fp8-decode-sweep", action="store_true",
+                        help="only sweep the FP8-KV decode kernel's knobs (two shapes) and write those rows")  # fmt: skip
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_attention needs a CUDA device")
     torch.manual_seed(0)
 
     copy_gbs = copy_bandwidth_gbs()
+    if args.fp8_decode_sweep:
+        rows = sweep_fp8_decode(copy_gbs)
+        write_result(args.out, {**environment(), "ceilings": {"copy_gbs_read_plus_write": round(copy_gbs, 1)},
+                                "fp8_decode_sweep": rows})  # fmt: skip
+        for r in rows:
+            knobs = f"b{r['batch']} ctx{r['context']} p{r['partition_size']} n{r['block_n']} w{r['num_warps']} s{r['num_stages']}"
+            print(
+                f"{knobs:36}"
+                + (f"{r['ms']:9.3f} ms {r['pct_copy']:6.1f}% copy" if "ms" in r else r["error"][:80])
+            )
+        return
     matmul_rate = matmul_tflops()
     decode = bench_decode(args, copy_gbs)
     torch.cuda.empty_cache()

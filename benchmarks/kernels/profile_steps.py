@@ -54,6 +54,7 @@ STEPS = [
     Step("128/128 decode (512 seqs, context 192)", 512, 1, 192),
     Step("128/128 decode (1024 seqs, context 192)", 1024, 1, 192),
     Step("serving TTFT prefill (1 x 467 tokens)", 1, 467, 467),
+    Step("batch-1 decode (1 seq, context 1024)", 1, 1, 1024),
 ]
 GROUPS = ("matmul", "attention", "rope+kv write", "rmsnorm", "silu_and_mul", "quantize", "other")
 
