@@ -13,7 +13,12 @@ from inflight.backend.executor.executor import ExecutorConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("fp8",)  # methods a full-precision checkpoint can be quantized to at load
 KV_CACHE_DTYPES = ("auto", "fp8")
-LOAD_FORMATS = ("auto", "dummy")  # "dummy": random weights of the checkpoint's shapes, nothing read from disk
+LOAD_FORMATS = ("auto", "dummy")
+EXECUTOR_BACKENDS = (
+    "auto",
+    "uni",
+    "mp",
+)  # vLLM's names: "uni" one process, "mp" worker processes  # "dummy": random weights of the checkpoint's shapes, nothing read from disk
 
 
 @dataclass
@@ -35,6 +40,11 @@ class EngineArgs:
     # "auto": the folder's safetensors; "dummy" (vLLM's name): random weights of the right shapes and dtypes from
     # config.json alone (the tokenizer still comes from the folder), for sizing and benchmarks
     load_format: str = "auto"
+    # Ranks the model is split over (its heads and MLP columns), one process and device each: this one is rank
+    # 0 and starts the others (docs/scaling.md). "auto": worker processes ("mp") when above 1; "mp" at 1 runs
+    # the distributed path (a process group of one) on this process alone.
+    tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "auto"
     block_size: int = 16
     kv_cache_memory_fraction: float = 0.9
     kv_cache_memory_bytes: int | None = None
@@ -77,6 +87,15 @@ class EngineArgs:
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
                 f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        _int(self, "tensor_parallel_size", 1, 64)
+        if self.distributed_executor_backend not in EXECUTOR_BACKENDS:
+            raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                             f"got {self.distributed_executor_backend!r}")  # fmt: skip
+        if self.distributed_executor_backend == "uni" and self.tensor_parallel_size > 1:
+            raise ValueError(
+                f"distributed_executor_backend 'uni' runs one process; tensor_parallel_size "
+                f"{self.tensor_parallel_size} needs 'mp' (or 'auto')"
             )
         _int(self, "block_size", 1, 1024)
         if self.block_size & (self.block_size - 1):
@@ -132,6 +151,12 @@ class EngineArgs:
             max_cuda_graph_batch_size=self.max_cuda_graph_batch_size,
             max_cuda_graph_prefill_tokens=self.max_cuda_graph_prefill_tokens,
             seed=self.seed,
+            tensor_parallel_size=self.tensor_parallel_size,
+            distributed_executor_backend=(
+                self.distributed_executor_backend
+                if self.distributed_executor_backend != "auto"
+                else ("mp" if self.tensor_parallel_size > 1 else "uni")
+            ),
         )
 
     @classmethod

@@ -272,6 +272,15 @@ class LLMEngine:
         """What the model's memory holds (weights, activation peak, KV cache, longest sequence), from load."""
         return self.executor.memory
 
+    def add_death_listener(self, listener: Callable[[str], None]) -> None:
+        """``listener(reason)`` (from another thread) when a tensor-parallel worker dies: the engine cannot
+        step any more; the serving layer ends its requests and turns the model not ready."""
+        self.executor.add_death_listener(listener)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; nothing to do with one process)."""
+        self.executor.shutdown()
+
     def add_step_observer(self, observer: StepObserver) -> None:
         """Call ``observer`` around each step's device work (GPU timing in the benchmarks; the reliability
         suite's fault injection, whose ``before_forward`` may raise like a real fault)."""

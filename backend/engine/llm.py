@@ -30,6 +30,16 @@ class LLM:
         self.engine = LLMEngine(EngineArgs.from_options(model, engine_options))
         self._next_id = 0
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they are also stopped at interpreter exit)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer

@@ -13,16 +13,28 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from inflight.backend.executor.guided_mask import GuidedLogitsMask
 from inflight.backend.executor.kv_scales import init_kv_scales
 from inflight.backend.executor.model_config import ModelConfig
-from inflight.backend.executor.model_runner import ModelRunner, kv_cache_bytes_per_block
+from inflight.backend.executor.model_runner import (
+    ModelOutput,
+    ModelRunner,
+    kv_cache_bytes_per_block,
+)
+from inflight.backend.executor.parallel import (
+    SINGLE_RANK,
+    ParallelConfig,
+    check_tensor_parallel,
+    local_kv_heads,
+)
 from inflight.backend.executor.prompt_logprobs import (
     PromptLogprobRequest,
     PromptLogprobs,
@@ -31,10 +43,18 @@ from inflight.backend.executor.prompt_logprobs import (
 )
 from inflight.backend.executor.prompt_logprobs import compute as compute_prompt_logprobs
 from inflight.backend.executor.quantization import resolve_quantization
-from inflight.backend.executor.sampler import RowParams, Sampler, SamplerOutput, SamplingBatch
-from inflight.backend.executor.step_inputs import PendingTokens
+from inflight.backend.executor.sampler import RowParams, Sampler, SamplingBatch
+from inflight.backend.executor.step_channel import STOP, SWAP, StepChannel
+from inflight.backend.executor.step_handle import SampledTokens, StepHandle
 from inflight.backend.executor.weight_loader import load_model
 from inflight.batching import SchedulerOutput
+
+# The executor floor's door: what the engine imports comes from here.
+__all__ = ["EngineDeadError", "ExecutorConfig", "MemoryFigures", "ModelExecutor", "PromptLogprobRequest",
+           "PromptLogprobs", "SampledTokens", "SamplingRows", "StepHandle", "StepObserver"]  # fmt: skip
+
+if TYPE_CHECKING:
+    from inflight.backend.executor.distributed import TensorParallelGroup
 
 logger = logging.getLogger("inflight")
 
@@ -67,6 +87,10 @@ class ExecutorConfig:
     max_cuda_graph_batch_size: int
     max_cuda_graph_prefill_tokens: int
     seed: int
+    tensor_parallel_size: int = 1
+    # "uni": this process alone (TP 1); "mp": a torch.distributed group of worker processes (distributed.py),
+    # which TP > 1 needs and TP 1 may use (one GPU then runs the distributed path)
+    distributed_executor_backend: str = "uni"
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,7 @@ class MemoryFigures:
     kv_blocks: int  # usable ones (the null block left out)
     block_size: int
     max_model_len: int
+    rank: int = 0  # the tensor-parallel rank
 
     @property
     def kv_tokens(self) -> int:
@@ -102,7 +127,7 @@ class MemoryFigures:
             if self.activation_peak_bytes is None
             else f"{self.activation_peak_bytes / gib:.2f} GiB"
         )
-        return (f"memory on {self.device}: weights {self.weights_bytes / gib:.2f} GiB, activation peak {peak}, "
+        return (f"memory of rank {self.rank} on {self.device}: weights {self.weights_bytes / gib:.2f} GiB, activation peak {peak}, "
                 f"KV cache {self.kv_cache_bytes / gib:.2f} GiB = {self.kv_blocks} blocks x {self.block_size} "
                 f"tokens = {self.kv_tokens} tokens; longest sequence that fits {self.longest_sequence} tokens "
                 f"(max_model_len {self.max_model_len})")  # fmt: skip
@@ -122,17 +147,6 @@ class SamplingRows:
     guided_masks: Callable[[], tuple[list[int], Any]] | None = None
 
 
-@dataclass
-class SampledTokens:
-    """A step's sampler output on the host, row i for the step's i-th sampling request."""
-
-    token_ids: list[int]
-    logprobs: list[float] | None  # log p(sampled token), when some row asked
-    top_logprobs: list[list[float]] | None  # the best alternatives, best first, when some row asked
-    top_token_ids: list[list[int]] | None
-    prompt_logprobs: list[PromptLogprobs] | None = None  # when some request of the step asked
-
-
 class StepObserver(Protocol):
     """Called around each step's device work (benchmarks' GPU timing, the reliability suite's faults)."""
 
@@ -141,101 +155,61 @@ class StepObserver(Protocol):
     def after_step(self, scheduled: SchedulerOutput) -> None: ...
 
 
-class StepHandle:
-    """A launched step: its sampled ids stay on the device (the next step's pending inputs) and are copied
-    to the host, started at launch and read once."""
-
-    def __init__(self, scheduled: SchedulerOutput, sample_ids: list[str], out: SamplerOutput | None,
-                 device: torch.device,
-                 prompt: tuple[PromptRows, PromptLogprobTensors] | None = None) -> None:  # fmt: skip
-        self.scheduled = scheduled
-        self.sample_ids = sample_ids  # the request of each sampled row
-        # NOTE: a step may sample nothing and still have prompt log-probabilities (a prompt's first chunks).
-        if out is None:
-            out = SamplerOutput(torch.empty(0, dtype=torch.int64, device=device))
-        self._sampled = out.sampled_token_ids
-        tensors = [out.sampled_token_ids, out.logprobs, out.top_logprobs, out.top_token_ids]
-        self._prompt_segments = None
-        if prompt is not None:
-            plan, lp = prompt
-            self._prompt_segments = plan.segments
-            tensors += [lp.logprobs, lp.top_logprobs, lp.top_token_ids]
-        self._event = None
-        if device.type == "cuda":
-            # NOTE: pinned buffers and non_blocking copies: the host does not wait for the step here.
-            tensors = [None if t is None else _pinned_copy(t) for t in tensors]
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._tensors = tensors
-        self.waited = False  # the host has waited for the step: its tokens can be read at no cost
-        self._read: SampledTokens | None = None
-
-    @property
-    def num_requests(self) -> int:
-        return len(self.scheduled.scheduled)
-
-    @property
-    def ends_a_prompt(self) -> bool:
-        """The step samples some request's first token (a prefill's last chunk, not a decode)."""
-        return any(e.needs_sample and len(e.token_ids) > 1 for e in self.scheduled.scheduled)
-
-    def wait(self) -> None:
-        """Until the step and its copies are done on the device."""
-        if self._event is not None:
-            self._event.synchronize()
-        self.waited = True
-
-    def read(self) -> SampledTokens:
-        """Waits for the copies (the step's one host synchronisation) and returns them as lists."""
-        if self._read is None:
-            self.wait()
-            tensors = self._tensors
-            read = SampledTokens(*(None if t is None else t.tolist() for t in tensors[:4]))
-            if self._prompt_segments is not None:
-                lp = PromptLogprobTensors(*tensors[4:])
-                read.prompt_logprobs = lp.to_host(self._prompt_segments)
-            self._read = read
-        return self._read
-
-    def pending_tokens(self) -> PendingTokens:
-        """This step's tokens as the next step's pending inputs (from the host if it was waited for)."""
-        rows = {request_id: i for i, request_id in enumerate(self.sample_ids)}
-        return PendingTokens(rows, self._sampled, self.read().token_ids if self.waited else None)
-
-
-def _pinned_copy(tensor: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    host.copy_(tensor, non_blocking=True)
-    return host
-
-
 class ModelExecutor:
     """Loads the model, sizes and allocates the KV cache, captures graphs; runs and samples each step."""
 
-    def __init__(self, config: ExecutorConfig, model_config: ModelConfig) -> None:
+    def __init__(self, config: ExecutorConfig, model_config: ModelConfig,
+                 worker: tuple[ParallelConfig, StepChannel] | None = None) -> None:  # fmt: skip
+        """``worker``: this process is a tensor-parallel worker (worker.py) with its rank and channel;
+        otherwise it is rank 0, which starts the workers itself when the config asks for them."""
         self.config = c = config
         self.model_config = model_config
         self.device = resolve_device(c.device)
+        self.tp: TensorParallelGroup | None = None  # rank 0's group, when distributed
+        self.parallel, self.channel = worker if worker is not None else (SINGLE_RANK, None)
+        if worker is None and c.distributed_executor_backend == "mp":
+            cfg = model_config
+            check_tensor_parallel(
+                cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, c.tensor_parallel_size
+            )
+            from inflight.backend.executor.distributed import TensorParallelGroup
+
+            self.tp = TensorParallelGroup(c, c.tensor_parallel_size, self.device)
+            self.parallel, self.channel = self.tp.parallel, self.tp.channel
+        try:
+            self._load()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _load(self) -> None:
+        c, model_config = self.config, self.model_config
         self.dtype = resolve_dtype(c.dtype, self.device, model_config.checkpoint_dtype)
         # NOTE: an FP8 cache takes 1 byte an element: the same budget holds 2x the blocks of bf16 (4x fp32).
         self.kv_dtype = torch.float8_e4m3fn if c.kv_cache_dtype == "fp8" else self.dtype
         self.bytes_per_block = kv_cache_bytes_per_block(model_config, c.block_size, self.kv_dtype,
-                                                        model_config.num_kv_heads)  # fmt: skip
+                                                        local_kv_heads(model_config.num_kv_heads,
+                                                                       self.parallel.tp_size))  # fmt: skip
         if self.device.type == "cpu":
             # NOTE: on CPU the budget is known before loading, so a configuration that cannot work fails fast.
             self.num_blocks = self._num_blocks(c.kv_cache_memory_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
         self.quant = resolve_quantization(c.quantization, model_config.path)
-        model = load_model(model_config, self.dtype, self.device, c.max_model_len, quant=self.quant,
+        model = load_model(model_config, self.dtype, self.device, c.max_model_len, self.parallel, self.quant,
                            kv_cache_dtype=c.kv_cache_dtype, dummy=c.load_format == "dummy")  # fmt: skip
         self.runner = ModelRunner(model, self.device, c.block_size, self.kv_dtype, c.max_model_len)
         self.kv_scales_source = None  # FP8: "checkpoint" | "calibrated" | "checkpoint + calibrated"
         if c.kv_cache_dtype == "fp8":
             # NOTE: before profiling and the real cache, whose steps quantize with them (and graphs read them).
             self.kv_scales_source = init_kv_scales(self.runner, model_config.vocab_size, self.dtype,
-                                                   c.max_model_len)  # fmt: skip
+                                                   c.max_model_len, self.parallel)  # fmt: skip
         self.activation_peak_bytes: int | None = None
         if self.device.type == "cuda":
             self.num_blocks = self._num_blocks(self._gpu_kv_budget())
+        if self.parallel.distributed:
+            # NOTE: every rank's cache has the same blocks (rank 0's scheduler hands out their ids): the fewest.
+            count = torch.tensor([self.num_blocks], dtype=torch.int64)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN, group=self.channel.cpu_group)
+            self.num_blocks = int(count.item())
         self.runner.allocate_kv_cache(self.num_blocks)
         self.num_host_blocks = c.swap_space_bytes // self.bytes_per_block
         self.runner.allocate_host_cache(self.num_host_blocks)
@@ -256,6 +230,7 @@ class ModelExecutor:
         )  # fmt: skip
         self.memory = MemoryFigures(
             device=str(self.device),
+            rank=self.parallel.tp_rank,
             weights_bytes=sum(t.numel() * t.element_size() for t in model.parameters()),
             activation_peak_bytes=self.activation_peak_bytes,
             kv_cache_bytes=self.num_blocks * self.bytes_per_block,
@@ -312,6 +287,8 @@ class ModelExecutor:
     def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
         """Queue a step's KV block copies to and from host memory (see ``ModelRunner.swap``)."""
         if swap_out or swap_in:
+            if self.tp is not None:
+                self._to_workers(self.channel.send_swap, swap_out, swap_in)
             self.runner.swap(swap_out, swap_in)
 
     def execute(
@@ -331,26 +308,72 @@ class ModelExecutor:
         for observer in self.observers:
             observer.before_forward(scheduled)
         pending = previous.pending_tokens() if previous is not None else None
-        model_output = self.runner.execute(scheduled, pending, prompt_logprobs)
+        if self.tp is not None:
+            send = self.channel.send_step
+            model_output = self._to_workers(self.runner.execute, scheduled, pending, prompt_logprobs, send)
+            prompt = self._to_workers(self._prompt_logprobs, model_output)
+        else:
+            model_output = self.runner.execute(scheduled, pending, prompt_logprobs)
+            prompt = self._prompt_logprobs(model_output)
         if batch is not None and rows is not None and rows.guided_masks is not None:
             # NOTE: here, with the forward queued: the host builds the masks while the device runs it.
             batch.guided = GuidedLogitsMask.from_host(*rows.guided_masks(), self.device)
         out = self.sampler(model_output.logits, batch) if batch is not None else None
-        plan, prompt = model_output.prompt_plan, None
-        if plan is not None:
-            assert model_output.prompt_hidden is not None
-            with torch.inference_mode():
-                prompt = (
-                    plan,
-                    compute_prompt_logprobs(
-                        model_output.prompt_hidden, plan, self.runner.model.compute_logits
-                    ),
-                )
         for observer in self.observers:
             observer.after_step(scheduled)
         if out is None and prompt is None:
             return None
         return StepHandle(scheduled, model_output.request_ids, out, self.device, prompt)
+
+    def _prompt_logprobs(self, model_output: ModelOutput) -> tuple[PromptRows, PromptLogprobTensors] | None:
+        """The step's prompt log-probabilities when it has prompt-logprob rows (every tensor-parallel rank
+        computes them: the logits are a collective)."""
+        plan = model_output.prompt_plan
+        if plan is None:
+            return None
+        assert model_output.prompt_hidden is not None
+        with torch.inference_mode():
+            return plan, compute_prompt_logprobs(
+                model_output.prompt_hidden, plan, self.runner.model.compute_logits
+            )
+
+    # --------------------------------------------------------------------------- tensor parallelism
+    def _to_workers(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(*args)`` on rank 0 of a group: a failure there (a dead worker's collective, a channel that
+        broke) leaves the ranks out of step for good, so it is fatal to the engine."""
+        tp = self.tp
+        assert tp is not None
+        if tp.dead_reason is not None:
+            raise EngineDeadError(tp.dead_reason)
+        try:
+            return call(*args)
+        except Exception as exc:
+            time.sleep(0.5)  # the watchdog (polling every 0.2 s) names the dead worker, if one died
+            raise EngineDeadError(tp.dead_reason or f"tensor-parallel step failed: {exc}") from exc
+
+    def serve_steps(self) -> None:
+        """A worker's loop: run what rank 0 sends (steps, swaps) until STOP."""
+        assert self.channel is not None and self.tp is None, "serve_steps runs on ranks 1..N-1"
+        while True:
+            message = self.channel.receive()
+            if message.kind == STOP:
+                return
+            if message.kind == SWAP:
+                self.runner.swap(message.swap_out, message.swap_in)
+            else:
+                self._prompt_logprobs(self.runner.run(message.step))
+
+    def add_death_listener(self, listener: Callable[[str], None]) -> None:
+        """``listener(reason)`` when a tensor-parallel worker dies (never called without workers)."""
+        if self.tp is not None:
+            self.tp.add_death_listener(listener)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent); rank 0's own memory goes with the object."""
+        if self.tp is not None:
+            self.tp.shutdown()
+        elif self.channel is None and self.parallel.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
     def _sampling_batch(self, rows: SamplingRows) -> SamplingBatch:
         return SamplingBatch.build(

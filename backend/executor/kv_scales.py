@@ -30,6 +30,7 @@ import logging
 import torch
 
 from inflight.backend.executor.model_runner import ModelRunner
+from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig
 from inflight.kernels.fp8 import FP8_MAX
 
 logger = logging.getLogger("inflight")
@@ -47,16 +48,19 @@ def calibration_prompts(vocab_size: int, max_model_len: int) -> list[list[int]]:
     return torch.randint(0, vocab_size, (CALIBRATION_SEQS, length), generator=generator).tolist()
 
 
-def init_kv_scales(runner: ModelRunner, vocab_size: int, dtype: torch.dtype, max_model_len: int) -> str:
+def init_kv_scales(runner: ModelRunner, vocab_size: int, dtype: torch.dtype, max_model_len: int,
+                   parallel: ParallelConfig = SINGLE_RANK) -> str:  # fmt: skip
     """Set every attention layer's missing (not positive and finite) scales by calibration; log the range.
-    Returns where the scales came from: "checkpoint", "calibrated" or "checkpoint + calibrated"."""
+    Returns where the scales came from: "checkpoint", "calibrated" or "checkpoint + calibrated".
+    With tensor parallelism each rank sees its own KV heads: the amax is the largest over the ranks, so every
+    rank (and TP 1) gets the same scales."""
     layers = runner.model.attention_layers()
     params = [(layer.k_scale, layer.v_scale) for layer in layers]
     current = torch.stack([torch.stack(pair) for pair in params]).float().cpu()  # [num_layers, 2]
     missing = ~(torch.isfinite(current) & (current > 0))
     if missing.any():
         prompts = calibration_prompts(vocab_size, max_model_len)
-        amax = runner.kv_amax(prompts, dtype).cpu()
+        amax = parallel.all_reduce_max(runner.kv_amax(prompts, dtype)).cpu()
         calibrated = torch.where(amax > 0, amax / FP8_MAX * SCALE_MARGIN, torch.ones_like(amax))
         for (layer, j), value in zip(missing.nonzero().tolist(), calibrated[missing].tolist(), strict=True):
             params[layer][j].data.fill_(value)

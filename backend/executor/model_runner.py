@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +31,15 @@ class ModelOutput:
     logits: torch.Tensor  # [len(request_ids), vocab] fp32
     prompt_hidden: torch.Tensor | None = None  # [len(prompt_plan.rows), hidden]: final hidden states
     prompt_plan: PromptRows | None = None  # the step's prompt-logprob rows, if any request wants them
+
+
+@dataclass
+class PreparedStep:
+    """A step as the forward takes it: flat inputs, pending-token fill, prompt-logprob rows."""
+
+    inputs: StepInputs
+    fill: tuple[torch.Tensor, torch.Tensor] | None  # (rows of the flat batch, their ids) on the device
+    plan: PromptRows | None
 
 
 def kv_cache_bytes_per_block(
@@ -255,22 +264,46 @@ class ModelRunner:
             input_ids.index_copy_(0, *fill)
         return self.model(input_ids, self._to_device(inputs.positions), meta, rows)
 
+    def prepare(
+        self,
+        out: SchedulerOutput,
+        pending: PendingTokens | None = None,
+        prompt_logprobs: Mapping[str, PromptLogprobRequest] | None = None,
+    ) -> PreparedStep:
+        """A step's flat inputs (``StepInputs``), the device ids of its pending tokens, its prompt-logprob rows.
+
+        ``pending`` is the previous step's sampled tokens: a chunk whose last token is pending
+        (``last_token_pending``) takes its id from there. ``prompt_logprobs``: requests that want their
+        prompt's log-probabilities.
+        """
+        inputs = flatten_step(out, self.block_size)
+        fill = self._pending_tokens(inputs, pending)
+        plan = prompt_rows(out, inputs.query_start_loc, prompt_logprobs) if prompt_logprobs else None
+        return PreparedStep(inputs, fill, plan)
+
     @torch.inference_mode()
     def execute(
         self,
         out: SchedulerOutput,
         pending: PendingTokens | None = None,
         prompt_logprobs: Mapping[str, PromptLogprobRequest] | None = None,
+        on_prepared: Callable[[PreparedStep], None] | None = None,
     ) -> ModelOutput:
-        """Run the model on one step; logits only for the rows that end a request's tokens.
+        """``run(prepare(...))``: one step on the model (see both). ``on_prepared(step)`` before the run:
+        tensor parallelism's rank 0 ships the step to the other ranks there."""
+        step = self.prepare(out, pending, prompt_logprobs)
+        if on_prepared is not None:
+            on_prepared(step)
+        return self.run(step)
 
-        ``pending`` is the previous step's sampled tokens: a chunk whose last token is pending
-        (``last_token_pending``) takes its id from there. ``prompt_logprobs``: requests that want their
-        prompt's log-probabilities; the final hidden states of those rows come back too (``prompt_hidden``).
-        """
-        inputs = flatten_step(out, self.block_size)
-        fill = self._pending_tokens(inputs, pending)
-        plan = prompt_rows(out, inputs.query_start_loc, prompt_logprobs) if prompt_logprobs else None
+    @torch.inference_mode()
+    def run(self, step: PreparedStep) -> ModelOutput:
+        """Run the model on one prepared step; logits only for the rows that end a request's tokens, and the
+        final hidden states of the prompt-logprob rows (``prompt_hidden``) when the step has some.
+
+        Every tensor-parallel rank runs this on the same ``step`` (rank 0 ships it to the others), so each
+        takes the same branch below and issues the same collectives."""
+        inputs, fill, plan = step.inputs, step.fill, step.plan
         num_seqs = len(inputs.seq_lens)
         if self.graphs is not None and inputs.is_decode and self.graphs.can_run(num_seqs):
             hidden = self.graphs.run(inputs, fill)

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from inflight.backend.engine import gc_freeze
-from inflight.backend.engine.engine import LLMEngine
+from inflight.backend.engine.engine import EngineDeadError, LLMEngine
 from inflight.backend.engine.outputs import RequestOutput
 from inflight.backend.serving.metrics import EngineMetrics
 from inflight.backend.serving.metrics_writer import MetricsWriter
@@ -119,6 +119,8 @@ class EngineService:
             metrics.flush()  # what the model set up (healthy, KV totals) shows at once
         self._engine_thread.start()
         self._response_thread.start()
+        # A dead tensor-parallel worker: the engine thread dies as on any fatal error, even when idle.
+        engine.add_death_listener(lambda reason: self._inbox.put(("fatal", reason)))
 
     # ------------------------------------------------------------------------------------ public side
     @property
@@ -158,6 +160,7 @@ class EngineService:
             time.sleep(0.01)
         self._inbox.put(("stop", None))
         self._engine_thread.join(timeout=30)
+        self.engine.shutdown()  # the tensor-parallel workers, once no step runs
         self._outbox.put(None)
         self._response_thread.join(timeout=30)
         if self._metrics_writer is not None:
@@ -215,6 +218,8 @@ class EngineService:
                 return False
             if command == "add":
                 self._add(payload)
+            elif command == "fatal":
+                raise EngineDeadError(payload)
             elif command == "abort":
                 self._abort(payload, client_gone=True)
             try:
