@@ -1,11 +1,16 @@
 """End-to-end batch-1 decode speed against the weight-read roofline, next to HF transformers eager.
 
     python -m benchmarks.decode_e2e --model /tmp/inflight-llama31-8b-random --out benchmarks/results/x.json
+    python -m benchmarks.decode_e2e --shape llama3-70b --load-format dummy --skip-hf --quantization fp8 ...
 
 Roofline: every decode step reads every weight once (the input embedding only one row), so
 ``tok/s <= copy bandwidth / bytes of weights``, with the copy bandwidth measured in the same run. With
 ``--quantization fp8`` the weights are the FP8 model's (decoder linears at one byte, their scales, the
 embeddings and head in bf16): the FP8 weight-read roofline.
+
+The model is a random ``--shape`` checkpoint that this script writes to ``--model`` (kept if there); with
+``--load-format dummy`` a folder without weights instead (``random_models.build_config_only_model``), the
+engine drawing random weights at load (no HF peer then: ``--skip-hf``).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import copy_bandwidth_gbs, environment, write_result
-from benchmarks.random_models import build_random_model
+from benchmarks.random_models import SHAPES, build_config_only_model, build_random_model
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
@@ -99,11 +104,20 @@ def bench_hf(path: Path, prompt_len: int, new_tokens: int) -> dict:
     return {"tok_s": round(n / seconds, 1), "new_tokens": n}
 
 
+def _default_model(shape: str, dummy: bool) -> str:
+    if shape == "llama3-8b" and not dummy:
+        return "/tmp/inflight-llama31-8b-random"  # the GPU tests' folder (tests/gpu/conftest.py)
+    return f"/tmp/inflight-{shape}-{'config' if dummy else 'random'}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", type=Path, default=Path("/tmp/inflight-llama31-8b-random"))
+    parser.add_argument("--model", type=Path, help="the model folder, built if missing (default: by shape)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help='"dummy": a folder without weights, random weights drawn at load')  # fmt: skip
     parser.add_argument("--tokenizer-dir", type=Path, default=Path(".gpu/tok"))
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -113,19 +127,32 @@ def main() -> None:
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    build_random_model("llama3-8b", args.model, tokenizer_dir=args.tokenizer_dir)
+    dummy = args.load_format == "dummy"
+    if dummy and not args.skip_hf:
+        parser.error("--load-format dummy has no weights for HF transformers: add --skip-hf")
+    if args.model is None:
+        args.model = Path(_default_model(args.shape, dummy))
+    if dummy:
+        build_config_only_model(args.shape, args.model, tokenizer_dir=args.tokenizer_dir)
+    else:
+        build_random_model(args.shape, args.model, tokenizer_dir=args.tokenizer_dir)
     copy_gbs = copy_bandwidth_gbs()
     ours = bench_inflight(args.model, args.prompt_len, args.new_tokens, args.repeats,
-                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)  # fmt: skip
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                          load_format=args.load_format)  # fmt: skip
     roofline = copy_gbs * 1e9 / ours["weight_bytes_per_token"]
     hf = None if args.skip_hf else bench_hf(args.model, args.prompt_len, args.new_tokens)
     result = {
         "benchmark": "decode_e2e_batch1",
         **environment(),
-        "model": "llama3-8b shape, random weights, bf16"
+        "model": f"{args.shape} shape, random weights{' (dummy, drawn at load)' if dummy else ''}, bf16"
         + (", FP8 linears (quantized at load)" if args.quantization else "")
         + (", FP8 KV" if args.kv_cache_dtype == "fp8" else ""),
-        "engine": {"quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype},
+        "engine": {
+            "quantization": args.quantization,
+            "kv_cache_dtype": args.kv_cache_dtype,
+            "load_format": args.load_format,
+        },
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "ceilings": {"copy_bandwidth_gbs": round(copy_gbs, 1), "roofline_tok_s": round(roofline, 1)},

@@ -9,6 +9,8 @@ tokens, go first into the engine in this process (`EngineService`, engine-direct
 tritonserver this script starts with the same engine settings (or `--server-url`). Reports TTFT, ITL,
 TPOT and E2E latency (mean, p50, p90, p99, ms) and output tok/s, req/s for both, the ratio
 Triton / engine-direct, and the device's measured ceilings. JSON to `--out`, PNG plots beside it.
+`--engine-option load_format="dummy"` (both targets: the Triton model's parameter too) runs on random
+weights drawn at load, from a folder without weights (`python -m benchmarks.random_models --config-only`).
 """
 
 from __future__ import annotations

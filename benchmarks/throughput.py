@@ -10,6 +10,9 @@ peers measured in the same run on the same model: HF transformers eager `generat
 paged SDPA attention, `--cb-requests N`: the first N requests; fixed lengths only, since it takes one
 `max_new_tokens` per call), and the ratios inflight / peer (output tok/s). The device's ceilings (copy
 bandwidth and matmul rate) are measured first.
+
+`--engine-option load_format="dummy"` runs on random weights drawn at load, so `--model` may be a folder
+without weights (`python -m benchmarks.random_models --config-only`); the HF peers need real weights then.
 """
 
 from __future__ import annotations
@@ -216,6 +219,11 @@ def main() -> None:
     add_engine_option_argument(parser)
     args = parser.parse_args()
     options = engine_option_values(args.engine_option)
+    if options.get("load_format") == "dummy" and (args.hf_batch or args.cb_requests):
+        # NOTE: a config-only folder (benchmarks/random_models.py --config-only) has no weights for HF to load
+        parser.error(
+            '--hf-batch / --cb-requests load the checkpoint with transformers: not with load_format="dummy"'
+        )
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(args.model)

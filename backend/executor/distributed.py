@@ -19,12 +19,14 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,6 +41,20 @@ JOIN_TIMEOUT_S = 600.0  # a worker's start: imports, then loading its shard of t
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 WATCH_INTERVAL_S = 0.2
 STOP_TIMEOUT_S = 8.0  # then killed: unload and shutdown leave no process behind within 10 s
+
+
+def python_executable() -> str:
+    """The interpreter to start workers with. Inside Triton's Python-backend stub ``sys.executable`` is the stub
+    itself, not a Python; the stub takes its packages from the ``python3`` first on PATH, so that one has
+    inflight installed."""
+    if Path(sys.executable).name.startswith("python"):
+        return sys.executable
+    found = shutil.which("python3")
+    if found is None:
+        raise RuntimeError(
+            f"no python3 on PATH to start tensor-parallel workers with (sys.executable is {sys.executable!r})"
+        )
+    return found
 
 
 class WorkerDiedError(RuntimeError):
@@ -89,7 +105,7 @@ class TensorParallelGroup:
             if device.type == "cuda":
                 env["CUDA_VISIBLE_DEVICES"] = devices[rank]
             worker_settings = {**settings, "device": "cuda:0" if device.type == "cuda" else "cpu"}
-            command = [sys.executable, "-m", WORKER_MODULE, "--rank", str(rank), "--world-size", str(world_size),
+            command = [python_executable(), "-m", WORKER_MODULE, "--rank", str(rank), "--world-size", str(world_size),
                        "--port", str(self.store.port), "--backend", backend, "--parent-pid", str(os.getpid()),
                        "--config", json.dumps(worker_settings)]  # fmt: skip
             self.processes.append(subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL))

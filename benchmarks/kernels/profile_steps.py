@@ -6,8 +6,10 @@ The steps are those of the offline runs that miss issue 5's targets, built synth
 KV cache holds zeros, which changes no kernel's time): a 16k-token prefill of 1000-token prompts and a
 decode step of 384 sequences at the mean context of the 1000/1000 run; a 16k-token prefill of 128-token
 prompts and a decode step of 512 sequences at context 192 of the 128/128 run; a lone 467-token prefill (the
-serving benchmark's time to first token). The model is the Llama-3-8B shape with random bf16 weights, built
-in memory (no checkpoint on disk).
+serving benchmark's time to first token). The model is a ``--shape`` (default the Llama-3-8B one) with
+random bf16 weights drawn on the device module by module, as ``load_format="dummy"`` does (no checkpoint on
+disk; with ``--fp8`` each linear is quantized as soon as it is drawn, so ``--shape llama3-70b --fp8`` fits
+an H200).
 
 Each step runs eagerly under ``torch.profiler``; its kernels are grouped (matmul, attention, RoPE + KV
 write, RMSNorm, SiLU-and-mul, other) and each group's time is set beside its ideal: matmul FLOPs at the
@@ -134,15 +136,16 @@ def step_inputs(step: Step, block_size: int, max_blocks: int, vocab_size: int):
 
 def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, device: torch.device,
                  dtype: torch.dtype = torch.bfloat16, block_size: int = 16, fp8: bool = False):  # fmt: skip
-    """The model with random bf16 weights (in memory) and a KV cache of ``kv_tokens`` tokens. ``fp8``: the
-    engine's ``quantization="fp8"`` + ``kv_cache_dtype="fp8"`` (weights quantized after the random fill, K/V
-    scales set to 0.05: the kernels' times do not depend on the values)."""
+    """The model with random bf16 weights (``load_format="dummy"``'s, drawn on ``device`` module by module) and
+    a KV cache of ``kv_tokens`` tokens. ``fp8``: the engine's ``quantization="fp8"`` + ``kv_cache_dtype="fp8"``
+    (each linear quantized right after its fill, K/V scales set to 0.05: the kernels' times do not depend on
+    the values)."""
     from transformers import LlamaConfig
 
     from inflight.backend.executor.model_config import ModelConfig
     from inflight.backend.executor.model_runner import ModelRunner
     from inflight.backend.executor.quantization import resolve_quantization
-    from inflight.backend.executor.weight_loader import empty_model
+    from inflight.backend.executor.weight_loader import materialize_dummy, meta_model
 
     folder = Path(tempfile.mkdtemp(prefix="profile-steps-"))
     LlamaConfig(
@@ -150,22 +153,12 @@ def build_runner(shape: dict[str, Any], max_model_len: int, kv_tokens: int, devi
     ).save_pretrained(folder)
     cfg = ModelConfig.from_pretrained(folder)
     quant = resolve_quantization("fp8", folder) if fp8 else None
-    model = empty_model(
-        cfg, dtype, device, max_model_len, quant=quant, kv_cache_dtype="fp8" if fp8 else "auto"
-    )
-    generator = torch.Generator(device=device).manual_seed(0)
+    model = meta_model(cfg, dtype, max_model_len, quant=quant, kv_cache_dtype="fp8" if fp8 else "auto")
+    materialize_dummy(model, device)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "norm" in name:
-                param.fill_(1.0)
-            elif name.endswith(("k_scale", "v_scale")):
+            if name.endswith(("k_scale", "v_scale")):
                 param.fill_(0.05)
-            else:
-                param.normal_(0.0, 0.02, generator=generator)
-        for module in model.modules():
-            method = getattr(module, "linear_method", None)
-            if method is not None:
-                method.process_weights_after_loading(module)
     model.eval()
     runner = ModelRunner(model, device, block_size, torch.float8_e4m3fn if fp8 else dtype, max_model_len)
     runner.allocate_kv_cache(math.ceil(kv_tokens / block_size) + 1)

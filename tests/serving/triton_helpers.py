@@ -87,6 +87,7 @@ def run_streams(
     requests: dict[str, dict[str, Any]],
     timeout_s: float = 120.0,
     cancel_after_responses: int | None = None,
+    model: str = MODEL,
 ) -> dict[str, StreamResult]:
     """Send every request on one gRPC stream; wait until each has its FINAL (or cancel after N responses)."""
     results = {rid: StreamResult() for rid in requests}
@@ -113,7 +114,7 @@ def run_streams(
     try:
         for rid, values in requests.items():
             client.async_stream_infer(
-                MODEL, make_inputs(values), request_id=rid, enable_empty_final_response=True
+                model, make_inputs(values), request_id=rid, enable_empty_final_response=True
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -151,13 +152,14 @@ def sse_events(body: str) -> list[dict[str, Any]]:
     return [json.loads(line[len("data: ") :]) for line in body.splitlines() if line.startswith("data: ")]
 
 
-def metrics(url: str) -> dict[str, float]:
-    """The inflight_* samples on the metrics port, keyed by name{labels} without model/version labels."""
+def metrics(url: str, model: str | None = None) -> dict[str, float]:
+    """The inflight_* samples on the metrics port, keyed by name{labels} without model/version labels (only
+    ``model``'s when given: a server with several models)."""
     with urllib.request.urlopen(f"http://{url}/metrics", timeout=10) as response:
         text = response.read().decode()
     samples: dict[str, float] = {}
     for line in text.splitlines():
-        if not line.startswith("inflight_"):
+        if not line.startswith("inflight_") or (model is not None and f'model="{model}"' not in line):
             continue
         name, value = line.rsplit(" ", 1)
         name = re.sub(r',?(model|version)="[^"]*"', "", name).replace("{,", "{").replace("{}", "")
@@ -168,7 +170,7 @@ def metrics(url: str) -> dict[str, float]:
 FLUSHES = "inflight_metrics_flushes_total"
 
 
-def settled_metrics(url: str, timeout_s: float = 60.0) -> dict[str, float]:
+def settled_metrics(url: str, timeout_s: float = 60.0, model: str | None = None) -> dict[str, float]:
     """The inflight_* samples with every update made before this call: read once the model's periodic
     metrics push has run twice more.
 
@@ -177,9 +179,9 @@ def settled_metrics(url: str, timeout_s: float = 60.0) -> dict[str, float]:
     before it, the next one cannot. `timeout_s` only bounds a hang (pushes stopped): it raises then.
     """
     deadline = time.monotonic() + timeout_s
-    start = metrics(url).get(FLUSHES, 0.0)
+    start = metrics(url, model).get(FLUSHES, 0.0)
     while True:
-        now = metrics(url)
+        now = metrics(url, model)
         if now.get(FLUSHES, 0.0) >= start + 2:
             return now
         if time.monotonic() > deadline:
@@ -204,6 +206,40 @@ def is_model_ready(url: str) -> bool:
             return response.status == 200
     except urllib.error.URLError:
         return False
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, their children, ...)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            children = [int(c) for c in Path(f"/proc/{parent}/task/{parent}/children").read_text().split()]
+        except OSError:
+            continue
+        found += children
+        todo += children
+    return found
+
+
+def worker_pids(server_pid: int) -> list[int]:
+    """The tensor-parallel worker processes (``inflight.backend.executor.worker``) anywhere on this machine
+    whose parent is gone or is below tritonserver ``server_pid``: an orphan counts too."""
+    below = set(descendants(server_pid))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"inflight.backend.executor.worker" in cmdline and state[0] not in ("Z", "X"):
+            parent = int(state[1])
+            if int(entry.name) in below or parent == 1 or not Path(f"/proc/{parent}").exists():
+                pids.append(int(entry.name))
+    return sorted(pids)
 
 
 def serve_repository(repo: Path, log_path: Path) -> Iterator[TritonServer]:
