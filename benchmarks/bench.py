@@ -84,7 +84,7 @@ GPU_STEPS = {
     # (80 layers x 2 x 8 KV heads x 128 x 1 byte); the ~55 GB left after the weights and the step's peak hold
     # ~350k tokens: 1000/1000 at its full 2,000 tokens 160 sequences (16 GiB of host swap for the rest),
     # 128/128 (256 tokens) 512 (the largest graph batch; the decode GEMMs are compute-bound well below).
-    # At the trtllm-bench counts each takes ~20 min on an H200; `--extra "--num-requests N"` shortens a run.
+    # At the trtllm-bench counts each takes ~20 min on an H200 (estimate); `--extra="--num-requests N"` shortens it.
     "fp8-70b-throughput-1000x1000": ("throughput", f"--isl 1000 --osl 1000 --num-requests 3000 {FP8} {SWAP} {DUMMY} "
                                                    "--max-num-seqs 160 --engine-option max_cuda_graph_batch_size=160"),
     "fp8-70b-throughput-128x128": ("throughput", f"--isl 128 --osl 128 --num-requests 30000 {FP8} {SWAP} {DUMMY} "

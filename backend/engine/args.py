@@ -13,12 +13,9 @@ from inflight.backend.executor.executor import ExecutorConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("fp8",)  # methods a full-precision checkpoint can be quantized to at load
 KV_CACHE_DTYPES = ("auto", "fp8")
-LOAD_FORMATS = ("auto", "dummy")
-EXECUTOR_BACKENDS = (
-    "auto",
-    "uni",
-    "mp",
-)  # vLLM's names: "uni" one process, "mp" worker processes  # "dummy": random weights of the checkpoint's shapes, nothing read from disk
+LOAD_FORMATS = ("auto", "dummy")  # "dummy": random weights of the checkpoint's shapes, nothing read from disk
+# vLLM's names: "uni" one process, "mp" worker processes (tensor parallelism)
+EXECUTOR_BACKENDS = ("auto", "uni", "mp")
 
 
 @dataclass
