@@ -272,6 +272,11 @@ class LLMEngine:
         """What the model's memory holds (weights, activation peak, KV cache, longest sequence), from load."""
         return self.executor.memory
 
+    @property
+    def memory_by_rank(self) -> list[MemoryFigures]:
+        """Every tensor-parallel rank's memory figures, rank 0 first (one entry without tensor parallelism)."""
+        return self.executor.memory_by_rank
+
     def add_death_listener(self, listener: Callable[[str], None]) -> None:
         """``listener(reason)`` (from another thread) when a tensor-parallel worker dies: the engine cannot
         step any more; the serving layer ends its requests and turns the model not ready."""

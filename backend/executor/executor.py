@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from inflight.backend.executor.guided_mask import GuidedLogitsMask
 from inflight.backend.executor.kv_scales import init_kv_scales
+from inflight.backend.executor.memory import MemoryFigures, gather_memory
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import (
     ModelOutput,
@@ -91,46 +92,6 @@ class ExecutorConfig:
     # "uni": this process alone (TP 1); "mp": a torch.distributed group of worker processes (distributed.py),
     # which TP > 1 needs and TP 1 may use (one GPU then runs the distributed path)
     distributed_executor_backend: str = "uni"
-
-
-@dataclass(frozen=True)
-class MemoryFigures:
-    """What this rank's memory holds, as measured at load: what a deployment plans with (the load log and
-    the ``inflight_memory_*`` metrics say it)."""
-
-    device: str
-    weights_bytes: int
-    # the largest step's activation peak (a profiling forward at load); None where it did not run: on CPU,
-    # or with kv_cache_memory_bytes given
-    activation_peak_bytes: int | None
-    kv_cache_bytes: int
-    kv_blocks: int  # usable ones (the null block left out)
-    block_size: int
-    max_model_len: int
-    rank: int = 0  # the tensor-parallel rank
-
-    @property
-    def kv_tokens(self) -> int:
-        """Tokens the KV cache holds, all sequences together."""
-        return self.kv_blocks * self.block_size
-
-    @property
-    def longest_sequence(self) -> int:
-        """The longest sequence (prompt + output) one request can have: the context length, or less where the
-        cache holds fewer tokens."""
-        return min(self.max_model_len, self.kv_tokens)
-
-    def describe(self) -> str:
-        gib = 2**30
-        peak = (
-            "not measured"
-            if self.activation_peak_bytes is None
-            else f"{self.activation_peak_bytes / gib:.2f} GiB"
-        )
-        return (f"memory of rank {self.rank} on {self.device}: weights {self.weights_bytes / gib:.2f} GiB, activation peak {peak}, "
-                f"KV cache {self.kv_cache_bytes / gib:.2f} GiB = {self.kv_blocks} blocks x {self.block_size} "
-                f"tokens = {self.kv_tokens} tokens; longest sequence that fits {self.longest_sequence} tokens "
-                f"(max_model_len {self.max_model_len})")  # fmt: skip
 
 
 @dataclass
@@ -239,6 +200,11 @@ class ModelExecutor:
             max_model_len=c.max_model_len,
         )
         logger.info(self.memory.describe())
+        self.memory_by_rank = (
+            gather_memory(self.memory, self.parallel.tp_size, self.channel.cpu_group)
+            if self.parallel.distributed
+            else [self.memory]
+        )
 
     # --------------------------------------------------------------------------------------------- sizing
     def _gpu_kv_budget(self) -> int:

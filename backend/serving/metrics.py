@@ -157,20 +157,22 @@ class EngineMetrics:
         )
         self.kv_total = gauge("inflight_kv_blocks_total", "Usable KV-cache blocks")
 
-        def rank_gauge(name: str, desc: str) -> Metric:  # one per tensor-parallel rank (rank 0 alone today)
-            return held(name, desc, "gauge", {**labels, "rank": "0"}, None)
+        def rank_gauges(rank: int) -> tuple[Metric, ...]:  # the memory figures of one tensor-parallel rank
+            def rank_gauge(name: str, desc: str) -> Metric:
+                return held(name, desc, "gauge", {**labels, "rank": str(rank)}, None)
 
-        self.memory_weights = rank_gauge("inflight_memory_weights_bytes", "Bytes of the model's weights")
-        self.memory_activation_peak = rank_gauge(
-            "inflight_memory_activation_peak_bytes",
-            "Activation peak of the largest step, measured at load (0: not measured: CPU, or "
-            "kv_cache_memory_bytes given)",
-        )
-        self.memory_kv_cache = rank_gauge("inflight_memory_kv_cache_bytes", "Bytes of the KV cache")
-        self.kv_capacity_tokens = rank_gauge("inflight_kv_cache_capacity_tokens", "Tokens the KV cache holds")
-        self.max_sequence_tokens = rank_gauge(
-            "inflight_max_sequence_tokens", "The longest sequence (prompt + output) that fits"
-        )
+            return (
+                rank_gauge("inflight_memory_weights_bytes", "Bytes of the model's weights"),
+                rank_gauge("inflight_memory_activation_peak_bytes",
+                           "Activation peak of the largest step, measured at load (0: not measured: CPU, or "
+                           "kv_cache_memory_bytes given)"),
+                rank_gauge("inflight_memory_kv_cache_bytes", "Bytes of the KV cache"),
+                rank_gauge("inflight_kv_cache_capacity_tokens", "Tokens the KV cache holds"),
+                rank_gauge("inflight_max_sequence_tokens", "The longest sequence (prompt + output) that fits"),
+            )  # fmt: skip
+
+        self._rank_gauges = rank_gauges
+        self._memory_gauges: dict[int, tuple[Metric, ...]] = {}
         self.kv_usage = gauge("inflight_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use")
         self.prefix_hit_rate = gauge(
             "inflight_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache"
@@ -274,13 +276,16 @@ class EngineMetrics:
                 delattr(self, name)
         self._factory = None
 
-    def set_memory(self, memory: MemoryFigures) -> None:
-        """The memory figures of the load (``MemoryFigures``)."""
-        self.memory_weights.set(memory.weights_bytes)
-        self.memory_activation_peak.set(memory.activation_peak_bytes or 0)
-        self.memory_kv_cache.set(memory.kv_cache_bytes)
-        self.kv_capacity_tokens.set(memory.kv_tokens)
-        self.max_sequence_tokens.set(memory.longest_sequence)
+    def set_memory(self, memories: list[MemoryFigures]) -> None:
+        """The memory figures of the load (``MemoryFigures``), one set per tensor-parallel rank."""
+        for memory in memories:
+            gauges = self._memory_gauges.get(memory.rank)
+            if gauges is None:
+                gauges = self._memory_gauges[memory.rank] = self._rank_gauges(memory.rank)
+            values = (memory.weights_bytes, memory.activation_peak_bytes or 0, memory.kv_cache_bytes,
+                      memory.kv_tokens, memory.longest_sequence)  # fmt: skip
+            for gauge, value in zip(gauges, values, strict=True):
+                gauge.set(value)
 
     def update_scheduler(self, stats: SchedulerStats) -> None:
         """Refresh the gauges from a scheduler snapshot."""

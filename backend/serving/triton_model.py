@@ -155,7 +155,7 @@ class TritonPythonModel:
             logger.warning("inflight: fault injection is ON: %s", fault_spec)
             engine.add_step_observer(FaultInjector(parse_fault_spec(fault_spec)))
         self.metrics.kv_total.set(engine.num_kv_blocks)
-        self.metrics.set_memory(engine.memory)
+        self.metrics.set_memory(engine.memory_by_rank)
         self.service = EngineService(engine, self.metrics, on_fatal=self._unload_self)
 
     def execute(self, requests: list[Any]) -> None:

@@ -12,6 +12,7 @@ blocks are freed).
 
 from __future__ import annotations
 
+import math
 import shutil
 import threading
 from collections.abc import Iterator
@@ -135,3 +136,28 @@ def test_two_tp_models_at_once_and_a_cancelled_request_frees_its_blocks(tp_serve
         assert results[model].token_ids == expected and not results[model].errors
     assert settled_metrics(tp_server.url_metrics, model="tiny_tp2")["inflight_kv_blocks_used"] == 0
     assert worker_pids(tp_server.process.pid) == workers
+
+
+def test_memory_figures_per_rank(tp_server, smollm2_path) -> None:
+    """Each of the three ranks publishes its figures: a third of the weights (norms replicated), the same KV
+    cache (one KV head of three each, the same block count), the same longest sequence."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in smollm2_path.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            total += sum(4 * math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118
+    now = settled_metrics(tp_server.url_metrics, model="llm")
+    ranks = [f'{{rank="{r}"}}' for r in range(3)]
+    weights = [now[f"inflight_memory_weights_bytes{r}"] for r in ranks]
+    assert total < sum(weights) < total * 1.01  # the replicated norms: under 1%
+    assert all(abs(w - total / 3) < total * 0.01 for w in weights), weights
+    for name in (
+        "inflight_memory_kv_cache_bytes",
+        "inflight_kv_cache_capacity_tokens",
+        "inflight_max_sequence_tokens",
+    ):
+        values = {now[f"{name}{r}"] for r in ranks}
+        assert len(values) == 1, (name, values)
+    assert now[f"inflight_memory_kv_cache_bytes{ranks[0]}"] == 25 * SMOL_BLOCK_BYTES
+    assert now[f"inflight_kv_cache_capacity_tokens{ranks[0]}"] == 24 * 16
