@@ -89,10 +89,28 @@ GPU_STEPS = {
                                                    "--max-num-seqs 160 --engine-option max_cuda_graph_batch_size=160"),
     "fp8-70b-throughput-128x128": ("throughput", f"--isl 128 --osl 128 --num-requests 30000 {FP8} {SWAP} {DUMMY} "
                                                  "--max-num-seqs 512 --engine-option max_cuda_graph_batch_size=512"),
+    # Tensor parallelism (issue 22), on a machine with several GPUs of one host (MIN_GPUS; skipped elsewhere):
+    # bf16 batch-1 decode at TP 2 (goal >= 1.6x TP 1's `fp8-decode`-style bf16 decode); 70B FP8 1000/1000 at
+    # TP 2 (H100 goal >= 4,500 out tok/s, TensorRT-LLM 4,205) and TP 4 (>= 8,000; 7,427), twice / four times
+    # the sequences of one GPU's KV share.
+    "tp2-decode": ("decode_e2e", "--skip-hf --load-format dummy --tensor-parallel-size 2"),
+    "tp1-decode": ("decode_e2e", "--skip-hf --load-format dummy"),
+    "fp8-70b-tp2-throughput-1000x1000": ("throughput", f"--isl 1000 --osl 1000 --num-requests 3000 {FP8} {SWAP} "
+                                                       f"{DUMMY} --engine-option tensor_parallel_size=2 "
+                                                       "--max-num-seqs 256 --engine-option max_cuda_graph_batch_size=256"),
+    "fp8-70b-tp4-throughput-1000x1000": ("throughput", f"--isl 1000 --osl 1000 --num-requests 3000 {FP8} {SWAP} "
+                                                       f"{DUMMY} --engine-option tensor_parallel_size=4 "
+                                                       "--max-num-seqs 512 --engine-option max_cuda_graph_batch_size=512"),
 }  # fmt: skip
+MIN_GPUS = {"tp2-decode": 2, "fp8-70b-tp2-throughput-1000x1000": 2, "fp8-70b-tp4-throughput-1000x1000": 4}
 # Steps on another shape than --model's: run from a config-only folder of that shape (built with --model's
 # tokenizer under --config-only-dir), and only on a GPU of at least MIN_GPU_GIB (else skipped, not failed).
-CONFIG_ONLY = {"fp8-70b-throughput-1000x1000": "llama3-70b", "fp8-70b-throughput-128x128": "llama3-70b"}
+CONFIG_ONLY = {
+    "fp8-70b-throughput-1000x1000": "llama3-70b",
+    "fp8-70b-throughput-128x128": "llama3-70b",
+    "fp8-70b-tp2-throughput-1000x1000": "llama3-70b",
+    "fp8-70b-tp4-throughput-1000x1000": "llama3-70b",
+}
 MIN_GPU_GIB = {"fp8-70b-throughput-1000x1000": 120, "fp8-70b-throughput-128x128": 120}
 CPU_STEPS = {
     "throughput-128x128": ("throughput", "--isl 128 --osl 128 --num-requests 8 --hf-batch 8 --cb-requests 2 "
@@ -166,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
         module, step_args = steps[name]
         out = args.results_dir / f"{name}-{tag}.json"
         print(f"\n##### [{i}/{len(names)}] {name} ({time.monotonic() - begin:.0f} s so far)", flush=True)
+        if gpu and torch.cuda.device_count() < MIN_GPUS.get(name, 1):
+            print(f"##### {name}: skipped (needs {MIN_GPUS[name]} GPUs, this machine has "
+                  f"{torch.cuda.device_count()})", flush=True)  # fmt: skip
+            skipped.append(name)
+            continue
         too_small = gpu and name in MIN_GPU_GIB and _gpu_gib() < MIN_GPU_GIB[name]
         if too_small:
             print(f"##### {name}: skipped (needs {MIN_GPU_GIB[name]} GiB of GPU memory, this GPU has "

@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--quantization", choices=["fp8"], default=None)
     parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="ranks (GPUs) the model is split over; the roofline is then one rank's share of "
+                             "the weights at the copy bandwidth")  # fmt: skip
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dummy = args.load_format == "dummy"
@@ -139,7 +142,8 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs()
     ours = bench_inflight(args.model, args.prompt_len, args.new_tokens, args.repeats,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
-                          load_format=args.load_format)  # fmt: skip
+                          load_format=args.load_format,
+                          tensor_parallel_size=args.tensor_parallel_size)  # fmt: skip
     roofline = copy_gbs * 1e9 / ours["weight_bytes_per_token"]
     hf = None if args.skip_hf else bench_hf(args.model, args.prompt_len, args.new_tokens)
     result = {
@@ -152,6 +156,7 @@ def main() -> None:
             "quantization": args.quantization,
             "kv_cache_dtype": args.kv_cache_dtype,
             "load_format": args.load_format,
+            "tensor_parallel_size": args.tensor_parallel_size,
         },
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
