@@ -57,6 +57,15 @@ def python_executable() -> str:
     return found
 
 
+def warm_up(device: torch.device) -> None:
+    """One all-reduce on the device, every rank right after joining: NCCL creates its communicator at the first
+    collective, which must not be one a CUDA graph is capturing (with ``kv_cache_memory_bytes`` given no
+    profiling forward runs before the captures)."""
+    if device.type == "cuda":
+        dist.all_reduce(torch.zeros(1, device=device))
+        torch.cuda.synchronize(device)
+
+
 class WorkerDiedError(RuntimeError):
     """A tensor-parallel worker process exited while the engine ran."""
 
@@ -118,6 +127,7 @@ class TensorParallelGroup:
                                     timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
             # NOTE: every rank creates the groups in the same order (worker.py).
             cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+            warm_up(device)
         except BaseException:
             self.kill()
             raise

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from inflight.backend.executor.distributed import COLLECTIVE_TIMEOUT, JOIN_TIMEOUT_S
+    from inflight.backend.executor.distributed import COLLECTIVE_TIMEOUT, JOIN_TIMEOUT_S, warm_up
     from inflight.backend.executor.executor import ExecutorConfig, ModelExecutor
     from inflight.backend.executor.model_config import ModelConfig
     from inflight.backend.executor.parallel import ParallelConfig
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    warm_up(device)
     parallel = ParallelConfig(args.rank, args.world_size, dist.group.WORLD)
     executor = ModelExecutor(config, ModelConfig.from_pretrained(config.model),
                              worker=(parallel, StepChannel(cpu_group, dist.group.WORLD, device)))  # fmt: skip
