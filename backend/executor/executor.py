@@ -338,8 +338,6 @@ class ModelExecutor:
         """Stop the tensor-parallel workers, if any (idempotent); rank 0's own memory goes with the object."""
         if self.tp is not None:
             self.tp.shutdown()
-        elif self.channel is None and self.parallel.distributed and dist.is_initialized():
-            dist.destroy_process_group()
 
     def _sampling_batch(self, rows: SamplingRows) -> SamplingBatch:
         return SamplingBatch.build(
