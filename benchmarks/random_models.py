@@ -26,24 +26,21 @@ from pathlib import Path
 
 import torch
 
+# What the Llama-3.1 family shares: vocabulary, context, RoPE scaling, special tokens.
+_LLAMA3 = dict(
+    vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=128000, eos_token_id=128001,
+    rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+                         high_freq_factor=4.0, original_max_position_embeddings=8192),
+)  # fmt: skip
 SHAPES = {
     # Llama-3.1-8B: 32 layers, 4096 hidden, 32 query / 8 KV heads, 14336 MLP, 128256 vocab.
-    "llama3-8b": dict(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8192),
-    ),
+    "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
     # Llama-3.1/3.3-70B: 80 layers, 8192 hidden, 64 query / 8 KV heads, 28672 MLP, 128256 vocab. Its bf16
     # checkpoint is ~141 GB: benchmarked from a config-only folder with load_format="dummy".
-    "llama3-70b": dict(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001,
-        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                             high_freq_factor=4.0, original_max_position_embeddings=8192),
-    ),
+    "llama3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8),
 }  # fmt: skip
 # The config fields that say a kept folder is of a shape (a folder of another shape is refused, not reused).
 _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -26,7 +26,7 @@ from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, set_pa
 
 from ..conftest import copy_tokenizer
 from ..engine.tiny_models import build_tiny_checkpoint
-from .triton_helpers import run_streams, settled_metrics, worker_pids
+from .triton_helpers import run_streams, serve_repository, settled_metrics, worker_pids
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Water boils at", "Once upon a time"]
 # SmolLM2 at TP 3 holds 1 KV head of 64 per rank: 30 layers x K, V x 16 tokens x 64 x 4 bytes = 240 KiB a block.
@@ -61,14 +61,7 @@ def tp_server(tmp_path_factory, smollm2_path: Path, tiny_path: Path) -> Iterator
     _add_model(repo, "llm", {"model_path": str(smollm2_path), **SMOL})
     _add_model(repo, "tiny_tp2", {"model_path": str(tiny_path), "tensor_parallel_size": "2", **TINY})
     _add_model(repo, "tiny_tp4", {"model_path": str(tiny_path), "tensor_parallel_size": "4", **TINY})
-    server = TritonServer.start(
-        repo, log_path=work / "tritonserver.log", extra_args=["--exit-timeout-secs=15"]
-    )
-    try:
-        server.wait_ready(600)
-        yield server
-    finally:
-        server.stop()
+    yield from serve_repository(repo, work / "tritonserver.log")
 
 
 def _reference(path: Path, prompts: list, max_tokens: int, **options) -> list[list[int]]:
