@@ -50,7 +50,15 @@ def _llm(path: Path, tp: int, kv_blocks: int | None = None, swap_blocks: int = 0
 
 
 def _workers() -> list[int]:
-    return descendants(os.getpid())
+    """This process's tensor-parallel workers (the suite's tritonservers are its children too)."""
+    return [pid for pid in descendants(os.getpid()) if _is_worker(pid)]
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"inflight.backend.executor.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def test_tp2_tokens_and_logprobs_match_tp1(tiny_llama) -> None:
@@ -99,10 +107,11 @@ def test_sizes_the_model_cannot_split_are_refused_before_workers_start(tiny_llam
 
 
 def test_a_dead_worker_is_fatal_and_shutdown_leaves_no_process(tiny_llama) -> None:
-    llm = _llm(tiny_llama, 2)
-    (worker,) = _workers()
-    os.kill(worker, signal.SIGKILL)
-    with pytest.raises(EngineDeadError, match=r"tensor-parallel worker 1 \(pid \d+\) exited with code -9"):
-        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
-    llm.shutdown()
+    with _llm(tiny_llama, 2) as llm:
+        (worker,) = _workers()
+        os.kill(worker, signal.SIGKILL)
+        with pytest.raises(
+            EngineDeadError, match=r"tensor-parallel worker 1 \(pid \d+\) exited with code -9"
+        ):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4))
     assert not _workers()
