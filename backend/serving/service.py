@@ -6,7 +6,7 @@
                                                   │ while the GPU runs the step)
                                                   │ per-step deltas, as numpy output tensors
                                                   ▼
-                                    outbox ──► response thread: sink.send(..., final)
+                                    ResponseThread (response_thread.py): sink.send(..., final)
 
 Responses are per sequence (``SamplingParams.n``; each carries its ``sequence_index``), streamed or not.
 Every request gets exactly one final response, after all of its sequences: on success, bad input
@@ -26,8 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from inflight.backend.engine import gc_freeze
 from inflight.backend.engine.engine import EngineDeadError, LLMEngine
 from inflight.backend.engine.outputs import RequestOutput
@@ -41,7 +39,7 @@ from inflight.backend.serving.request import (
     SequenceState,
     ServiceError,
 )
-from inflight.backend.serving.responses import build_outputs
+from inflight.backend.serving.response_thread import ResponseThread
 from inflight.batching import QueueFullError
 
 logger = logging.getLogger("inflight")
@@ -93,21 +91,17 @@ class EngineService:
         self._last_poll = 0.0
         self._cancelled: list[str] = []  # found by the last poll, aborted after the step
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        # NOTE: a send that fails (the client went away) aborts the request in the engine.
+        self._responses = ResponseThread(metrics, lambda request_id: self._inbox.put(("abort", request_id)))
         self._live: dict[str, GenerateRequest] = {}
         self._next_id = 0
-        self._num_open = 0  # submitted requests whose final response has not been sent yet
         self._lock = threading.Lock()
-        self._stream_lock = threading.Lock()  # guards the unsent parts of streamed requests
         self._accepting = True
         self.fatal_error: str | None = None
         self._metrics_writer = MetricsWriter(metrics) if metrics is not None else None
         self._step_tokens, self._step_ttfts, self._step_itls = 0, [], []  # this step's, for the writer
         self._last_stats_time = 0.0
         self._engine_thread = threading.Thread(target=self._engine_loop, name="inflight-engine", daemon=True)
-        self._response_thread = threading.Thread(
-            target=self._response_loop, name="inflight-responses", daemon=True
-        )
         # NOTE: the model, the tokenizer and the block pool are millions of long-lived objects; a full
         # (generation 2) collection walks them all and stopped the engine thread for 170-210 ms on the
         # 2-core CPU machine (benchmarks/host_overhead.py, 512 streams). Frozen, the collector skips them;
@@ -118,7 +112,7 @@ class EngineService:
         if metrics is not None:
             metrics.flush()  # what the model set up (healthy, KV totals) shows at once
         self._engine_thread.start()
-        self._response_thread.start()
+        self._responses.start()
         # A dead tensor-parallel worker: the engine thread dies as on any fatal error, even when idle.
         engine.add_death_listener(lambda reason: self._inbox.put(("fatal", reason)))
 
@@ -135,8 +129,7 @@ class EngineService:
         with self._lock:
             request_id = f"req-{self._next_id}"
             self._next_id += 1
-            self._num_open += 1
-            self._set_open_gauge()
+        self._responses.opened()
         request.request_id, request.sink, request.arrival = request_id, sink, time.monotonic()
         if not self._accepting:
             refusal = ServiceError(ErrorKind.UNAVAILABLE, "the model is shutting down")
@@ -145,8 +138,8 @@ class EngineService:
         else:
             self._inbox.put(("add", request))
             return request_id
-        if self._response_thread.is_alive():
-            self._outbox.put((request, None, refusal, True))
+        if self._responses.is_alive():
+            self._responses.put(request, None, refusal, True)
         else:  # after shutdown nothing else would answer
             request.sink = CLOSED_SINK  # released with the final, as _send does
             sink.send(None, refusal, True)
@@ -156,13 +149,12 @@ class EngineService:
         """Refuse new requests, let live ones finish for up to ``drain_timeout_s``, end the rest, stop."""
         self._accepting = False
         deadline = time.monotonic() + drain_timeout_s
-        while self._num_open and self.is_healthy and time.monotonic() < deadline:
+        while self._responses.num_open and self.is_healthy and time.monotonic() < deadline:
             time.sleep(0.01)
         self._inbox.put(("stop", None))
         self._engine_thread.join(timeout=30)
         self.engine.shutdown()  # the tensor-parallel workers, once no step runs
-        self._outbox.put(None)
-        self._response_thread.join(timeout=30)
+        self._responses.stop()
         if self._metrics_writer is not None:
             self._metrics_writer.close()
         if self._heap_frozen:
@@ -241,7 +233,7 @@ class EngineService:
             except QueueFullError as exc:
                 error = ServiceError(ErrorKind.UNAVAILABLE, str(exc))
         if error is not None:
-            self._outbox.put((live, None, error, True))
+            self._responses.put(live, None, error, True)
             return
         live.prompt_token_ids = ids
         live.sequences = [SequenceState(i) for i in range(live.params.n)]
@@ -312,14 +304,13 @@ class EngineService:
                         now - live.arrival,
                     )
             if out.finish_reason == "error":
-                self._outbox.put(
-                    (live, None, ServiceError(ErrorKind.INTERNAL, out.error or "engine step failed"), True)
-                )
+                error = ServiceError(ErrorKind.INTERNAL, out.error or "engine step failed")
+                self._responses.put(live, None, error, True)
             elif out.finish_reason == "abort" and live.cancelled:
                 if out.finished:  # the request's last sequence
-                    self._outbox.put((live, None, None, True))  # the client has gone: a bare FINAL flag
+                    self._responses.put(live, None, None, True)  # the client has gone: a bare FINAL flag
             else:
-                self._queue_response(live, out)
+                self._responses.queue_output(live, out)
 
     def _record_tokens(self, live: GenerateRequest, out: RequestOutput, now: float) -> None:
         n = len(out.new_token_ids)
@@ -336,57 +327,9 @@ class EngineService:
             live.first_token_time = now
         live.last_token_time = now
 
-    def _queue_response(self, live: GenerateRequest, out: RequestOutput) -> None:
-        seq = live.sequences[out.index]
-        if live.stream:
-            # NOTE: the response thread builds and sends a stream's response from everything unsent when it
-            # gets to it, so a busy sender coalesces tokens (fewer, larger responses) instead of falling
-            # behind and holding the engine thread. Every new token is sent, also one whose text is not out
-            # yet (part of a UTF-8 character, a possible stop string held back, a skipped special token):
-            # that response has empty text, as with Triton's vLLM and TensorRT-LLM backends. Held back to
-            # the next text instead, a run of such tokens (a model repeating a special token under
-            # ignore_eos, a long stop string) kept a stream silent to its end: its client saw the first
-            # token only with the last, and a liveness guard could give up on it.
-            # The FINAL flag goes with the request's last send (see _take_stream_response).
-            with self._stream_lock:
-                seq.token_ids.extend(out.new_token_ids)
-                if out.new_logprobs:
-                    seq.logprobs.extend(out.new_logprobs)
-                if out.prompt_logprobs is not None:
-                    seq.prompt_logprobs = out.prompt_logprobs  # sent with the next response, once
-                seq.unsent_text.append(out.new_text)
-                seq.last_delta = out
-                live.all_finished = out.finished
-                if (not out.new_token_ids and out.finish_reason is None) or seq.send_queued:
-                    return
-                seq.send_queued = True
-            self._outbox.put((live, seq, None, False))
-            return
-        seq.token_ids.extend(out.new_token_ids)
-        if out.new_logprobs:
-            seq.logprobs.extend(out.new_logprobs)
-        if out.prompt_logprobs is not None:
-            seq.prompt_logprobs = out.prompt_logprobs
-        seq.text.append(out.new_text)
-        if out.finish_reason is None:
-            return
-        # Not streamed: one response per sequence once it finished; the request's last one is FINAL.
-        ids = seq.token_ids if live.exclude_input_in_output else live.prompt_token_ids + seq.token_ids
-        outputs = build_outputs(
-            live,
-            live.prompt_text + "".join(seq.text),
-            ids,
-            seq.logprobs,
-            out,
-            len(live.prompt_token_ids),
-            len(seq.token_ids),
-            seq.prompt_logprobs,
-        )
-        self._outbox.put((live, outputs, None, out.finished))
-
     def _fail_all(self, error: ServiceError) -> None:
         for live in list(self._live.values()):
-            self._outbox.put((live, None, None if live.cancelled else error, True))
+            self._responses.put(live, None, None if live.cancelled else error, True)
         self._live.clear()
 
     def _drain_after_death(self) -> None:
@@ -396,69 +339,12 @@ class EngineService:
             if command == "stop":
                 return
             if command == "add":
-                self._outbox.put((payload, None, self._dead_error(), True))
+                self._responses.put(payload, None, self._dead_error(), True)
 
     def _dead_error(self) -> ServiceError:
         return ServiceError(ErrorKind.UNAVAILABLE, f"the inflight engine is not running: {self.fatal_error}")
 
-    # -------------------------------------------------------------------------------- response thread
-    def _response_loop(self) -> None:
-        while (item := self._outbox.get()) is not None:
-            self._send(*item)
-            # NOTE: no reference to a request may outlive its final response: Triton keeps the model (it
-            # cannot unload) while any response sender is alive, and `item` would otherwise hold the last
-            # one while this thread waits for the next.
-            del item
-
-    def _send(self, live: GenerateRequest, outputs: object, error: ServiceError | None, final: bool) -> None:
-        start = time.monotonic()
-        if isinstance(outputs, SequenceState):  # a stream's: built now from the sequence's unsent tokens
-            outputs, final = self._take_stream_response(live, outputs)
-        try:
-            live.sink.send(outputs, error, final)
-        except Exception:  # noqa: BLE001 - a client that went away must not stop the others
-            logger.warning("sending a response for %s failed; cancelling it", live.request_id, exc_info=True)
-            if not final:
-                self._inbox.put(("abort", live.request_id))
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.responses_sent.increment(1)
-            metrics.response_send_seconds.increment(time.monotonic() - start)
-        if final:
-            live.sink = CLOSED_SINK  # drop the response sender now (see _response_loop)
-            with self._lock:
-                self._num_open -= 1
-                self._set_open_gauge()
-
-    def _take_stream_response(
-        self, live: GenerateRequest, seq: SequenceState
-    ) -> tuple[dict[str, np.ndarray], bool]:
-        """One response with every token of a sequence not sent yet; final if the request's last delta is in
-        and no other sequence has a send queued (with n > 1 a sequence's queued send may lie ahead of
-        another's that holds older tokens: the FINAL waits for the last of them)."""
-        with self._stream_lock:
-            text, ids, logprobs, out, prompt_logprobs = (
-                "".join(seq.unsent_text),
-                seq.token_ids,
-                seq.logprobs,
-                seq.last_delta,
-                seq.prompt_logprobs,
-            )
-            seq.unsent_text, seq.token_ids, seq.logprobs, seq.prompt_logprobs = [], [], [], None
-            seq.send_queued = False
-            final = live.all_finished and not any(s.send_queued for s in live.sequences)
-        assert out is not None
-        outputs = build_outputs(
-            live, text, ids, logprobs, out, len(live.prompt_token_ids), len(ids), prompt_logprobs
-        )
-        return outputs, final
-
-    def _set_open_gauge(self) -> None:
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.open_requests.set(self._num_open)
-
     @property
     def num_open(self) -> int:
         """Submitted requests whose final response has not been sent yet."""
-        return self._num_open
+        return self._responses.num_open

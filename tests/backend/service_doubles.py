@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from inflight.backend.engine.outputs import RequestOutput
+from inflight.backend.serving import response_thread
 from inflight.backend.serving import service as engine_service
 from inflight.backend.serving.service import EngineService
 
@@ -158,6 +159,7 @@ class ThreadClock:
         self._local = threading.local()
         self.on_sleep = on_sleep
         monkeypatch.setattr(engine_service, "time", self)
+        monkeypatch.setattr(response_thread, "time", self)  # the response thread times its sends
 
     def monotonic(self) -> float:
         return getattr(self._local, "now", 0.0)
