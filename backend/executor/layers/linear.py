@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig, divide
+from inflight.backend.executor.parallel import SINGLE_RANK, ParallelConfig, divide, local_kv_heads
 from inflight.kernels import ops
 
 # Rows up to which a CUDA decode step takes the fused small-M Triton GEMV (kernels/fused_gemv.py). A layer's
@@ -240,11 +240,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         tp = parallel.tp_size
         self.head_dim = head_dim
         self.num_heads = divide(num_heads, tp, "number of attention heads")
-        if tp >= num_kv_heads:
-            divide(tp, num_kv_heads, "tensor-parallel size vs KV heads")
-            self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
-        else:
-            self.num_kv_heads, self.kv_replicas = divide(num_kv_heads, tp, "number of KV heads"), 1
+        self.num_kv_heads = local_kv_heads(num_kv_heads, tp)
+        self.kv_replicas = max(1, tp // num_kv_heads)  # ranks holding each KV head
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
