@@ -57,13 +57,24 @@ def python_executable() -> str:
     return found
 
 
-def warm_up(device: torch.device) -> None:
-    """One all-reduce on the device, every rank right after joining: NCCL creates its communicator at the first
-    collective, which must not be one a CUDA graph is capturing (with ``kv_cache_memory_bytes`` given no
-    profiling forward runs before the captures)."""
+def join_group(
+    store: dist.Store, backend: str, rank: int, world_size: int, device: torch.device
+) -> dist.ProcessGroup:
+    """Join the group as ``rank`` (every rank runs this, so the groups are created in the same order): the
+    default group (NCCL or gloo) for the model's collectives, and a gloo group for the step messages, which is
+    the default one on CPU. Returns the gloo group.
+
+    On a GPU one all-reduce follows at once: NCCL creates its communicator at the first collective, which must
+    not be one a CUDA graph is capturing (with ``kv_cache_memory_bytes`` given no profiling forward runs before
+    the captures)."""
+    dist.init_process_group(
+        backend, store=store, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT
+    )
+    cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     if device.type == "cuda":
         dist.all_reduce(torch.zeros(1, device=device))
         torch.cuda.synchronize(device)
+    return cpu_group
 
 
 class WorkerDiedError(RuntimeError):
@@ -123,11 +134,7 @@ class TensorParallelGroup:
                     backend, [p.pid for p in self.processes], devices[1:], self.store.port)  # fmt: skip
         try:
             self._wait_for_workers()
-            dist.init_process_group(backend, store=self.store, rank=0, world_size=world_size,
-                                    timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
-            # NOTE: every rank creates the groups in the same order (worker.py).
-            cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
-            warm_up(device)
+            cpu_group = join_group(self.store, backend, 0, world_size, device)
         except BaseException:
             self.kill()
             raise

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
-    from inflight.backend.executor.distributed import COLLECTIVE_TIMEOUT, JOIN_TIMEOUT_S, warm_up
+    from inflight.backend.executor.distributed import JOIN_TIMEOUT_S, join_group
     from inflight.backend.executor.executor import ExecutorConfig, ModelExecutor
     from inflight.backend.executor.model_config import ModelConfig
     from inflight.backend.executor.parallel import ParallelConfig
@@ -65,14 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     store = dist.TCPStore("127.0.0.1", args.port, args.world_size, is_master=False,
                           timeout=timedelta(seconds=JOIN_TIMEOUT_S))  # fmt: skip
     store.set(f"joined/{args.rank}", "1")
-    dist.init_process_group(args.backend, store=store, rank=args.rank, world_size=args.world_size,
-                            timeout=COLLECTIVE_TIMEOUT)  # fmt: skip
-    cpu_group = dist.new_group(backend="gloo") if args.backend == "nccl" else dist.group.WORLD
     config = ExecutorConfig(**json.loads(args.config))
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    warm_up(device)
+    cpu_group = join_group(store, args.backend, args.rank, args.world_size, device)
     parallel = ParallelConfig(args.rank, args.world_size, dist.group.WORLD)
     executor = ModelExecutor(config, ModelConfig.from_pretrained(config.model),
                              worker=(parallel, StepChannel(cpu_group, dist.group.WORLD, device)))  # fmt: skip
