@@ -36,6 +36,7 @@ from .fp8 import (
     quantize_per_token,
     quantize_per_token_reference,
 )
+from .fp8_gemv_row import fp8_gemv_row
 from .launch import interpreting, launcher
 from .rms_norm import rms_norm_quant, rms_norm_reference
 
@@ -44,6 +45,8 @@ MAX_M = 16
 # four 8B projections on an H100 in CUDA graphs (benchmarks/kernels/bench_fp8_gemm.py, 2026-12-07: qkv at M=1
 # 21.7 vs 30.2 us, gate_up 57.5 vs 66.2): each program's own pass over the rows costs more than a launch.
 FUSE_MAX_M = 0
+# One row (after the quantization) takes kernels.fp8_gemv_row, without tl.dot.
+ROW_FORM = True
 PROLOGUES = (None, "rmsnorm")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -304,6 +307,7 @@ def fp8_gemv(
     a_scale: torch.Tensor | None = None,  # [M, 1] fp32: the scales of an E4M3 x
     out_dtype: torch.dtype | None = None,  # with an E4M3 x
     fuse: bool | None = None,  # the fused form (default: M <= FUSE_MAX_M); ignored for an E4M3 x
+    row: bool | None = None,  # one row, not fused: kernels.fp8_gemv_row (default: ROW_FORM)
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -331,6 +335,9 @@ def fp8_gemv(
             x, a_scale = quantize_per_token(x, static_scale)
         prologue, residual, norm_weight, static_scale = None, None, None, None
     quantized = x.dtype == FP8_DTYPE
+    if quantized and m == 1 and (ROW_FORM if row is None else row):
+        kw = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+        return fp8_gemv_row(x, a_scale, w_q, w_scale, out_dtype, bias, addend, **kw), new_residual
     residual_out = (
         torch.empty((m, k), dtype=x.dtype, device=x.device)
         if prologue == "rmsnorm" and residual is not None

@@ -246,6 +246,23 @@ def test_fp8_gemv_of_quantized_input_is_the_linear_reference(device, dtype, m, n
     assert_close(y, ref.to(dtype), ELEMENTWISE_TOL[dtype])
 
 
+@pytest.mark.parametrize("row", [True, False], ids=["row-kernel", "dot-kernel"])
+@pytest.mark.parametrize("n,k", [(40, 96), (33, 100)], ids=["40x96", "33x100"])
+@pytest.mark.parametrize("extra", ["none", "bias+addend"])
+def test_fp8_gemv_one_row_both_forms_are_the_linear_reference(device, dtype, row, n, k, extra) -> None:
+    """M = 1 takes kernels.fp8_gemv_row (CUDA-core products, no tl.dot) unless told otherwise."""
+    q, a_scale = quantize_per_token_reference(_rows(1, k, dtype, device))
+    w_q, w_scale = _weights(n, k, device)
+    bias = torch.randn(n).to(dtype).to(device) if extra != "none" else None
+    addend = (4 * torch.randn(1, n)).to(dtype).to(device) if extra != "none" else None
+    y, _ = fp8_gemv(q, w_q, w_scale, a_scale=a_scale, out_dtype=dtype, bias=bias, addend=addend, row=row)
+    ref = fp8_linear_reference(q, a_scale, w_q, w_scale, torch.float32, bias)
+    if addend is not None:
+        ref = ref + addend.float()
+    assert y.shape == (1, n) and y.dtype == dtype
+    assert_close(y, ref.to(dtype), ELEMENTWISE_TOL[dtype])
+
+
 def _gemv_case(prologue, m, n, k, dtype, device, with_residual=True):
     x = torch.randn(m, k).to(dtype).to(device)
     kw = {}
