@@ -23,6 +23,7 @@ how kernels.fp8's QUANT_* constants are chosen.
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 import torch
@@ -156,6 +157,50 @@ def quant_sweep(copy_gbs: float) -> list[dict]:
     return rows
 
 
+# fp8_gemv's tiles: (BLOCK_N, BLOCK_K, num_warps, num_stages), the row kernel at M = 1, the dot kernel at M = 1 .. 16
+ROW_CONFIGS = [
+    (bn, bk, w, st) for bn in (8, 16, 32) for bk in (512, 1024, 2048) for w in (4, 8) for st in (2, 3, 4)
+]
+DOT_CONFIGS = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (256, 512) for st in (3, 4, 5)]
+
+
+def gemv_sweep(copy_gbs: float) -> list[dict]:
+    """Every 8B projection at M = 1, 4, 16 (E4M3 input, as the engine calls it after quantize-first): us and
+    % of copy of the W read in each tile config, both kernels at M = 1; the best of each form last."""
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        w_q, w_scale = quantize_weight_per_channel_reference(
+            torch.randn(n, k, dtype=BF16, device="cuda") / k**0.5
+        )
+        for m in (1, 4, 16):
+            q, a_scale = quantize_per_token(torch.randn(m, k, dtype=BF16, device="cuda"))
+            ref = fp8_gemm(q, a_scale, w_q, w_scale, BF16)
+            for form, configs in (("row", ROW_CONFIGS if m == 1 else []), ("dot", DOT_CONFIGS)):
+                for bn, bk, nw, st in configs:
+                    kw = dict(a_scale=a_scale, out_dtype=BF16, row=form == "row", block_n=bn, block_k=bk,
+                              num_warps=nw, num_stages=st)  # fmt: skip
+                    call = functools.partial(lambda kw: fp8_gemv(q, w_q, w_scale, **kw)[0], kw)  # noqa: B023
+                    try:
+                        err = rel_err(call(), ref)
+                        us = bench_us(call)
+                    except Exception as exc:  # a tile that does not fit (shared memory, registers)
+                        rows.append({"shape": name, "m": m, "form": form, "config": [bn, bk, nw, st],
+                                     "error": str(exc)[:200]})  # fmt: skip
+                        continue
+                    rows.append({"shape": name, "m": m, "form": form, "config": [bn, bk, nw, st], "us": round(us, 2),
+                                 "pct_copy": round(100 * n * k / us / 1e3 / copy_gbs, 1), "rel_err": err})  # fmt: skip
+            for form in ("row", "dot"):
+                ok = sorted((r for r in rows if (r["shape"], r["m"], r["form"]) == (name, m, form) and "us" in r),
+                            key=lambda r: r["us"])  # fmt: skip
+                if ok:
+                    print(
+                        f"gemv sweep {name} M={m} {form}: best "
+                        + ", ".join(f"{r['config']} {r['us']:.1f} us ({r['pct_copy']:.0f}%)" for r in ok[:3]),
+                        flush=True,
+                    )
+    return rows
+
+
 def print_tables(linear: list[dict], quant: list[dict], ceilings: dict) -> None:
     print(f"\nceilings: copy {ceilings['copy_bandwidth_gbs']:.0f} GB/s, bf16 matmul {ceilings['bf16_matmul_tflops']:.0f}"
           f" TFLOP/s, fp8 row-wise matmul {ceilings['fp8_rowwise_matmul_tflops']:.0f} TFLOP/s")  # fmt: skip
@@ -192,6 +237,7 @@ def main() -> None:
         "--smoke", action="store_true", help="one shape, three M: a quick check of the script"
     )
     parser.add_argument("--quant-sweep", action="store_true", help="time quantize_row's layouts too")
+    parser.add_argument("--gemv-sweep", action="store_true", help="time fp8_gemv's tile configs (both forms)")
     parser.add_argument("--quant-only", action="store_true", help="the quantization parts only (no linears)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -206,13 +252,14 @@ def main() -> None:
         for m, k in (QUANT_CASES[:2] if args.smoke else QUANT_CASES)
     ]
     sweep = quant_sweep(ceilings["copy_bandwidth_gbs"]) if args.quant_sweep else None
+    gemv = gemv_sweep(ceilings["copy_bandwidth_gbs"]) if args.gemv_sweep else None
     linear = [] if args.quant_only else linear_rows(shapes, ms)
     if args.out:
         write_result(args.out, {"benchmark": "fp8_gemm", **environment(), "ceilings": ceilings,
                                 "fused_max_m": FUSED_MAX_M, "gemv_max_m": MAX_M, "quantization": quant,
                                 "quant_layout": {"chunked_above": fp8.QUANT_CHUNKED_ABOVE, "chunk": fp8.QUANT_CHUNK,
                                                  "chunk_warps": fp8.QUANT_CHUNK_WARPS},
-                                "quant_sweep": sweep, "linears": linear})  # fmt: skip
+                                "quant_sweep": sweep, "gemv_sweep": gemv, "linears": linear})  # fmt: skip
     print_tables(linear, quant, ceilings)
 
 
