@@ -1,8 +1,9 @@
-"""The README table's renderers for the offline throughput (with both peers) and serving results."""
+"""The README tables' renderers: offline throughput (with both peers), serving, and the goal tables."""
 
 from __future__ import annotations
 
-from benchmarks.report import _check, _serving, _throughput, profile_table
+from benchmarks.report import _serving, _throughput, profile_table
+from benchmarks.report_targets import _check
 
 CPU = {"kind": "cpu", "threads": 2, "copy_bandwidth_gbs": 12.5, "fp32_matmul_gflops": 50.0}
 
@@ -68,7 +69,7 @@ def test_a_missed_goal_above_the_held_rate_ideal_says_so() -> None:
 def test_fp8_targets_read_each_result_and_show_the_trtllm_figure(tmp_path, monkeypatch) -> None:
     import json
 
-    import benchmarks.report as report
+    import benchmarks.report_targets as report
 
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     throughput = {"inflight": {"output_tok_s": 31_234.5}, "ideal": {"ideal_out_tok_s_sustained": 60_000.0},
@@ -100,3 +101,30 @@ def test_fp8_targets_read_each_result_and_show_the_trtllm_figure(tmp_path, monke
     assert "| 2 req/s 467/256 via Triton FP8: TTFT p50 | 5.0 ms | ≤ 14 ms | met |" in "\n".join(rows)
     unlimited = [r for r in rows if "unlimited rate, FP8" in r][0]
     assert "| 12,000.0 | ≥ 9420 | met | 9,420 (bf16, Triton) | fp8-serving-h100.json |" in unlimited
+
+
+def test_scaling_targets_read_the_70b_and_tensor_parallel_results(tmp_path, monkeypatch) -> None:
+    import json
+
+    import benchmarks.report_targets as report
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+
+    def write(name: str, tok_s: float, workload: str = "3000 requests, 1000 in / 1000 out") -> None:
+        (tmp_path / name).write_text(json.dumps({"inflight": {"output_tok_s": tok_s, "tok_s": tok_s},
+                                                 "workload": workload}))  # fmt: skip
+
+    write("fp8-70b-throughput-1000x1000-h200.json", 3_000.0, "1000 requests, 1000 in / 1000 out")
+    write("fp8-70b-tp2-throughput-1000x1000-h200.json", 6_000.0)
+    write("tp1-decode-h200.json", 100.0)
+    write("tp2-decode-h200.json", 170.0)
+    rows = report.scaling_targets("h200").splitlines()
+    assert rows[2] == ("| 70B FP8 1000/1000 on one GPU, out tok/s | 3,000.0 | ≥ 3200 | on 1,000 requests, not 3,000: "
+                       "missed by 6.2% | 2,909 | fp8-70b-throughput-1000x1000-h200.json |")  # fmt: skip
+    assert "| 70B FP8 128/128 on one GPU, out tok/s | not measured | ≥ 4000 | - | 3,658 |" in rows[3]
+    assert "| 8B bf16 batch-1 decode, TP 2 / TP 1 | 1.7x | ≥ 1.6x | met |" in rows[4]
+    assert "| 70B FP8 1000/1000, TP 2 / TP 1 | 2.0x | ≥ 1.87x | met | 1.87x |" in rows[5]
+    assert "| 70B FP8 1000/1000, TP 4 / TP 1 | not measured |" in rows[6]
+    h100 = report.scaling_targets("h100")
+    assert "on one GPU" not in h100  # the 70B weights fit one H200, not one H100
+    assert "| 70B FP8 1000/1000 at TP 2, out tok/s | not measured | ≥ 4500 | - | 4,205 |" in h100
