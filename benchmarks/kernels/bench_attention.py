@@ -200,10 +200,11 @@ def bench_fp8_kv(args, copy_gbs: float, matmul_rate: float) -> dict:
 
 
 def sweep_fp8_decode(copy_gbs: float) -> list[dict]:
-    """The FP8-KV decode kernel's tuning knobs on the benchmark shape and on a decode-heavy serving shape
-    (512 sequences of 1,536 tokens): ms, FP8 GB/s and % of copy for each (partition, block_n, warps, stages)."""
+    """The FP8-KV decode kernel's tuning knobs on the benchmark shape, a decode-heavy serving shape (512
+    sequences of 1,536 tokens) and 128/128's decode (1,024 of 192, where the step profile put it at 56% of
+    copy): ms, FP8 GB/s and % of copy for each (partition, block_n, warps, stages)."""
     rows = []
-    for batch, context in ((64, 4096), (512, 1536)):
+    for batch, context in ((64, 4096), (512, 1536), (1024, 192)):
         rows += _fp8_decode_rows(batch, context, copy_gbs)
         torch.cuda.empty_cache()
     return rows
