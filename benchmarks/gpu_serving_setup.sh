@@ -7,7 +7,7 @@
 # start the real tritonserver through inflight.tools.server like on a CPU machine.
 #  1. ../shared/gpu/remote-env.sh (carried as .gpu/remote-env.sh): the venv, the server unpacked in
 #     /tmp/inflight-tritonserver, PATH with the venv first (the Python stub takes its packages from it);
-#  2. links that server into the venv's site-packages, where inflight.tools.server.find_triton() looks
+#  2. links that server into the venv's site-packages, where inflight.tools.triton_install.find_triton() looks
 #     for the nvidia-pytriton wheel's layout (pytriton/tritonserver, nvidia_pytriton.libs);
 #  3. makes `import inflight` resolve to this checkout in the venv from any directory (a .pth file);
 #  4. checks each piece and says which one is missing.
@@ -36,7 +36,7 @@ import numpy, torch, tritonclient.grpc  # noqa: F401
 import inflight.backend.engine.engine  # noqa: F401
 from transformers import AutoTokenizer  # noqa: F401  (the engine's first import of transformers)
 import transformers.generation.utils  # noqa: F401
-from inflight.tools.server import backend_directory, find_triton
+from inflight.tools.triton_install import backend_directory, find_triton
 install = find_triton()
 backend_directory(install)
 assert numpy.__version__.startswith("1."), f"numpy {numpy.__version__}: the Triton 2.51 stub needs numpy 1.x"

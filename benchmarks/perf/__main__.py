@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from inflight.tools.server import REPO_ROOT, is_ready
+from inflight.tools.server import is_ready
+from inflight.tools.triton_install import REPO_ROOT
 
 from .openai_mode import profile_gateway
 from .tools import (

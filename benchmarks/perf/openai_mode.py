@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from inflight.tools.server import free_port, perf_env
+from inflight.tools.server import free_port
+from inflight.tools.triton_install import perf_env
 
 from .tools import genai_perf_command
 

@@ -1,7 +1,7 @@
 """Run NVIDIA's perf_analyzer and genai-perf against the inflight model (used by `make perf` and the tests).
 
 perf_analyzer is the binary that `tritonclient[all]==2.51.0` installs into the venv's bin/; it needs the
-libraries that `inflight.tools.server.perf_env()` exposes. genai-perf 0.0.16 drives that same binary.
+libraries that `inflight.tools.triton_install.perf_env()` exposes. genai-perf 0.0.16 drives that same binary.
 """
 
 from __future__ import annotations
@@ -15,13 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from inflight.tools.server import (
-    CACHE_DIR,
-    DEFAULT_MODEL_REPOSITORY,
-    TritonServer,
-    perf_env,
-    write_model_repository,
-)
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, write_model_repository
+from inflight.tools.server import TritonServer
+from inflight.tools.triton_install import CACHE_DIR, perf_env
 
 GENAI_PERF_SPEC = "genai-perf==0.0.16"
 # The TensorRT-LLM-compatible model (model_repository/ensemble), driven in genai-perf's tensorrtllm mode.

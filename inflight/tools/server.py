@@ -13,161 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
-CACHE_DIR = Path(os.environ.get("INFLIGHT_CACHE_DIR", REPO_ROOT / ".cache"))
-# Parameters holding paths: a relative one is made absolute (the backend would take it from its cwd).
-PATH_PARAMETERS = ("model_path", "tokenizer_path")
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """Where the pieces of the server live inside the installed `nvidia-pytriton` wheel."""
-
-    binary: Path  # pytriton/tritonserver/bin/tritonserver
-    libs_dir: Path  # nvidia_pytriton.libs/
-    python_backend_dir: Path  # pytriton/tritonserver/backends/python/
-    stub: Path  # pytriton/tritonserver/python_backend_stubs/3.X/triton_python_backend_stub
-
-
-def find_triton() -> TritonInstall:
-    """Locate tritonserver in the installed wheel; a clear RuntimeError if it is missing."""
-    for site in map(Path, {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}):
-        root = site / "pytriton" / "tritonserver"
-        if (root / "bin" / "tritonserver").is_file():
-            version = f"{sys.version_info.major}.{sys.version_info.minor}"
-            stub = root / "python_backend_stubs" / version / "triton_python_backend_stub"
-            if not stub.is_file():
-                raise RuntimeError(f"nvidia-pytriton has no Python backend stub for Python {version}")
-            binary, libs = root / "bin" / "tritonserver", site / "nvidia_pytriton.libs"
-            return TritonInstall(binary, libs, root / "backends" / "python", stub)
-    raise RuntimeError("tritonserver not found: install the serve extra (`pip install -e '.[serve]'`)")
-
-
-def backend_directory(install: TritonInstall | None = None) -> Path:
-    """`<cache>/triton/backends/` with `python/` = the wheel's Python backend + the stub for this Python."""
-    install = install or find_triton()
-    target = CACHE_DIR / "triton" / "backends" / "python"
-    target.mkdir(parents=True, exist_ok=True)
-    sources = [*sorted(install.python_backend_dir.glob("*.so")), *install.python_backend_dir.glob("*.py")]
-    for src in [*sources, install.stub]:
-        dst = target / src.name
-        if not dst.is_file() or _signature(dst) != _signature(src):
-            # NOTE: copy to a temp name then rename, so a concurrent start never sees a half-written file.
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
-            shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
-    return target.parent
-
-
-def _signature(path: Path) -> tuple[int, float]:
-    return path.stat().st_size, path.stat().st_mtime
-
-
-def _prepend(env: dict[str, str], name: str, *paths: Path | str) -> None:
-    parts = [str(p) for p in paths] + [p for p in env.get(name, "").split(os.pathsep) if p]
-    env[name] = os.pathsep.join(dict.fromkeys(parts))
-
-
-def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment tritonserver needs.
-
-    NOTE: LD_LIBRARY_PATH starts with the interpreter's LIBDIR: otherwise the stub links the system
-    libpython (another patch release) against our standard library and `multiprocessing` breaks. PATH
-    starts with this environment's bin/: the stub takes its site-packages from the first python3 on PATH.
-    """
-    env = dict(os.environ if base is None else base)
-    libdir = sysconfig.get_config_var("LIBDIR")
-    _prepend(env, "LD_LIBRARY_PATH", *([libdir] if libdir else []), find_triton().libs_dir)
-    _prepend(env, "PATH", Path(sys.prefix) / "bin")
-    return env
-
-
-def perf_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for the `perf_analyzer` binary of tritonclient[all] (and genai-perf, which runs it).
-
-    perf_analyzer wants `libb64.so.0d` and `libcudart.so.12`; the wheel has both under hashed names, so a
-    cache folder of symlinks with the plain names goes first on LD_LIBRARY_PATH.
-    """
-    libs = find_triton().libs_dir
-    folder = CACHE_DIR / "triton" / "perf_libs"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, pattern in (("libb64.so.0d", "libb64-*.so.0d"), ("libcudart.so.12", "libcudart-*.so.12*")):
-        matches = sorted(libs.glob(pattern))
-        if not matches:
-            raise RuntimeError(f"{pattern} not found in {libs}")
-        link = folder / name
-        if not link.is_symlink() or Path(os.readlink(link)) != matches[0]:
-            tmp = folder / f".{name}.{os.getpid()}"
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(matches[0])
-            os.replace(tmp, link)  # NOTE: atomic, for concurrent callers
-    env = dict(os.environ if base is None else base)
-    _prepend(env, "LD_LIBRARY_PATH", folder)
-    _prepend(env, "PATH", Path(sys.prefix) / "bin")
-    return env
-
-
-def _parameter_pattern(key: str) -> re.Pattern[str]:
-    # `{ key: "KEY", value: { string_value: "VALUE" } }`: group 1 is everything before VALUE's quotes.
-    return re.compile(r'(key:\s*"' + re.escape(key) + r'"\s*,\s*value:\s*\{\s*string_value:\s*)"([^"]*)"')
-
-
-def set_parameters(config_text: str, parameters: dict[str, str]) -> str:
-    """Replace the `string_value` of `parameters { key: ... }` entries of a config.pbtxt."""
-    for key, value in parameters.items():
-        escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
-        config_text, count = _parameter_pattern(key).subn(
-            lambda m, v=escaped: f'{m.group(1)}"{v}"', config_text
-        )
-        if count != 1:
-            raise ValueError(f"config.pbtxt has {count} parameters named {key!r} (expected one)")
-    return config_text
-
-
-def get_parameter(config_text: str, key: str) -> str | None:
-    """The `string_value` of one parameter, or None when the config does not list it."""
-    match = _parameter_pattern(key).search(config_text)
-    return match.group(2) if match else None
-
-
-def write_model_repository(
-    src: Path, dst: Path, model: str = "llm", parameters: dict[str, str] | None = None,
-    cwd: Path | None = None,
-) -> Path:  # fmt: skip
-    """Copy the repository `src` to `dst` with `parameters` set in `model`'s config; returns `dst`.
-
-    Relative `model_path` / `tokenizer_path` values (given or already in the config) are made absolute
-    against `cwd` (default: the current directory), so the server may run in any directory.
-    """
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
-    config = dst / model / "config.pbtxt"
-    text = config.read_text()
-    values = dict(parameters or {})
-    for key in PATH_PARAMETERS:
-        value = values.get(key, get_parameter(text, key))
-        if value:
-            values[key] = str((Path(cwd or Path.cwd()) / value).resolve())
-    model_path = values.get("model_path")
-    if model_path and not (Path(model_path) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_path} is not a Hugging Face checkpoint folder (run `make model`?)")
-    config.write_text(set_parameters(text, values))
-    return dst
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, write_model_repository
+from inflight.tools.triton_install import backend_directory, find_triton, server_env
 
 
 def free_port() -> int:
@@ -380,6 +238,12 @@ class TritonServer:
         end_orphaned_stubs(self.process.pid)
         return self.process.returncode
 
+    def __enter__(self) -> TritonServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def end_orphaned_stubs(pgid: int) -> list[int]:
     """Kill what is left of an exited tritonserver's process group (its session) and unlink their shared memory.
@@ -401,12 +265,6 @@ def end_orphaned_stubs(pgid: int) -> list[int]:
             if arg.startswith(b"triton_python_backend_shm_region"):
                 Path("/dev/shm", arg.decode(errors="replace")).unlink(missing_ok=True)
     return ended
-
-    def __enter__(self) -> TritonServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def _usage(server: TritonServer, model: str) -> str:

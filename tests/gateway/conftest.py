@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, free_port, write_model_repository
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, write_model_repository
+from inflight.tools.server import TritonServer, free_port
 
 from ..serving.triton_helpers import serve_repository
 

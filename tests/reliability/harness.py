@@ -21,13 +21,8 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from inflight.tools.server import (
-    DEFAULT_MODEL_REPOSITORY,
-    TritonServer,
-    explicit_model_control,
-    stub_pids,
-    write_model_repository,
-)
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, write_model_repository
+from inflight.tools.server import TritonServer, explicit_model_control, stub_pids
 from tests.serving.triton_helpers import (
     MODEL,
     StreamResult,

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, write_model_repository
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, write_model_repository
+from inflight.tools.server import TritonServer
 
 from .triton_helpers import serve_repository
 

@@ -21,7 +21,8 @@ import torch
 from inflight import LLM, SamplingParams
 from inflight.backend.executor.model_config import ModelConfig
 from inflight.backend.executor.model_runner import kv_cache_bytes_per_block
-from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, write_model_repository
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, write_model_repository
+from inflight.tools.server import TritonServer
 
 from .conftest import SERVER_PARAMETERS
 from .triton_helpers import run_streams, settled_metrics

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 from inflight import LLM, SamplingParams
-from inflight.tools.server import DEFAULT_MODEL_REPOSITORY, TritonServer, set_parameters
+from inflight.tools.model_repository import DEFAULT_MODEL_REPOSITORY, set_parameters
+from inflight.tools.server import TritonServer
 
 from ..conftest import copy_tokenizer
 from ..engine.tiny_models import build_tiny_checkpoint
