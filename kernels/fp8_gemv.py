@@ -45,8 +45,9 @@ MAX_M = 16
 # four 8B projections on an H100 in CUDA graphs (benchmarks/kernels/bench_fp8_gemm.py, 2026-12-07: qkv at M=1
 # 21.7 vs 30.2 us, gate_up 57.5 vs 66.2): each program's own pass over the rows costs more than a launch.
 FUSE_MAX_M = 0
-# One row (after the quantization) takes kernels.fp8_gemv_row, without tl.dot.
-ROW_FORM = True
+# One row (after the quantization) takes kernels.fp8_gemv_row (no tl.dot) when True. NOTE: False until it is
+# timed on a GPU (bench_fp8_gemm --gemv-sweep times both forms at M = 1); written 2026-12-07, no GPU lent since.
+ROW_FORM = False
 PROLOGUES = (None, "rmsnorm")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -6,6 +6,7 @@ kernels.gemv's shape with one-byte weights: program p owns output columns ``p*BL
 the end. No ``tl.dot``: with one real row the tensor cores would work on 15 rows of padding, and the E4M3 ->
 fp16 operand conversion a dot needs kept fp8_gemv's W stream at 1.0-2.0 TB/s on an H100 (3.0 TB/s copy).
 Products of two E4M3 values are exact in fp32, so this is fp8_gemv's numbers up to the summation order.
+Not yet the default (kernels.fp8_gemv.ROW_FORM): it has not run on a GPU.
 """
 
 from __future__ import annotations
