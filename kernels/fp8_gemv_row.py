@@ -4,7 +4,8 @@ with q already E4M3 (quantize_per_token / rms_norm_quant / silu_and_mul_quant ma
 kernels.gemv's shape with one-byte weights: program p owns output columns ``p*BLOCK_N ..`` and streams their
 ``[BLOCK_N, K]`` slab of W in ``BLOCK_K`` chunks, multiplying in fp32 on the CUDA cores and summing once at
 the end. No ``tl.dot``: with one real row the tensor cores would work on 15 rows of padding, and the E4M3 ->
-fp16 operand conversion a dot needs kept fp8_gemv's W stream at 1.0-2.0 TB/s on an H100 (3.0 TB/s copy).
+fp16 operand conversion a dot needs may be why fp8_gemv's dot form read W at 1.0-2.0 TB/s at M = 1 on an H100
+(3.0 TB/s copy; benchmarks/results/fp8-gemm-h100.json, its quantization pass included).
 Products of two E4M3 values are exact in fp32, so this is fp8_gemv's numbers up to the summation order.
 Not yet the default (kernels.fp8_gemv.ROW_FORM): it has not run on a GPU.
 """
