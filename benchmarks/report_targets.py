@@ -43,6 +43,16 @@ def _level(result: dict | None, mode: str, value: object = None) -> dict | None:
     return next((lv for lv in levels if lv["mode"] == mode and (value is None or lv["value"] == value)), None)
 
 
+def _out_tok_s(result: dict | None) -> float | None:
+    """An offline throughput result's output tok/s, or None."""
+    return result["inflight"]["output_tok_s"] if result else None
+
+
+def _ideal(result: dict | None) -> float | None:
+    """An offline throughput result's ideal at the held matmul rate (the bound of a missed goal), or None."""
+    return ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
+
+
 # Issue 5's offline goals per device (out tok/s); its serving latency goals (TTFT 20 ms, ITL 7 ms) are an H100's.
 OFFLINE_GOALS = {
     "h100": {"1000/1000": 8_500, "128/128": 18_000},
@@ -84,8 +94,7 @@ def fp8_targets(tag: str) -> str:
     for name, goal in FP8_GOALS[tag].items():
         file = f"fp8-throughput-{name.replace('/', 'x')}-{tag}.json"
         result = _load(file)
-        value = result["inflight"]["output_tok_s"] if result else None
-        bound = ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
+        value, bound = _out_tok_s(result), _ideal(result)
         # a shorter run than trtllm-bench's is not the goal's method: the verdict says so
         rows.append(_check(f"{name} offline FP8, out tok/s", value, goal, "", True, file, bound,
                            f"{TRTLLM_FP8[tag][name]:,}", _short(result, name)))  # fmt: skip
@@ -132,8 +141,7 @@ def device_targets(tag: str) -> str:
         ("1000/1000", thr1000, goals["1000/1000"]),
         ("128/128", thr128, goals["128/128"]),
     ):
-        value = result["inflight"]["output_tok_s"] if result else None
-        bound = ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
+        value, bound = _out_tok_s(result), _ideal(result)
         rows.append(
             _check(
                 f"{name} offline, out tok/s",
@@ -176,10 +184,6 @@ def _short(result: dict | None, name: str) -> str | None:
     return f"on {count:,} requests, not {wanted:,}" if result and count != wanted else None
 
 
-def _out_tok_s(result: dict | None) -> float | None:
-    return result["inflight"]["output_tok_s"] if result else None
-
-
 def scaling_targets(tag: str) -> str:
     """Issue 22's rows on one device: 70B FP8 on one GPU (H200), tensor-parallel speed-ups (several GPUs)."""
     rows = ["| target | measured | goal | verdict | TensorRT-LLM | result |", "|---|---|---|---|---|---|"]
@@ -187,7 +191,7 @@ def scaling_targets(tag: str) -> str:
     for name, (goal, peer) in TP1_70B_GOALS.items():
         file = f"fp8-70b-throughput-{name.replace('/', 'x')}-{tag}.json"
         tp1[name] = result = _load(file)
-        bound = ((result or {}).get("ideal") or {}).get("ideal_out_tok_s_sustained")
+        bound = _ideal(result)
         if tag == "h200":  # the goal is one H200's (141 GB): the 70B FP8 weights do not fit an H100
             rows.append(_check(f"70B FP8 {name} on one GPU, out tok/s", _out_tok_s(result), goal, "", True, file,
                                bound, f"{peer:,}", _short(result, name)))  # fmt: skip
